@@ -1,0 +1,20 @@
+"""hf-sde: text generation as an SDE on a transformers model's hidden-state path.
+
+Fit drift and diffusion heads on a model's hidden trajectories, analyse them, and use them to
+observe and control decoding.
+"""
+
+__version__ = "0.1.0"
+
+from .corpus import TEMPLATES, load_texts  # noqa: E402
+from .fitting import BrownianBaseline, FitResult, OUBaseline, fit_heads, fit_projection  # noqa: E402
+from .heads import SDEHeads, SDEHeadsConfig  # noqa: E402
+from .layers import decoder_layers, resolve_layer  # noqa: E402
+from .loading import load_model  # noqa: E402
+from .trajectories import Trajectories, extract_from_ids, extract_trajectories, self_generate  # noqa: E402
+
+__all__ = [
+    "BrownianBaseline", "FitResult", "OUBaseline", "SDEHeads", "SDEHeadsConfig", "TEMPLATES", "Trajectories",
+    "__version__", "decoder_layers", "extract_from_ids", "extract_trajectories", "fit_heads", "fit_projection",
+    "load_model", "load_texts", "resolve_layer", "self_generate",
+]

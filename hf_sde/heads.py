@@ -1,0 +1,315 @@
+"""Drift and diffusion heads: the SDE ``dZ = mu(Z, t) dt + sigma(Z, t) dW`` on a model's projected hidden path.
+
+The networks work in increment units (they output ``mu*dt`` and ``sigma*sqrt(dt)``), which keeps the
+optimisation targets O(1) (see METHOD.md); ``drift`` / ``diffusion`` convert back to time units.
+The PCA projection (``Z = P^T (H - m) / s``), the time horizon and the calibration statistics travel
+with the weights, so a saved folder is everything needed to observe or control a model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import __version__
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+
+
+@dataclass
+class SDEHeadsConfig:
+    """Everything that defines a pair of heads besides their weights."""
+
+    hidden_size: int
+    proj_dim: int
+    layer: int
+    num_layers: int
+    horizon: float
+    base_model: str | None = None
+    base_model_revision: str | None = None
+    gguf_file: str | None = None
+    model_type: str | None = None
+    width: int = 128
+    depth: int = 2
+    time_frequencies: int = 4
+    sigma_floor: float = 1e-3
+    standardize: bool = True
+    # Calibration over the training transitions: log s_k and per-dimension transition NLL.
+    log_diffusion_mean: float = 0.0
+    log_diffusion_std: float = 1.0
+    nll_mean: float = 0.0
+    nll_std: float = 1.0
+    # Fit summary, filled by fit_heads (for the model card and for users).
+    heldout_nll: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    library_version: str = __version__
+
+    @property
+    def dt(self) -> float:
+        return 1.0 / self.horizon
+
+
+def _mlp(inp: int, width: int, depth: int, out: int) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    d = inp
+    for _ in range(depth):
+        layers += [nn.Linear(d, width), nn.SiLU()]
+        d = width
+    layers.append(nn.Linear(d, out))
+    return nn.Sequential(*layers)
+
+
+MODEL_CARD_TEMPLATE = """---
+{{ card_data }}
+---
+
+# SDE heads for `{{ base_model }}`
+
+Drift and diagonal diffusion heads fitted with [hf-sde](https://github.com/hf-sde/hf-sde) on the hidden-state
+path of `{{ base_model }}`{% if revision %} (revision `{{ revision }}`){% endif %}{% if gguf_file %}, GGUF file `{{ gguf_file }}`{% endif %},
+decoder layer {{ layer }} of {{ num_layers }} (hidden size {{ hidden_size }}), PCA projection to {{ proj_dim }} dimensions,
+horizon T = {{ horizon }} tokens.
+
+The model is the Euler-Maruyama SDE `Z_(k+1) | Z_k ~ N(Z_k + mu dt, diag(sigma^2) dt)` with `t_k = k / T`,
+fitted by exact Gaussian likelihood of the observed increments.
+
+## Data
+
+{{ data_description }}
+
+## Held-out transition NLL (nats per dimension, lower is better)
+
+| model | held-out NLL |
+|---|---|
+{{ nll_table }}
+
+The neural SDE earns its place only where it beats both baselines (Brownian motion with constant drift,
+Ornstein-Uhlenbeck with linear drift), fitted and evaluated on the same split.
+
+## Use
+
+```python
+from transformers import AutoModelForCausalLM
+from hf_sde import SDEHeads, SDEControl, enable_sde_control
+
+heads = SDEHeads.from_pretrained("{{ repo_id }}")
+enable_sde_control(model)
+out = model.generate(**inputs, do_sample=True, sde_control=SDEControl(heads, mode="temperature"),
+                     return_dict_in_generate=True)
+out.sde_trace.diffusion
+```
+
+hf-sde version {{ library_version }}.
+"""
+
+
+class SDEHeads(
+    nn.Module,
+    ModelHubMixin,
+    library_name="hf-sde",
+    tags=["sde", "hf-sde", "interpretability", "decoding"],
+    repo_url="https://github.com/hf-sde/hf-sde",
+    paper_url="https://arxiv.org/abs/2408.11863",
+    model_card_template=MODEL_CARD_TEMPLATE,
+):
+    """Drift ``mu(z, t)`` and diagonal diffusion ``sigma(z, t) > 0`` plus the projection they live in.
+
+    Example:
+        >>> heads = SDEHeads.from_pretrained("heads/")        # a folder or a hub repo id
+        >>> z = heads.project(hidden)                          # (..., D) -> (..., d)
+        >>> mu, sigma = heads.drift(z, t), heads.diffusion(z, t)
+    """
+
+    def __init__(self, config: SDEHeadsConfig):
+        super().__init__()
+        self.config = config
+        d, D = config.proj_dim, config.hidden_size
+        self.register_buffer("proj_mean", torch.zeros(D))
+        self.register_buffer("proj_basis", torch.eye(D, d))
+        self.register_buffer("proj_scale", torch.ones(d))
+        inp = d + 1 + 2 * config.time_frequencies
+        self.drift_linear = nn.Linear(d, d)
+        self.drift_net = _mlp(inp, config.width, config.depth, d)
+        self.diffusion_net = _mlp(inp, config.width, config.depth, d)
+        self.register_buffer("frequencies", torch.arange(1, config.time_frequencies + 1, dtype=torch.float32) * math.pi)
+        nn.init.zeros_(self.drift_linear.weight)
+        nn.init.zeros_(self.drift_linear.bias)
+        nn.init.zeros_(self.drift_net[-1].weight)
+        nn.init.zeros_(self.drift_net[-1].bias)
+        self.eval()
+
+    # ----- geometry -------------------------------------------------------------------------------
+    @property
+    def dt(self) -> float:
+        return self.config.dt
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Hidden states ``(..., D)`` to SDE states ``(..., d)``."""
+        return ((hidden.to(self.proj_basis.dtype) - self.proj_mean) @ self.proj_basis) / self.proj_scale
+
+    def lift(self, direction: torch.Tensor) -> torch.Tensor:
+        """A displacement in SDE coordinates ``(..., d)`` to the hidden-space displacement ``(..., D)``."""
+        return (direction * self.proj_scale) @ self.proj_basis.T
+
+    def time_features(self, t: torch.Tensor) -> torch.Tensor:
+        t = t.to(self.frequencies.dtype).unsqueeze(-1)
+        angles = t * self.frequencies
+        return torch.cat([t, torch.sin(angles), torch.cos(angles)], dim=-1)
+
+    def times(self, positions: torch.Tensor) -> torch.Tensor:
+        """``t_k = k / T`` for token positions ``k``."""
+        return positions.to(self.frequencies.dtype) / self.config.horizon
+
+    # ----- the SDE ------------------------------------------------------------------------------------
+    def forward(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mu*dt, sigma*sqrt(dt))``: mean and per-dimension std of the next increment, ``(..., d)`` each."""
+        z = z.to(self.proj_basis.dtype)
+        t = torch.as_tensor(t, dtype=z.dtype, device=z.device).expand(z.shape[:-1])
+        x = torch.cat([z, self.time_features(t)], dim=-1)
+        mean = self.drift_linear(z) + self.drift_net(x)
+        std = nn.functional.softplus(self.diffusion_net(x)) + self.config.sigma_floor
+        return mean, std
+
+    def drift(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``mu(z, t)`` in time units."""
+        return self(z, t)[0] / self.dt
+
+    def diffusion(self, z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """``sigma(z, t)`` in time units (the diagonal of the diffusion matrix)."""
+        return self(z, t)[1] / math.sqrt(self.dt)
+
+    # torchsde's names: f is drift, g is diagonal diffusion, with (t, y) argument order.
+    noise_type = "diagonal"
+    sde_type = "ito"
+
+    def f(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.drift(y, t)
+
+    def g(self, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.diffusion(y, t)
+
+    def diffusion_magnitude(self, sigma_increment: torch.Tensor) -> torch.Tensor:
+        """``s_k = sqrt(mean_i sigma_i^2)`` in time units, from the increment-unit std."""
+        return sigma_increment.pow(2).mean(-1).sqrt() / math.sqrt(self.dt)
+
+    def zscore(self, magnitude: torch.Tensor) -> torch.Tensor:
+        """Calibrated z-score of ``log s_k`` against the training transitions."""
+        return (magnitude.log() - self.config.log_diffusion_mean) / self.config.log_diffusion_std
+
+    def transition_nll(self, dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Per-dimension Gaussian NLL (nats) of increments ``dz`` under ``N(mean, std^2)``."""
+        return 0.5 * math.log(2 * math.pi) + std.log() + 0.5 * ((dz - mean) / std).pow(2)
+
+    def surprise(self, dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+        """Standardized NLL (per dimension) of a realized increment against the training transitions."""
+        return (self.transition_nll(dz, mean, std).mean(-1) - self.config.nll_mean) / self.config.nll_std
+
+    # ----- compatibility ------------------------------------------------------------------------------
+    def check_compatible(self, model: nn.Module, layer: int | None = None) -> None:
+        """Raise a clear error if these heads were not fitted for ``model`` (hidden size, depth, layer)."""
+        from .layers import hidden_size, num_decoder_layers, resolve_layer
+
+        cfg = self.config
+        name = cfg.base_model or "another model"
+        if hidden_size(model) != cfg.hidden_size:
+            raise ValueError(
+                f"These SDE heads were fitted on {name} with hidden size {cfg.hidden_size}, but "
+                f"{type(model).__name__} has hidden size {hidden_size(model)}. Fit heads on this model "
+                "(hf-sde fit --model ...) or load the heads made for it."
+            )
+        if num_decoder_layers(model) != cfg.num_layers:
+            raise ValueError(
+                f"These SDE heads were fitted on {name} with {cfg.num_layers} decoder layers, but "
+                f"{type(model).__name__} has {num_decoder_layers(model)}. They belong to another model; "
+                "fit heads on this one."
+            )
+        if layer is not None and resolve_layer(model, layer) != cfg.layer:
+            raise ValueError(
+                f"These SDE heads read decoder layer {cfg.layer}, but layer {layer} was requested. "
+                f"Use layer={cfg.layer} or fit heads at layer {layer}."
+            )
+
+    # ----- hub I/O ------------------------------------------------------------------------------------
+    def _save_pretrained(self, save_directory: Path) -> None:
+        state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "hf-sde"})
+        (save_directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True))
+        self.generate_model_card(repo_id=save_directory.name).save(save_directory / "README.md")
+
+    def generate_model_card(self, *args, **kwargs) -> ModelCard:
+        cfg = self.config
+        nll = cfg.heldout_nll or {}
+        rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in nll.items()) or "| (not fitted) | |"
+        data = cfg.data or {}
+        desc = ", ".join(f"{k}: {v}" for k, v in data.items()) or "Not recorded."
+        kwargs.setdefault("repo_id", "user/heads")
+        card = ModelCard.from_template(
+            card_data=self._hub_mixin_info.model_card_data,
+            template_str=self._hub_mixin_info.model_card_template,
+            base_model=cfg.base_model or "unknown", revision=cfg.base_model_revision, gguf_file=cfg.gguf_file,
+            layer=cfg.layer, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, proj_dim=cfg.proj_dim,
+            horizon=cfg.horizon, data_description=desc, nll_table=rows, library_version=cfg.library_version,
+            **kwargs,
+        )
+        return card
+
+    @classmethod
+    def _from_pretrained(cls, *, model_id: str, revision, cache_dir, force_download, local_files_only, token,
+                         map_location: str = "cpu", config=None, **kwargs) -> SDEHeads:
+        def fetch(name: str) -> str:
+            if os.path.isdir(model_id):
+                path = os.path.join(model_id, name)
+                if not os.path.isfile(path):
+                    raise FileNotFoundError(f"{model_id} has no {name}: it is not a saved SDEHeads folder.")
+                return path
+            try:
+                return hf_hub_download(model_id, name, revision=revision, cache_dir=cache_dir,
+                                       force_download=force_download, local_files_only=local_files_only, token=token)
+            except EntryNotFoundError as e:
+                raise FileNotFoundError(f"Hub repo {model_id} has no {name}: it holds no SDE heads.") from e
+
+        cfg_path = fetch(CONFIG_NAME)
+        try:
+            raw = json.loads(Path(cfg_path).read_text())
+            known = set(SDEHeadsConfig.__dataclass_fields__)
+            unknown = set(raw) - known
+            if unknown:
+                raise ValueError(f"unknown fields {sorted(unknown)}")
+            config = SDEHeadsConfig(**raw)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{cfg_path} is not a valid SDEHeads config: {e}") from e
+        heads = cls(config)
+        weights = fetch(WEIGHTS_NAME)
+        try:
+            state = load_file(weights, device=str(map_location))
+        except (SafetensorError, OSError, ValueError) as e:
+            raise ValueError(f"{weights} is corrupt or truncated (safetensors could not read it: {e}).") from e
+        expected = heads.state_dict()
+        missing = sorted(set(expected) - set(state))
+        unexpected = sorted(set(state) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"{weights} does not match the config: missing keys {missing}, unexpected keys {unexpected}.")
+        for k, v in state.items():
+            if v.shape != expected[k].shape:
+                raise ValueError(f"{weights}: {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}.")
+        heads.load_state_dict(state, strict=True)
+        return heads.to(map_location).eval()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SDEHeads:  # noqa: D102
+        if os.path.isdir(str(pretrained_model_name_or_path)) and not os.path.isfile(
+            os.path.join(str(pretrained_model_name_or_path), CONFIG_NAME)
+        ):
+            raise FileNotFoundError(f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: not a saved SDEHeads folder.")
+        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
