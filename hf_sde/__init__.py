@@ -6,6 +6,18 @@ observe and control decoding.
 
 __version__ = "0.1.0"
 
+from .control import (  # noqa: E402
+    SDEControl,
+    SDEGenerateOutput,
+    SDEGenerationMixin,
+    SDEStep,
+    SDETemperatureLogitsProcessor,
+    SDETrace,
+    disable_sde_control,
+    enable_sde_control,
+    sde_generate,
+    sde_hooks,
+)
 from .corpus import TEMPLATES, load_texts  # noqa: E402
 from .fitting import BrownianBaseline, FitResult, OUBaseline, fit_heads, fit_projection  # noqa: E402
 from .heads import SDEHeads, SDEHeadsConfig  # noqa: E402
@@ -14,6 +26,8 @@ from .loading import load_model  # noqa: E402
 from .trajectories import Trajectories, extract_from_ids, extract_trajectories, self_generate  # noqa: E402
 
 __all__ = [
+    "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep", "SDETemperatureLogitsProcessor", "SDETrace",
+    "disable_sde_control", "enable_sde_control", "sde_generate", "sde_hooks",
     "BrownianBaseline", "FitResult", "OUBaseline", "SDEHeads", "SDEHeadsConfig", "TEMPLATES", "Trajectories",
     "__version__", "decoder_layers", "extract_from_ids", "extract_trajectories", "fit_heads", "fit_projection",
     "load_model", "load_texts", "resolve_layer", "self_generate",
