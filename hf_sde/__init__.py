@@ -4,7 +4,7 @@ Fit drift and diffusion heads on a model's hidden trajectories, analyse them, an
 observe and control decoding.
 """
 
-__version__ = "0.1.0"
+from .version import __version__
 
 from .control import (  # noqa: E402
     SDEControl,

@@ -162,7 +162,8 @@ def _extra_commands():
     """Sub-commands that live beside the concept they expose."""
     import importlib
 
-    for module, name in (("generate_cli", "register"), ("report", "register_cli"), ("demo", "register_cli")):
+    for module, name in (("generate_cli", "register"), ("export", "register_cli"), ("report", "register_cli"),
+                         ("demo", "register_cli")):
         try:
             mod = importlib.import_module(f"hf_sde.{module}")
         except ModuleNotFoundError as e:

@@ -114,7 +114,8 @@ class SDEControl:
     def __post_init__(self):
         if isinstance(self.heads, str):
             self.heads = SDEHeads.from_pretrained(self.heads)
-        if not isinstance(self.heads, SDEHeads):
+        # Duck-typed so heads from an installed hf_sde work with an exported custom_generate copy and back.
+        if not all(hasattr(self.heads, a) for a in ("project", "lift", "diffusion_magnitude", "config")):
             raise TypeError(f"heads must be SDEHeads or a path / repo id, got {type(self.heads).__name__}")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r} is not one of {MODES}")
@@ -385,7 +386,9 @@ def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=
     else:
         temp = kwargs.get("temperature", getattr(gc or model.generation_config, "temperature", None))
         base_temperature = float(temp) if temp is not None else 1.0
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if input_ids is None and kwargs.get("inputs_embeds") is None:
+        raise ValueError("generate(..., sde_control=...) needs input_ids (or inputs / inputs_embeds).")
     prompt_width = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
     return_dict = kwargs.get("return_dict_in_generate", getattr(gc or model.generation_config,
                                                                 "return_dict_in_generate", False))

@@ -21,7 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from . import __version__
+from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -289,7 +289,10 @@ class SDEHeads(
             config = SDEHeadsConfig(**raw)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{cfg_path} is not a valid SDEHeads config: {e}") from e
-        heads = cls(config)
+        # Loading must not advance the global RNG (the random init is overwritten anyway), so that
+        # seeding before generate(sde_control=...) gives the same tokens however the heads arrive.
+        with torch.random.fork_rng(devices=[]):
+            heads = cls(config)
         weights = fetch(WEIGHTS_NAME)
         try:
             state = load_file(weights, device=str(map_location))

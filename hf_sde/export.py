@@ -1,0 +1,45 @@
+"""Exporting SDE control as a ``custom_generate`` folder that works without hf-sde installed."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+
+_MODULES = ("control.py", "heads.py", "layers.py", "version.py")
+
+REQUIREMENTS = "transformers>=5.0\nhuggingface_hub>=1.0\nsafetensors>=0.4.3\n"
+
+
+def export_custom_generate(out_dir: str) -> str:
+    """Write ``out_dir/custom_generate/`` (generate.py plus the modules it needs). Returns its path."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    target = os.path.join(out_dir, "custom_generate")
+    os.makedirs(target, exist_ok=True)
+    shutil.copyfile(os.path.join(here, "custom_generate_entry.py"), os.path.join(target, "generate.py"))
+    for name in _MODULES:
+        shutil.copyfile(os.path.join(here, name), os.path.join(target, name))
+    with open(os.path.join(target, "requirements.txt"), "w") as f:
+        f.write(REQUIREMENTS)
+    readme = os.path.join(out_dir, "README.md")
+    if not os.path.exists(readme):
+        with open(readme, "w") as f:
+            f.write("---\nlibrary_name: transformers\ntags:\n- custom_generate\n- hf-sde\n---\n\n"
+                    "# SDE-controlled generation (hf-sde)\n\n```python\n"
+                    "out = model.generate(**inputs, custom_generate=REPO, trust_remote_code=True,\n"
+                    "                     sde_control={'heads': HEADS_REPO, 'mode': 'temperature'},\n"
+                    "                     return_dict_in_generate=True)\nout.sde_trace.diffusion\n```\n")
+    return target
+
+
+def _run(args) -> int:
+    path = export_custom_generate(args.out)
+    print(f"Wrote {path}. Push {args.out} to a Hub repo, then: "
+          f"model.generate(..., custom_generate='<repo or {args.out}>', trust_remote_code=True, sde_control=...)")
+    return 0
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export-generate", help="write a custom_generate folder for use without installing hf-sde")
+    p.add_argument("out")
+    p.set_defaults(func=_run)
