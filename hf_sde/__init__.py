@@ -4,8 +4,6 @@ Fit drift and diffusion heads on a model's hidden trajectories, analyse them, an
 observe and control decoding.
 """
 
-from .version import __version__
-
 from .control import (  # noqa: E402
     SDEControl,
     SDEGenerateOutput,
@@ -24,6 +22,7 @@ from .heads import SDEHeads, SDEHeadsConfig  # noqa: E402
 from .layers import decoder_layers, resolve_layer  # noqa: E402
 from .loading import load_model  # noqa: E402
 from .trajectories import Trajectories, extract_from_ids, extract_trajectories, self_generate  # noqa: E402
+from .version import __version__
 
 __all__ = [
     "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep", "SDETemperatureLogitsProcessor", "SDETrace",

@@ -178,7 +178,7 @@ class SDETemperatureLogitsProcessor(LogitsProcessor):
 class _Runtime:
     """The per-call state shared by the hooks and the logits processor."""
 
-    def __init__(self, control: SDEControl, model, base_temperature: float):
+    def __init__(self, control: SDEControl, model, base_temperature: float, prompt_width: int | None = None):
         self.control = control
         self.heads = control.heads
         self.model = model
@@ -191,6 +191,10 @@ class _Runtime:
                 "is computed from the state at the heads' layer, so steer at that layer or a later one."
             )
         self.step = 0
+        self.prompt_width = prompt_width
+        # True during a non-final chunk of a chunked prefill (generate(prefill_chunk_size=...)): that chunk's last
+        # position is not the newest one, so it is neither read nor steered.
+        self.partial_prefill = False
         self.positions: torch.Tensor | None = None
         self.prefill_len: int | None = None
         self.records: dict[str, list[torch.Tensor]] = {k: [] for k in
@@ -204,8 +208,15 @@ class _Runtime:
     # -- hooks ----------------------------------------------------------------------------------------
     def on_forward_pre(self, _module, args, kwargs):
         mask = kwargs.get("attention_mask")
+        position_ids = kwargs.get("position_ids")
         input_ids = kwargs.get("input_ids", args[0] if args else None)
         if mask is not None and mask.dim() == 2:
+            self.partial_prefill = (self.step == 0 and self.prompt_width is not None
+                                    and mask.shape[1] < self.prompt_width)
+        if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
+            # The positions the model itself uses (a static cache passes a 4D mask, whose sum means nothing).
+            self.positions = position_ids[:, -1]
+        elif mask is not None and mask.dim() == 2:
             self.positions = mask.sum(-1) - 1
         else:
             ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
@@ -215,6 +226,8 @@ class _Runtime:
             self.positions = torch.full((ref.shape[0],), pos, device=ref.device, dtype=torch.long)
 
     def on_read(self, hidden: torch.Tensor):
+        if self.partial_prefill:
+            return None
         heads = self.heads
         if heads.proj_basis.device != hidden.device:
             heads.to(hidden.device)
@@ -249,6 +262,8 @@ class _Runtime:
         return None
 
     def on_steer(self, hidden: torch.Tensor):
+        if self.partial_prefill:
+            return None
         return self._steer(hidden)
 
     def _steer(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -266,7 +281,7 @@ class _Runtime:
         ctl = self.control
         if ctl.controls_temperature:
             tau = ctl.temperature_law(cur["zscore"])
-            scores = scores / tau.to(scores.dtype).unsqueeze(-1)
+            scores = scores / tau.to(scores.device, scores.dtype).unsqueeze(-1)
         else:
             tau = torch.full_like(cur["zscore"], self.base_temperature)
         steer = cur.get("steer_norm", torch.zeros_like(tau))
@@ -299,7 +314,10 @@ class _Runtime:
 
     def trace(self, sequences: torch.Tensor, prompt_width: int, eos_ids: list[int]) -> SDETrace:
         rec = self.records
-        n = len(rec["diffusion"])
+        # One record per logits call. transformers may run one more step than it returns (the deferred stop
+        # check undoes it, on MPS), so keep only the steps whose tokens came back.
+        n = min(len(rec["diffusion"]), max(sequences.shape[1] - prompt_width, 0))
+        rec = {k: v[: n - 1 if k == "surprise" else n] for k, v in rec.items()}
         if n == 0:
             empty = torch.zeros(sequences.shape[0], 0)
             return SDETrace(*(empty.clone() for _ in range(6)), empty.long())
@@ -327,9 +345,9 @@ class _Runtime:
 
 
 @contextlib.contextmanager
-def sde_hooks(model, control: SDEControl, base_temperature: float = 1.0):
+def sde_hooks(model, control: SDEControl, base_temperature: float = 1.0, prompt_width: int | None = None):
     """Install the SDE hooks for one generation; always removes them. Yields the runtime."""
-    runtime = _Runtime(control, model, base_temperature)
+    runtime = _Runtime(control, model, base_temperature, prompt_width)
     runtime.install()
     try:
         yield runtime
@@ -363,7 +381,8 @@ def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=
         raise NotImplementedError("SDE control supports greedy decoding and sampling, not beam search (num_beams > 1).")
     if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
         raise NotImplementedError("SDE control does not support assisted / speculative decoding.")
-    if ctl.steers and kwargs.get("use_cache") is False:
+    use_cache = kwargs.get("use_cache", getattr(gc or model.generation_config, "use_cache", True))
+    if ctl.steers and use_cache is False:
         raise NotImplementedError(
             "Steering with use_cache=False would re-run and un-steer past positions; generate with the KV cache."
         )
@@ -392,7 +411,7 @@ def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=
     prompt_width = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
     return_dict = kwargs.get("return_dict_in_generate", getattr(gc or model.generation_config,
                                                                 "return_dict_in_generate", False))
-    with sde_hooks(model, ctl, base_temperature) as runtime:
+    with sde_hooks(model, ctl, base_temperature, prompt_width) as runtime:
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
         processors.append(SDETemperatureLogitsProcessor(runtime))
         out = generate(*args, logits_processor=processors, **kwargs)
@@ -415,9 +434,13 @@ def enable_sde_control(model):
     if getattr(model, "_hf_sde_enabled", False):
         return model
     original = model.generate
+    # Keep the unbound function and bind it to ``self`` at call time: a deep copy of the model (a reference
+    # model, say) must generate with its own weights, not with those of the object that was enabled.
+    original_func = original.__func__ if getattr(original, "__self__", None) is model else None
 
     def generate(self, *args, sde_control: SDEControl | None = None, **kwargs):
-        return sde_generate(self, *args, sde_control=sde_control, _generate=original, **kwargs)
+        base = types.MethodType(original_func, self) if original_func is not None else original
+        return sde_generate(self, *args, sde_control=sde_control, _generate=base, **kwargs)
 
     generate.__doc__ = (original.__doc__ or "") + "\n\nhf-sde: also accepts ``sde_control=SDEControl(...)``."
     model.generate = types.MethodType(generate, model)

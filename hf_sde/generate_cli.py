@@ -34,6 +34,17 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _json_safe(obj):
+    """NaN / inf (e.g. the last step's surprise) as JSON null: ``json.dumps`` would write bare ``NaN``."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    return obj
+
+
 def run_generation(model, tokenizer, prompt: str, control: SDEControl, *, max_new_tokens: int,
                    do_sample: bool, seed: int, top_p: float | None = None, top_k: int | None = None):
     """Generate once; ``mode="observe"`` gives the plain tokens (bit-identical) with the trace."""
@@ -57,7 +68,8 @@ def _generate(args) -> int:
 
     heads = SDEHeads.from_pretrained(args.heads)
     cfg = heads.config
-    if args.model == DEFAULT_MODEL and cfg.base_model and cfg.base_model != DEFAULT_MODEL:
+    # No model given: use the one the heads were fitted on (another GGUF file of the default repo included).
+    if args.model == DEFAULT_MODEL and args.gguf_file is None and args.revision is None and cfg.base_model:
         args.model, args.gguf_file, args.revision = cfg.base_model, cfg.gguf_file, cfg.base_model_revision
     model, tokenizer = load_model_from_args(args)
     control = SDEControl(heads, mode=args.mode, beta=args.beta, temperature=args.temperature,
@@ -72,7 +84,7 @@ def _generate(args) -> int:
                                                 **common)
         result["plain"] = {"text": plain_text, "tokens": plain_rows}
     if args.json:
-        print(json.dumps(result))
+        print(json.dumps(_json_safe(result), allow_nan=False))
         return 0
     print(f"=== SDE-controlled ({args.mode}) ===\n{text}\n")
     print(format_table(rows))
