@@ -98,12 +98,14 @@ def _push(args) -> int:
 
     from .heads import SDEHeads
 
-    SDEHeads.from_pretrained(args.folder)  # validate before uploading
+    heads = SDEHeads.from_pretrained(args.folder)  # validate before uploading
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):
+        raise SystemExit("hf-sde push needs the network, but HF_HUB_OFFLINE is set. Unset it to upload.")
     token = args.token or get_token()
     if token is None:
         raise SystemExit("hf-sde push needs a Hugging Face token: run `hf auth login` or pass --token / set HF_TOKEN.")
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
-        raise SystemExit("hf-sde push needs the network, but HF_HUB_OFFLINE is set. Unset it to upload.")
+    # The card's usage snippet names the repo it lives in.
+    heads.generate_model_card(repo_id=args.repo_id).save(os.path.join(args.folder, "README.md"))
     api = HfApi(token=token)
     api.create_repo(args.repo_id, private=args.private, exist_ok=True)
     info = api.upload_folder(folder_path=args.folder, repo_id=args.repo_id, commit_message=args.message,
@@ -163,7 +165,7 @@ def _extra_commands():
     import importlib
 
     for module, name in (("generate_cli", "register"), ("export", "register_cli"), ("report", "register_cli"),
-                         ("demo", "register_cli")):
+                         ("demo", "register_cli"), ("distributed", "register_cli")):
         try:
             mod = importlib.import_module(f"hf_sde.{module}")
         except ModuleNotFoundError as e:

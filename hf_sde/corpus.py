@@ -33,7 +33,7 @@ def _split_txt(path: str, separator: str | None) -> list[str]:
 
 
 def load_texts(
-    data: str | Iterable[str],
+    data: str | os.PathLike | Iterable[str],
     *,
     template: str | None = None,
     text_column: str | None = None,
@@ -51,6 +51,12 @@ def load_texts(
     (the HelpSteer prompt for the HelpSteer templates, else ``None``).
     """
     groups = None
+    if isinstance(data, os.PathLike):  # a pathlib.Path is a path, not an iterable of texts
+        data = os.fspath(data)
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"Unknown template {template!r}; choose one of {sorted(TEMPLATES)}.")
+    if isinstance(data, str) and not os.path.exists(data) and os.path.splitext(data)[1].lower() in _BUILDERS:
+        raise ValueError(f"Corpus file {data!r} does not exist (resolved to {os.path.abspath(data)!r}).")
     if not isinstance(data, str):
         texts = [str(t) for t in data]
     else:
@@ -73,8 +79,6 @@ def load_texts(
                         f"({type(e).__name__}: {e}). Pass a path or a hub dataset id (offline: a cached one)."
                     ) from e
             if template is not None:
-                if template not in TEMPLATES:
-                    raise ValueError(f"Unknown template {template!r}; choose one of {sorted(TEMPLATES)}.")
                 fn = TEMPLATES[template]
                 try:
                     texts = [fn(row) for row in ds]

@@ -173,6 +173,9 @@ def split_sequences(n: int, heldout_fraction: float, seed: int,
     so no held-out text shares its prompt with a training text."""
     if n < 2:
         raise ValueError(f"Need at least 2 sequences to hold some out for evaluation, got {n}.")
+    if groups is not None and len(set(groups)) < 2:
+        logger.warning("All %d sequences share one group: splitting by sequence, so held-out and training "
+                       "sequences share it.", n)
     keys = list(range(n)) if groups is None or len(set(groups)) < 2 else groups
     unique = list(dict.fromkeys(keys))
     g = torch.Generator().manual_seed(seed)
@@ -194,6 +197,31 @@ def _evaluate(fn, tr: Transitions, batch: int = 65536) -> dict[str, float]:
             for k in sums:
                 sums[k] += float(parts[k]) * len(part)
     return {k: v / len(tr) for k, v in sums.items()}
+
+
+def init_at_ou(heads: SDEHeads, ou: OUBaseline) -> None:
+    """Start the heads exactly at the OU fit: linear drift from least squares, constant diffusion at its
+    residual std (the MLPs' last layers output zero / a constant).
+
+    The neural SDE contains OU, and early stopping keeps this starting point when training does not improve
+    on it, so a small corpus cannot leave it worse than OU on the early-stopping data.
+    """
+    with torch.no_grad():
+        heads.drift_linear.weight.copy_(ou.weight[:-1].T)
+        heads.drift_linear.bias.copy_(ou.weight[-1])
+        heads.drift_net[-1].bias.zero_()
+        heads.diffusion_net[-1].weight.zero_()
+        target = (ou.std - heads.config.sigma_floor).clamp_min(1e-4)
+        heads.diffusion_net[-1].bias.copy_(target + torch.log(-torch.expm1(-target)))
+
+
+def make_optimizer(heads: SDEHeads, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW; the linear drift (already at its least-squares optimum) gets a 10x smaller step and no decay,
+    so Adam's unit-size first steps do not knock it off while the MLPs learn the nonlinear correction."""
+    linear = list(heads.drift_linear.parameters())
+    others = [p for n, p in heads.named_parameters() if not n.startswith("drift_linear.")]
+    return torch.optim.AdamW([{"params": others, "lr": lr, "weight_decay": weight_decay},
+                              {"params": linear, "lr": lr * 0.1, "weight_decay": 0.0}])
 
 
 def fit_heads(
@@ -257,28 +285,27 @@ def fit_heads(
     brownian = BrownianBaseline.fit(train_all)
     ou = OUBaseline.fit(train_all)
 
+    source = trajectories.meta.get("source") or {}  # where load_model got the weights
     config = SDEHeadsConfig(
         hidden_size=trajectories.hidden_size, proj_dim=d, layer=trajectories.layer,
         num_layers=trajectories.num_layers or -1, horizon=T,
-        base_model=base_model or trajectories.model_id, base_model_revision=base_model_revision,
-        gguf_file=gguf_file, model_type=model_type, width=width, depth=depth,
+        base_model=base_model or trajectories.model_id,
+        base_model_revision=base_model_revision or source.get("revision"),
+        gguf_file=gguf_file or source.get("gguf_file"), model_type=model_type, width=width, depth=depth,
         time_frequencies=time_frequencies, standardize=standardize, data=dict(data_description or {}),
     )
     heads = SDEHeads(config)
     heads.proj_basis.copy_(basis)
     heads.proj_mean.copy_(mean)
     heads.proj_scale.copy_(scale)
-    # Start the diffusion at the Brownian MLE so training begins at the baseline, not far from it.
-    with torch.no_grad():
-        target = (brownian.std - config.sigma_floor).clamp_min(1e-4)
-        heads.diffusion_net[-1].bias.copy_(target + torch.log(-torch.expm1(-target)))
-        heads.drift_net[-1].bias.copy_(brownian.mean)
+    init_at_ou(heads, ou)
 
-    opt = torch.optim.AdamW(heads.parameters(), lr=lr, weight_decay=weight_decay)
+    opt = make_optimizer(heads, lr, weight_decay)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
     history: dict[str, list[float]] = {f"{s}_{p}": [] for s in ("train", "val") for p in ("total", "drift", "diffusion")}
     history["early_stopping"] = []
-    best = (math.inf, 0, copy.deepcopy(heads.state_dict()))
+    initial = _evaluate(heads, es)["total"] if es is not None else math.inf
+    best = (initial, -1, copy.deepcopy(heads.state_dict()))  # epoch -1: the OU starting point
     bad = 0
     bar = tqdm(range(epochs), desc="Fitting SDE heads", disable=not progress, unit="epoch")
     for epoch in bar:

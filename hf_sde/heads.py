@@ -8,6 +8,7 @@ with the weights, so a saved folder is everything needed to observe or control a
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -254,8 +255,11 @@ class SDEHeads(
         data = cfg.data or {}
         desc = ", ".join(f"{k}: {v}" for k, v in data.items()) or "Not recorded."
         kwargs.setdefault("repo_id", "user/heads")
+        card_data = copy.deepcopy(self._hub_mixin_info.model_card_data)
+        if cfg.base_model and "/" in cfg.base_model and not os.path.exists(cfg.base_model):
+            card_data.base_model = cfg.base_model  # a hub id: links the heads to their model on the Hub
         card = ModelCard.from_template(
-            card_data=self._hub_mixin_info.model_card_data,
+            card_data=card_data,
             template_str=self._hub_mixin_info.model_card_template,
             base_model=cfg.base_model or "unknown", revision=cfg.base_model_revision, gguf_file=cfg.gguf_file,
             layer=cfg.layer, num_layers=cfg.num_layers, hidden_size=cfg.hidden_size, proj_dim=cfg.proj_dim,

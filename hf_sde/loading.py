@@ -38,7 +38,9 @@ def repair_config_token_ids(config) -> list[str]:
         for name in _TOKEN_ID_FIELDS:
             value = getattr(cfg, name, None)
             if _invalid_id(value, vocab_size):
-                setattr(cfg, name, None)
+                # A list (several EOS ids) keeps its valid entries; a single bad id becomes None.
+                valid = [v for v in value if not _invalid_id(v, vocab_size)] if isinstance(value, (list, tuple)) else []
+                setattr(cfg, name, valid or None)
                 repaired.append(f"config.{name}={value}")
     return repaired
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -63,6 +64,8 @@ class Trajectories:
 
     @classmethod
     def load(cls, path: str) -> Trajectories:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"No trajectory file at {path!r}.")
         try:
             tensors = load_file(path)
             from safetensors import safe_open
@@ -82,14 +85,18 @@ class Trajectories:
                    meta.get("skipped", 0), meta.get("meta", {}))
 
 
-def check_finite(states: Sequence[torch.Tensor]) -> None:
-    """Raise naming the first sequence and position whose hidden state is NaN or infinite."""
+def check_finite(states: Sequence[torch.Tensor], indices: Sequence[int] | None = None) -> None:
+    """Raise naming the first sequence and position whose hidden state is NaN or infinite.
+
+    ``indices`` are the names of the sequences (e.g. their corpus indices); default ``0, 1, ...``.
+    """
     for i, s in enumerate(states):
         bad = ~torch.isfinite(s).all(dim=-1)
         if bad.any():
             pos = int(bad.nonzero()[0, 0])
+            name = indices[i] if indices is not None else i
             raise ValueError(
-                f"Non-finite hidden state (NaN/inf) in sequence {i} at position {pos}. The model overflows on "
+                f"Non-finite hidden state (NaN/inf) in sequence {name} at position {pos}. The model overflows on "
                 "this input: load it in float32 (dtype=torch.float32) or drop that text."
             )
 
@@ -150,7 +157,7 @@ def extract_from_ids(
     finally:
         handle.remove()
     states = [out[i] for i in keep]
-    check_finite(states)
+    check_finite(states, keep)  # name the sequence by its index in token_ids, not among the kept ones
     source = getattr(model, "hf_sde_source", None) or {}
     return Trajectories(states, layer_idx, hidden_size(model), num_decoder_layers(model),
                         source.get("name_or_path") or getattr(model.config, "_name_or_path", None), skipped,
@@ -160,7 +167,7 @@ def extract_from_ids(
 def extract_trajectories(
     model,
     tokenizer,
-    data: str | Iterable[str],
+    data: str | os.PathLike | Iterable[str],
     layer: int = -1,
     *,
     max_length: int | None = 512,
@@ -186,6 +193,8 @@ def extract_trajectories(
     traj = extract_from_ids(model, ids, layer, batch_size=batch_size, progress=progress)
     if groups is not None:
         traj.meta["groups"] = [groups[i] for i in traj.meta["kept_indices"]]
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
     traj.meta.update({"data": data if isinstance(data, str) else "<list>", "template": template,
                       "max_length": max_length, "num_texts": len(texts)})
     return traj

@@ -1,0 +1,1018 @@
+"""Scale-out: sharded / streaming extraction and data-parallel fitting under ``accelerate launch``.
+
+Three pieces, each usable alone:
+
+* :func:`iter_documents` reads a corpus lazily (``.txt`` files chunk by chunk, ``.jsonl``/``.csv``/
+  ``.parquet`` and hub datasets through ``datasets`` with ``streaming=True``, folders or globs of such files
+  one file after the other), with the same documents in the same order as :func:`hf_sde.corpus.load_texts`.
+* :func:`extract_to_shards` extracts trajectories with bounded memory: process ``r`` of ``N`` takes the
+  documents ``r::N`` and writes them ``shard_size`` sequences at a time as ordinary
+  :class:`~hf_sde.trajectories.Trajectories` safetensors files whose metadata records each sequence's
+  global document index (so the shards of all ranks reassemble into the single-process corpus order).
+* :func:`fit_heads_distributed` fits the heads on a folder of shards, data-parallel over the processes of
+  ``torch.distributed`` (started by ``accelerate launch`` / ``torchrun``; one process works too):
+
+  - ``mode="exact"`` reproduces :func:`hf_sde.fitting.fit_heads` on the same data and seed (equal in exact
+    arithmetic, equal to float rounding in practice). Every statistic of the single-process fit is a sum
+    over sequences or transitions, so each rank sums over the shards it owns and the sums are all-reduced:
+    the PCA (mean and covariance, then an eigendecomposition), the horizon, both baselines (Brownian
+    moments, OU normal equations and residual moments), the held-out / early-stopping NLL and the
+    calibration. Training uses the single-process global batch order (the same seeded generator over
+    *global* transition ids on every rank); each rank computes the gradient of its slice of each global
+    batch as a *sum* of per-element losses, the flattened gradients are all-reduced (one call per step,
+    with the slice sizes), divided by the global batch size, clipped and stepped identically everywhere.
+    Memory per rank: its own *projected* transitions (``(2 d + 1)`` floats each, e.g. 33 floats for
+    d = 16 instead of D for the hidden state) plus one int64 per global transition for the shared
+    permutation. The hidden states themselves are only ever read one shard at a time.
+  - ``mode="stream"`` never holds more than one shard: the training batches come from an
+    :class:`ShardTransitions` ``IterableDataset`` (shards in a seeded per-epoch order, transitions shuffled
+    within a shard, carried over between shards), every evaluation is a pass over the shards. Peak
+    memory is flat in the corpus size. The gradient sync is the same weighted all-reduce, but the batch
+    order (and the early-stopping slice, chosen per transition by a seeded hash of its document) differs
+    from ``fit_heads``, so it matches the single-process fit statistically, not to rounding. The PCA,
+    horizon, baselines and the held-out split are identical to ``mode="exact"``.
+
+Differences from ``fit_heads`` worth knowing: the PCA uses *all* training states (``fit_heads``
+subsamples 200 000 rows when there are more), and is computed from the covariance (``eigh``) rather than
+an SVD of the data (same basis up to rounding; signs fixed by the same rule).
+
+Command line: ``hf-sde fit-distributed`` (see :func:`register_cli`; ``python -m hf_sde.distributed
+fit-distributed`` works without the ``hf-sde`` wiring), e.g.::
+
+    accelerate launch --cpu --num_processes 2 -m hf_sde.distributed fit-distributed \
+        --data ../shared/data/helpsteer_sample_500.jsonl --template helpsteer-response --out heads/dist
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import glob
+import hashlib
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from .fitting import (
+    HALF_LOG_2PI,
+    BrownianBaseline,
+    FitResult,
+    OUBaseline,
+    init_at_ou,
+    make_optimizer,
+    split_sequences,
+)
+from .heads import SDEHeads, SDEHeadsConfig
+from .trajectories import Trajectories, extract_from_ids, tokenize_texts
+
+logger = logging.getLogger(__name__)
+
+SHARD_PREFIX = "traj"
+_FILE_BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+_CORPUS_EXTS = (".txt", *_FILE_BUILDERS)
+
+
+# ----- process group ----------------------------------------------------------------------------------
+class DistEnv:
+    """Rank, world size and the few collectives the fit needs; a no-op stand-in in a single process."""
+
+    def __init__(self) -> None:
+        import torch.distributed as td
+
+        self._td = td if td.is_available() and td.is_initialized() else None
+        self.rank = self._td.get_rank() if self._td else 0
+        self.world_size = self._td.get_world_size() if self._td else 1
+        backend = str(self._td.get_backend()) if self._td else "none"
+        # A pure NCCL group cannot reduce CPU tensors; accelerate's default "cuda:nccl,cpu:gloo" can.
+        self._device = (torch.device("cuda", torch.cuda.current_device())
+                        if backend == "nccl" and torch.cuda.is_available() else None)
+
+    @classmethod
+    def init(cls, cpu: bool | None = None) -> DistEnv:
+        """Join the process group that ``accelerate launch`` / ``torchrun`` describe in the environment.
+
+        Without those variables (a plain ``python`` run) this is a single process and nothing is started.
+        """
+        import torch.distributed as td
+
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not td.is_initialized():
+            from accelerate import PartialState
+
+            if cpu is None:
+                cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or \
+                    not torch.cuda.is_available()
+            PartialState(cpu=cpu)
+        return cls()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+        """In-place all-reduce (sum or max) of a CPU tensor; returns it."""
+        if self._td is None or self.world_size == 1:
+            return tensor
+        red = self._td.ReduceOp.SUM if op == "sum" else self._td.ReduceOp.MAX
+        if self._device is not None:
+            moved = tensor.to(self._device)
+            self._td.all_reduce(moved, op=red)
+            tensor.copy_(moved.cpu())
+        else:
+            self._td.all_reduce(tensor, op=red)
+        return tensor
+
+    def barrier(self) -> None:
+        if self._td is not None and self.world_size > 1:
+            self._td.barrier()
+
+
+# ----- lazy corpus reading ----------------------------------------------------------------------------
+def _txt_separator(path: str, chunk: int = 1 << 20) -> str:
+    """``load_texts``' rule without reading the file at once: ``<|endoftext|>`` if it occurs, else newline."""
+    from .corpus import DEFAULT_SEPARATOR
+
+    tail = ""
+    with open(path, encoding="utf-8") as f:
+        while block := f.read(chunk):
+            if DEFAULT_SEPARATOR in tail + block:
+                return DEFAULT_SEPARATOR
+            tail = block[-len(DEFAULT_SEPARATOR):]
+    return "\n"
+
+
+def _iter_txt(path: str, separator: str | None, chunk: int = 1 << 20) -> Iterator[str]:
+    sep = separator if separator is not None else _txt_separator(path)
+    buf = ""
+    with open(path, encoding="utf-8") as f:
+        while block := f.read(chunk):
+            parts = (buf + block).split(sep)
+            buf = parts.pop()
+            for p in parts:
+                if p.strip():
+                    yield p.strip()
+    if buf.strip():
+        yield buf.strip()
+
+
+def _corpus_files(data: str) -> list[str] | None:
+    """The files of a folder or glob of corpus files (sorted), or ``None`` for a single file / hub id."""
+    if os.path.isdir(data):
+        files = sorted(os.path.join(data, f) for f in os.listdir(data) if f.lower().endswith(_CORPUS_EXTS))
+    elif any(c in data for c in "*?["):
+        files = sorted(glob.glob(data))
+    else:
+        return None
+    if not files:
+        raise ValueError(f"No corpus files ({', '.join(_CORPUS_EXTS)}) in {data!r}.")
+    return files
+
+
+def _rows_to_texts(rows: Iterable[dict], name: str, template: str | None,
+                   text_column: str | None) -> Iterator[tuple[str, str | None]]:
+    from .corpus import GROUP_KEYS, TEMPLATES
+
+    if template is not None and template not in TEMPLATES:
+        raise ValueError(f"Unknown template {template!r}; choose one of {sorted(TEMPLATES)}.")
+    column = text_column or "text"
+    for row in rows:
+        if template is not None:
+            try:
+                text = TEMPLATES[template](row)
+                group = GROUP_KEYS[template](row) if template in GROUP_KEYS else None
+            except KeyError as e:
+                raise ValueError(f"Template {template!r} needs column {e.args[0]!r}, but {name!r} has "
+                                 f"{sorted(row)}.") from None
+        else:
+            if column not in row:
+                raise ValueError(f"Corpus {name!r} has no column {column!r} (columns: {sorted(row)}); pass "
+                                 "text_column=... (--text-column) or template=... (--template).")
+            text, group = str(row[column]), None
+        yield text, group
+
+
+def iter_documents(
+    data: str | Iterable[str],
+    *,
+    template: str | None = None,
+    text_column: str | None = None,
+    split: str = "train",
+    separator: str | None = None,
+    limit: int | None = None,
+) -> Iterator[tuple[str, str | None]]:
+    """Yield ``(text, group)`` for each non-blank document, lazily, in :func:`~hf_sde.corpus.load_texts` order.
+
+    ``data`` is an iterable of strings, a ``.txt``/``.jsonl``/``.json``/``.csv``/``.parquet`` file, a folder
+    or glob of such files (read one after the other, in sorted order: a sharded local corpus), or a hub
+    dataset id (read with ``streaming=True``). ``group`` is the HelpSteer prompt for the HelpSteer templates,
+    else ``None``. Nothing but the current document (and one read block of a ``.txt`` file) is held.
+    """
+    import datasets
+
+    def sources() -> Iterator[tuple[str, str | None]]:
+        if not isinstance(data, str):
+            for t in data:
+                yield str(t), None
+            return
+        files = _corpus_files(data)
+        for path in files if files is not None else [data]:
+            ext = os.path.splitext(path)[1].lower()
+            if os.path.isfile(path) and ext == ".txt":
+                for t in _iter_txt(path, separator):
+                    yield t, None
+                continue
+            if os.path.exists(path):
+                if ext not in _FILE_BUILDERS:
+                    raise ValueError(f"Unsupported corpus file {path!r}: use one of {list(_CORPUS_EXTS)} or a hub id.")
+                ds = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split=split, streaming=True)
+            else:
+                try:
+                    ds = datasets.load_dataset(path, split=split, streaming=True)
+                except Exception as e:  # noqa: BLE001 - re-raised with the fix
+                    raise ValueError(f"Could not stream corpus {path!r}: not a local file and not a loadable "
+                                     f"dataset ({type(e).__name__}: {e}).") from e
+            yield from _rows_to_texts(ds, path, template, text_column)
+
+    n = 0
+    for text, group in sources():
+        if not (text and text.strip()):
+            continue
+        if limit is not None and n >= limit:
+            return
+        n += 1
+        yield text, group
+
+
+# ----- sharded extraction ------------------------------------------------------------------------------
+def shard_name(rank: int, world_size: int, index: int, prefix: str = SHARD_PREFIX) -> str:
+    return f"{prefix}-rank{rank:05d}-of-{world_size:05d}-{index:05d}.safetensors"
+
+
+def extract_to_shards(
+    model,
+    tokenizer,
+    data: str | Iterable[str],
+    out_dir: str,
+    layer: int = -1,
+    *,
+    shard_size: int = 256,
+    max_length: int | None = 512,
+    batch_size: int = 8,
+    template: str | None = None,
+    text_column: str | None = None,
+    limit: int | None = None,
+    rank: int | None = None,
+    world_size: int | None = None,
+    prefix: str = SHARD_PREFIX,
+    progress: bool = True,
+) -> list[str]:
+    """Extract trajectories of the documents ``rank::world_size`` into safetensors shards; return their paths.
+
+    Memory is bounded by one shard (``shard_size`` documents and their hidden paths), whatever the corpus
+    size. ``rank`` / ``world_size`` default to the current process group (see :class:`DistEnv`). Each shard is
+    a :class:`~hf_sde.trajectories.Trajectories` file (float32 states, whatever the model dtype) whose
+    ``meta`` holds ``doc_indices`` (global index of each kept document) and ``groups``; documents shorter
+    than two tokens are skipped and counted. A ``{prefix}-rank....json`` manifest per rank sums it up.
+
+    Example (each of N processes, e.g. under ``accelerate launch``):
+        >>> paths = extract_to_shards(model, tok, "corpus.jsonl", "shards/", template="helpsteer-response")
+    """
+    if rank is None or world_size is None:
+        env = DistEnv()
+        rank, world_size = env.rank, env.world_size
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    os.makedirs(out_dir, exist_ok=True)
+    paths: list[str] = []
+    texts: list[str] = []
+    docs: list[int] = []
+    groups: list = []
+    seen = skipped = sequences = transitions = 0
+
+    def flush() -> None:
+        nonlocal skipped, sequences, transitions
+        if not texts:
+            return
+        ids = tokenize_texts(tokenizer, texts, max_length)
+        usable = [i for i, x in enumerate(ids) if len(x) >= 2]
+        skipped += len(ids) - len(usable)
+        if usable:
+            traj = extract_from_ids(model, [ids[i] for i in usable], layer, batch_size=batch_size, progress=False)
+            traj.meta = {"source": traj.meta.get("source", {}),
+                         "doc_indices": [docs[i] for i in usable], "groups": [groups[i] for i in usable],
+                         "rank": rank, "world_size": world_size, "shard": len(paths),
+                         "data": data if isinstance(data, str) else "<iterable>", "template": template,
+                         "max_length": max_length}
+            path = os.path.join(out_dir, shard_name(rank, world_size, len(paths), prefix))
+            traj.save(path + ".tmp")
+            os.replace(path + ".tmp", path)
+            paths.append(path)
+            sequences += len(traj)
+            transitions += traj.num_transitions
+        texts.clear()
+        docs.clear()
+        groups.clear()
+
+    bar = tqdm(desc=f"Extracting (rank {rank}/{world_size})", unit="doc", disable=not progress or rank != 0)
+    for doc_index, (text, group) in enumerate(iter_documents(data, template=template, text_column=text_column,
+                                                             limit=limit)):
+        if doc_index % world_size != rank:
+            continue
+        texts.append(text)
+        docs.append(doc_index)
+        groups.append(group)
+        seen += 1
+        bar.update(1)
+        if len(texts) >= shard_size:
+            flush()
+    flush()
+    bar.close()
+    if skipped:
+        logger.warning("Rank %d skipped %d of %d documents shorter than 2 tokens.", rank, skipped, seen)
+    manifest = {"rank": rank, "world_size": world_size, "documents": seen, "skipped": skipped,
+                "sequences": sequences, "transitions": transitions, "shards": [os.path.basename(p) for p in paths]}
+    with open(os.path.join(out_dir, f"{prefix}-rank{rank:05d}-of-{world_size:05d}.json"), "w") as f:
+        json.dump(manifest, f, indent=1)
+    return paths
+
+
+def clear_shards(out_dir: str, prefix: str = SHARD_PREFIX) -> None:
+    """Remove earlier shards and manifests (call on one rank, then barrier, before a new extraction)."""
+    for p in glob.glob(os.path.join(out_dir, f"{prefix}-rank*")):
+        os.remove(p)
+
+
+# ----- reading shards lazily ----------------------------------------------------------------------------
+@dataclass
+class ShardInfo:
+    path: str
+    lengths: list[int]
+    doc_indices: list[int] | None
+    groups: list | None
+    header: dict
+
+
+def read_shard_info(path: str) -> ShardInfo:
+    """A shard's lengths and metadata without reading its states."""
+    try:
+        with safe_open(path, "pt") as f:
+            metadata = f.metadata() or {}
+            lengths = f.get_tensor("lengths").tolist() if "lengths" in f.keys() else None
+    except Exception as e:  # noqa: BLE001 - any read failure means the same thing here
+        raise ValueError(f"{path} is not a readable safetensors trajectory file: {e}") from e
+    if "hf_sde_trajectories" not in metadata or lengths is None:
+        raise ValueError(f"{path} is not an hf-sde trajectory file.")
+    header = json.loads(metadata["hf_sde_trajectories"])
+    meta = header.get("meta") or {}
+    return ShardInfo(path, lengths, meta.get("doc_indices"), meta.get("groups"), header)
+
+
+class ShardedCorpus:
+    """The trajectories in a folder (or list) of shard files, indexed without loading any states.
+
+    Sequences are ordered globally by ``doc_indices`` when every shard has them (the single-process
+    corpus order of :func:`extract_to_shards` output), else by file name and position.
+    """
+
+    def __init__(self, shards: str | Sequence[str], prefix: str | None = None):
+        if isinstance(shards, str):
+            if os.path.isdir(shards):
+                pattern = f"{prefix}-*.safetensors" if prefix else "*.safetensors"
+                paths = sorted(glob.glob(os.path.join(shards, pattern)))
+            else:
+                paths = sorted(glob.glob(shards)) or [shards]
+        else:
+            paths = list(shards)
+        if not paths:
+            raise ValueError(f"No trajectory shards (*.safetensors) in {shards!r}.")
+        self.infos = [read_shard_info(p) for p in paths]
+        first = self.infos[0].header
+        for info in self.infos[1:]:
+            for key in ("layer", "hidden_size"):
+                if info.header.get(key) != first.get(key):
+                    raise ValueError(f"Shards disagree on {key}: {info.path} has {info.header.get(key)}, "
+                                     f"{self.infos[0].path} has {first.get(key)}.")
+        self.layer, self.hidden_size = first["layer"], first["hidden_size"]
+        self.num_layers, self.model_id = first.get("num_layers"), first.get("model_id")
+        self.source = (first.get("meta") or {}).get("source") or {}  # where load_model got the weights
+        self.skipped = sum(int(i.header.get("skipped", 0)) for i in self.infos)
+        entries = []  # (sort key, shard, position)
+        with_docs = all(i.doc_indices is not None for i in self.infos)
+        for s, info in enumerate(self.infos):
+            for p in range(len(info.lengths)):
+                entries.append(((info.doc_indices[p],) if with_docs else (s, p), s, p))
+        entries.sort()
+        if with_docs:
+            keys = [e[0] for e in entries]
+            dup = next((k for a, k in zip(keys, keys[1:], strict=False) if a == k), None)
+            if dup is not None:
+                raise ValueError(f"Document {dup[0]} appears in two shards: the folder mixes shards of two "
+                                 "extractions (remove the old ones, e.g. with clear_shards).")
+        self.location = [(s, p) for _, s, p in entries]  # global position -> (shard, position in shard)
+        self.global_pos = [[0] * len(i.lengths) for i in self.infos]
+        for g, (s, p) in enumerate(self.location):
+            self.global_pos[s][p] = g
+        self.lengths = [self.infos[s].lengths[p] for s, p in self.location]
+        groups = [self.infos[s].groups[p] if self.infos[s].groups is not None else None for s, p in self.location]
+        self.groups = groups if any(g is not None for g in groups) else None
+
+    def __len__(self) -> int:
+        return len(self.location)
+
+    @property
+    def num_shards(self) -> int:
+        return len(self.infos)
+
+    def load_shard(self, s: int) -> Trajectories:
+        return Trajectories.load(self.infos[s].path)
+
+    def sequences(self, shards: Iterable[int]) -> Iterator[tuple[int, torch.Tensor]]:
+        """``(global position, states)`` of every sequence in ``shards``, one shard in memory at a time."""
+        for s in shards:
+            traj = self.load_shard(s)
+            for p, states in enumerate(traj.states):
+                yield self.global_pos[s][p], states
+
+    def to_trajectories(self) -> Trajectories:
+        """All sequences in global order as one in-memory :class:`Trajectories` (for :func:`fit_heads`)."""
+        states: list[torch.Tensor | None] = [None] * len(self)
+        for g, x in self.sequences(range(self.num_shards)):
+            states[g] = x.clone()
+        meta = {"groups": self.groups} if self.groups is not None else {}
+        meta["source"] = self.source
+        meta["doc_indices"] = [self.infos[s].doc_indices[p] if self.infos[s].doc_indices else g
+                               for g, (s, p) in enumerate(self.location)]
+        return Trajectories(states, self.layer, self.hidden_size, self.num_layers, self.model_id, self.skipped, meta)
+
+
+def load_shards(shards: str | Sequence[str]) -> Trajectories:
+    """Reassemble a folder of shards into one :class:`Trajectories` in corpus order."""
+    return ShardedCorpus(shards).to_trajectories()
+
+
+# ----- per-rank transition data -------------------------------------------------------------------------
+@dataclass
+class _Chunk:
+    z: torch.Tensor
+    t: torch.Tensor
+    dz: torch.Tensor
+
+    def __len__(self) -> int:
+        return self.z.shape[0]
+
+
+def _transitions(z: torch.Tensor, horizon: float) -> _Chunk:
+    n = z.shape[0] - 1
+    return _Chunk(z[:-1], torch.arange(n, dtype=z.dtype) / horizon, z[1:] - z[:-1])
+
+
+def _es_mask(doc_key: int, n: int, fraction: float, seed: int) -> torch.Tensor:
+    """Seeded per-document Bernoulli choice of early-stopping transitions (stream mode)."""
+    h = int.from_bytes(hashlib.blake2b(f"{seed}:{doc_key}".encode(), digest_size=8).digest(), "little")
+    g = torch.Generator().manual_seed(h & ((1 << 63) - 1))
+    return torch.rand(n, generator=g) < fraction
+
+
+class _Plan:
+    """What every rank knows without communication: the global order, split, horizon and ownership."""
+
+    def __init__(self, corpus: ShardedCorpus, env: DistEnv, heldout_fraction: float, seed: int,
+                 horizon: float | None):
+        self.corpus, self.env = corpus, env
+        n = len(corpus)
+        self.train_idx, self.val_idx = split_sequences(n, heldout_fraction, seed, corpus.groups)
+        self.is_train = torch.zeros(n, dtype=torch.bool)
+        self.is_train[self.train_idx] = True
+        self.horizon = float(horizon) if horizon is not None else float(max(corpus.lengths[i] for i in self.train_idx))
+        self.my_shards = [s for s in range(corpus.num_shards) if s % env.world_size == env.rank]
+        # Global transition offset of each training sequence (make_transitions order: train_idx ascending).
+        self.offset = torch.full((n,), -1, dtype=torch.long)
+        total = 0
+        for i in self.train_idx:
+            self.offset[i] = total
+            total += corpus.lengths[i] - 1
+        self.num_train_transitions = total
+        self.num_heldout_transitions = sum(corpus.lengths[i] - 1 for i in self.val_idx)
+
+    def doc_key(self, g: int) -> int:
+        s, p = self.corpus.location[g]
+        docs = self.corpus.infos[s].doc_indices
+        return docs[p] if docs is not None else g
+
+
+class ShardTransitions(torch.utils.data.IterableDataset):
+    """This rank's training transitions as a stream of shuffled batches, one shard in memory at a time.
+
+    Each epoch visits the rank's shards in a seeded order, shuffles the transitions of each shard with a
+    seeded generator, carries the remainder into the next shard and yields ``(z, t, dz)`` batches of
+    ``batch_size`` rows (the last may be shorter).
+    """
+
+    def __init__(self, plan: _Plan, project, batch_size: int, es_fraction: float, seed: int):
+        super().__init__()
+        self.plan, self.project, self.batch_size = plan, project, batch_size
+        self.es_fraction, self.seed, self.epoch = es_fraction, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[_Chunk]:
+        plan = self.plan
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch * 1009 + plan.env.rank)
+        shards = [plan.my_shards[i] for i in torch.randperm(len(plan.my_shards), generator=g).tolist()]
+        carry: _Chunk | None = None
+        for s in shards:
+            parts = []
+            for gpos, states in plan.corpus.sequences([s]):
+                if not plan.is_train[gpos]:
+                    continue
+                c = _transitions(self.project(states), plan.horizon)
+                if self.es_fraction > 0:
+                    keep = ~_es_mask(plan.doc_key(gpos), len(c), self.es_fraction, self.seed + 1)
+                    c = _Chunk(c.z[keep], c.t[keep], c.dz[keep])
+                parts.append(c)
+            if carry is not None:
+                parts.insert(0, carry)
+            if not parts:
+                continue
+            allc = _Chunk(*(torch.cat([getattr(p, k) for p in parts]) for k in ("z", "t", "dz")))
+            perm = torch.randperm(len(allc), generator=g)
+            allc = _Chunk(allc.z[perm], allc.t[perm], allc.dz[perm])
+            full = len(allc) // self.batch_size * self.batch_size
+            for a in range(0, full, self.batch_size):
+                yield _Chunk(allc.z[a:a + self.batch_size], allc.t[a:a + self.batch_size], allc.dz[a:a + self.batch_size])
+            carry = _Chunk(allc.z[full:], allc.t[full:], allc.dz[full:]) if full < len(allc) else None
+        if carry is not None:
+            yield carry
+
+
+class _StreamData:
+    """Transitions of this rank's shards, re-read and projected on every pass (flat memory)."""
+
+    def __init__(self, plan: _Plan, project, batch_size: int, es_fraction: float, seed: int):
+        self.plan, self.project, self.es_fraction, self.seed = plan, project, es_fraction, seed
+        self.dataset = ShardTransitions(plan, project, max(1, batch_size // plan.env.world_size), es_fraction, seed)
+
+    def chunks(self, kind: str) -> Iterator[_Chunk]:
+        plan = self.plan
+        for gpos, states in plan.corpus.sequences(plan.my_shards):
+            if (kind == "heldout") == bool(plan.is_train[gpos]):
+                continue
+            c = _transitions(self.project(states), plan.horizon)
+            if kind == "es":
+                if self.es_fraction <= 0:
+                    continue
+                m = _es_mask(plan.doc_key(gpos), len(c), self.es_fraction, self.seed + 1)
+                c = _Chunk(c.z[m], c.t[m], c.dz[m])
+            if len(c):
+                yield c
+
+    def batches(self, epoch: int) -> Iterator[_Chunk | None]:
+        self.dataset.set_epoch(epoch)
+        yield from self.dataset
+
+
+class _ExactData:
+    """This rank's projected training transitions in memory, batched in the single-process global order."""
+
+    def __init__(self, plan: _Plan, project, batch_size: int, es_fraction: float, seed: int):
+        self.plan, self.project, self.batch_size = plan, project, batch_size
+        N = plan.num_train_transitions
+        zs, ts, dzs, gids = [], [], [], []
+        for gpos, states in plan.corpus.sequences(plan.my_shards):
+            if not plan.is_train[gpos]:
+                continue
+            c = _transitions(project(states), plan.horizon)
+            zs.append(c.z)
+            ts.append(c.t)
+            dzs.append(c.dz)
+            gids.append(plan.offset[gpos] + torch.arange(len(c)))
+        d = project(torch.zeros(1, plan.corpus.hidden_size)).shape[1]
+        self.z = torch.cat(zs) if zs else torch.zeros(0, d)
+        self.t = torch.cat(ts) if ts else torch.zeros(0)
+        self.dz = torch.cat(dzs) if dzs else torch.zeros(0, d)
+        gid = torch.cat(gids) if gids else torch.zeros(0, dtype=torch.long)
+        self.local_of = torch.full((N,), -1, dtype=torch.long)
+        self.local_of[gid] = torch.arange(len(gid))
+        # The same generator, consumed in the same order, as fit_heads.
+        self.g = torch.Generator().manual_seed(seed + 1)
+        perm = torch.randperm(N, generator=self.g)
+        n_es = int(N * es_fraction) if N >= 20 else 0
+        self.es_ids, self.train_ids = perm[:n_es], perm[n_es:]
+        es_local = self.local_of[self.es_ids]
+        self.es_rows = es_local[es_local >= 0]
+
+    def _rows(self, rows: torch.Tensor) -> _Chunk:
+        return _Chunk(self.z[rows], self.t[rows], self.dz[rows])
+
+    def chunks(self, kind: str, size: int = 65536) -> Iterator[_Chunk]:
+        if kind == "heldout":
+            plan = self.plan
+            for gpos, states in plan.corpus.sequences(plan.my_shards):
+                if not plan.is_train[gpos]:
+                    yield _transitions(self.project(states), plan.horizon)
+            return
+        rows = self.es_rows if kind == "es" else torch.arange(len(self.z))
+        for a in range(0, len(rows), size):
+            yield self._rows(rows[a:a + size])
+
+    def batches(self, epoch: int) -> Iterator[_Chunk | None]:
+        order = torch.randperm(len(self.train_ids), generator=self.g)
+        for a in range(0, len(order), self.batch_size):
+            loc = self.local_of[self.train_ids[order[a:a + self.batch_size]]]
+            yield self._rows(loc[loc >= 0])
+
+
+# ----- sufficient statistics ----------------------------------------------------------------------------
+def _projection(plan: _Plan, proj_dim: int | None, standardize: bool):
+    """PCA of all training states from all-reduced first and second moments (two passes over the shards)."""
+    env, D = plan.env, plan.corpus.hidden_size
+    d = D if proj_dim is None or proj_dim <= 0 else proj_dim
+    if d > D:
+        raise ValueError(f"proj_dim={d} exceeds the hidden size {D}; use proj_dim <= {D} (or 0 for no projection).")
+    first = torch.zeros(D + 1, dtype=torch.float64)
+    for g, x in plan.corpus.sequences(plan.my_shards):
+        if plan.is_train[g]:
+            first[:D] += x.double().sum(0)
+            first[D] += x.shape[0]
+    env.all_reduce_(first)
+    n = float(first[D])
+    mean = first[:D] / n
+    scatter = torch.zeros(D, D, dtype=torch.float64)
+    for g, x in plan.corpus.sequences(plan.my_shards):
+        if plan.is_train[g]:
+            xc = x.double() - mean
+            scatter += xc.T @ xc
+    env.all_reduce_(scatter)
+    cov = scatter / max(n - 1, 1.0)
+    if d == D:
+        basis = torch.eye(D, dtype=torch.float64)
+    else:
+        evals, evecs = torch.linalg.eigh(cov)
+        basis = evecs[:, torch.argsort(evals, descending=True)[:d]]
+        signs = torch.sign(basis[basis.abs().argmax(0), torch.arange(d)])
+        basis = basis * signs
+    scale = (torch.einsum("ij,jk,ki->i", basis.T, cov, basis).clamp_min(0).sqrt().clamp_min(1e-8)
+             if standardize else torch.ones(d, dtype=torch.float64))
+    return basis.float(), mean.float(), scale.float()
+
+
+def _baselines(data, env: DistEnv, d: int, ridge: float = 1e-6) -> tuple[BrownianBaseline, OUBaseline]:
+    """Brownian and OU baselines on the training transitions, as ``BrownianBaseline.fit`` / ``OUBaseline.fit``."""
+    acc = torch.zeros(1 + d + (d + 1) * (d + 1) + (d + 1) * d, dtype=torch.float64)
+    for c in data.chunks("train"):
+        x = torch.cat([c.z, torch.ones(len(c), 1, dtype=c.z.dtype)], dim=1).double()
+        dz = c.dz.double()
+        acc += torch.cat([torch.tensor([float(len(c))], dtype=torch.float64), dz.sum(0), (x.T @ x).flatten(),
+                          (x.T @ dz).flatten()])
+    env.all_reduce_(acc)
+    n = float(acc[0])
+    bm_mean = acc[1:1 + d] / n
+    o = 1 + d
+    gram = acc[o:o + (d + 1) ** 2].view(d + 1, d + 1) + ridge * n * torch.eye(d + 1, dtype=torch.float64)
+    rhs = acc[o + (d + 1) ** 2:].view(d + 1, d)
+    w = torch.linalg.solve(gram, rhs).float()
+    second = torch.zeros(2 * d, dtype=torch.float64)
+    for c in data.chunks("train"):
+        resid = c.dz - torch.cat([c.z, torch.ones(len(c), 1, dtype=c.z.dtype)], dim=1) @ w
+        second += torch.cat([(c.dz.double() - bm_mean).pow(2).sum(0), resid.double().sum(0)])
+    env.all_reduce_(second)
+    bm_std = (second[:d] / n).sqrt()
+    r_mean = second[d:] / n
+    third = torch.zeros(d, dtype=torch.float64)
+    for c in data.chunks("train"):
+        resid = c.dz - torch.cat([c.z, torch.ones(len(c), 1, dtype=c.z.dtype)], dim=1) @ w
+        third += (resid.double() - r_mean).pow(2).sum(0)
+    env.all_reduce_(third)
+    return (BrownianBaseline(bm_mean.float(), bm_std.float().clamp_min(1e-6)),
+            OUBaseline(w, (third / n).sqrt().float().clamp_min(1e-6)))
+
+
+def _evaluate(fn, data, kind: str, env: DistEnv) -> dict[str, float]:
+    """Per-dimension NLL parts over all ranks' ``kind`` transitions (as ``fitting._evaluate``)."""
+    acc = torch.zeros(5, dtype=torch.float64)
+    with torch.no_grad():
+        for c in data.chunks(kind):
+            mean, std = fn(c.z, c.t)
+            drift = 0.5 * ((c.dz - mean) / std).pow(2)
+            diff = std.log()
+            acc += torch.tensor([float(drift.double().sum()), float(diff.double().sum()),
+                                 float((c.dz - mean).pow(2).double().sum()), float(c.dz.numel()), float(len(c))],
+                                dtype=torch.float64)
+    env.all_reduce_(acc)
+    m = max(float(acc[3]), 1.0)
+    drift, diffusion = float(acc[0]) / m, float(acc[1]) / m + HALF_LOG_2PI
+    return {"total": drift + diffusion, "drift": drift, "diffusion": diffusion, "drift_mse": float(acc[2]) / m,
+            "_count": float(acc[4])}
+
+
+def _sync_step(heads: SDEHeads, params: list[torch.nn.Parameter], opt, batch: _Chunk | None,
+               env: DistEnv) -> tuple[float, float, float] | None:
+    """One data-parallel step; ``None`` once every rank is out of batches.
+
+    Each rank backpropagates the *sum* of its per-element losses (divided by d), the flat gradients and
+    slice sizes are all-reduced in one call, and the sum is divided by the global batch size: the update of
+    the mean loss over the union of the slices.
+    """
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad.zero_()
+    stats = torch.zeros(3, dtype=torch.float64)
+    if batch is not None and len(batch):
+        d = batch.dz.shape[1]
+        mean, std = heads(batch.z, batch.t)
+        drift = 0.5 * ((batch.dz - mean) / std).pow(2).sum() / d
+        diff = std.log().sum() / d
+        (drift + diff).backward()
+        stats = torch.tensor([float(len(batch)), float(drift.detach()), float(diff.detach())], dtype=torch.float64)
+    flat = torch.cat([p.grad.flatten() for p in params])
+    bundle = torch.cat([flat.double(), stats])
+    env.all_reduce_(bundle)
+    count = float(bundle[-3])
+    if count == 0:
+        return None
+    flat = (bundle[:-3] / count).to(flat.dtype)
+    off = 0
+    for p in params:
+        p.grad.copy_(flat[off:off + p.numel()].view_as(p))
+        off += p.numel()
+    torch.nn.utils.clip_grad_norm_(params, 10.0)
+    opt.step()
+    return count, float(bundle[-2]), float(bundle[-1])
+
+
+def fit_heads_distributed(
+    shards: str | Sequence[str] | ShardedCorpus,
+    *,
+    mode: str = "exact",
+    proj_dim: int | None = 16,
+    standardize: bool = True,
+    horizon: float | None = None,
+    width: int = 128,
+    depth: int = 2,
+    time_frequencies: int = 4,
+    epochs: int = 60,
+    batch_size: int = 512,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    patience: int = 10,
+    heldout_fraction: float = 0.2,
+    early_stopping_fraction: float = 0.1,
+    seed: int = 0,
+    progress: bool = True,
+    base_model: str | None = None,
+    base_model_revision: str | None = None,
+    gguf_file: str | None = None,
+    model_type: str | None = None,
+    data_description: dict | None = None,
+    env: DistEnv | None = None,
+) -> FitResult:
+    """:func:`hf_sde.fitting.fit_heads` on trajectory shards, data-parallel over the current process group.
+
+    Call it on every rank (the result is the same on all; save it on rank 0). ``mode="exact"`` equals
+    ``fit_heads(load_shards(shards), ...)`` up to float rounding; ``mode="stream"`` keeps one shard in
+    memory (see the module docstring for both). ``batch_size`` is the *global* batch size.
+
+    Example (under ``accelerate launch --num_processes N``):
+        >>> env = DistEnv.init()
+        >>> result = fit_heads_distributed("shards/", proj_dim=16, epochs=60)
+        >>> if env.is_main: result.heads.save_pretrained("heads/")
+    """
+    if mode not in ("exact", "stream"):
+        raise ValueError(f"mode must be 'exact' or 'stream', got {mode!r}")
+    env = env or DistEnv()
+    corpus = shards if isinstance(shards, ShardedCorpus) else ShardedCorpus(shards)
+    if len(corpus) == 0:
+        raise ValueError("fit_heads_distributed got no trajectories: the shards are empty.")
+    torch.manual_seed(seed)
+    plan = _Plan(corpus, env, heldout_fraction, seed, horizon)
+    basis, mean, scale = _projection(plan, proj_dim, standardize)
+    d = basis.shape[1]
+    T = plan.horizon
+
+    def project(s: torch.Tensor) -> torch.Tensor:
+        return ((s.float() - mean) @ basis) / scale
+
+    es_fraction = early_stopping_fraction if plan.num_train_transitions >= 20 else 0.0
+    data = (_ExactData if mode == "exact" else _StreamData)(plan, project, batch_size, es_fraction, seed)
+    brownian, ou = _baselines(data, env, d)
+
+    config = SDEHeadsConfig(
+        hidden_size=corpus.hidden_size, proj_dim=d, layer=corpus.layer, num_layers=corpus.num_layers or -1,
+        horizon=T, base_model=base_model or corpus.model_id,
+        base_model_revision=base_model_revision or corpus.source.get("revision"),
+        gguf_file=gguf_file or corpus.source.get("gguf_file"), model_type=model_type, width=width, depth=depth, time_frequencies=time_frequencies,
+        standardize=standardize, data=dict(data_description or {}),
+    )
+    torch.manual_seed(seed)  # the same initial weights on every rank, and as fit_heads draws them
+    heads = SDEHeads(config)
+    heads.proj_basis.copy_(basis)
+    heads.proj_mean.copy_(mean)
+    heads.proj_scale.copy_(scale)
+    init_at_ou(heads, ou)
+    opt = make_optimizer(heads, lr, weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
+    params = list(heads.parameters())
+    history: dict[str, list[float]] = {f"{s}_{p}": [] for s in ("train", "val") for p in ("total", "drift", "diffusion")}
+    history["early_stopping"] = []
+    es0 = _evaluate(heads, data, "es", env) if es_fraction > 0 else None
+    initial = es0["total"] if es0 is not None and es0["_count"] > 0 else math.inf
+    best = (initial, -1, copy.deepcopy(heads.state_dict()))  # epoch -1: the OU starting point
+    bad = 0
+    bar = tqdm(range(epochs), desc=f"Fitting SDE heads ({env.world_size} proc, {mode})",
+               disable=not progress or not env.is_main, unit="epoch")
+    for epoch in bar:
+        heads.train()
+        sums = torch.zeros(3, dtype=torch.float64)
+        it = data.batches(epoch)
+        while True:
+            out = _sync_step(heads, params, opt, next(it, None), env)
+            if out is None:
+                break
+            sums += torch.tensor(out, dtype=torch.float64)
+        sched.step()
+        heads.eval()
+        n_seen = max(float(sums[0]), 1.0)
+        history["train_drift"].append(float(sums[1]) / n_seen)
+        history["train_diffusion"].append(float(sums[2]) / n_seen + HALF_LOG_2PI)
+        history["train_total"].append(history["train_drift"][-1] + history["train_diffusion"][-1])
+        val = _evaluate(heads, data, "heldout", env)
+        for k in ("total", "drift", "diffusion"):
+            history[f"val_{k}"].append(val[k])
+        es = _evaluate(heads, data, "es", env) if es_fraction > 0 else None
+        monitor = es["total"] if es is not None and es["_count"] > 0 else history["train_total"][-1]
+        history["early_stopping"].append(monitor)
+        bar.set_postfix(train=f"{history['train_total'][-1]:.3f}", val=f"{val['total']:.3f}")
+        if monitor < best[0] - 1e-4:
+            best, bad = (monitor, epoch, copy.deepcopy(heads.state_dict())), 0
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    bar.close()
+    heads.load_state_dict(best[2])
+    heads.eval()
+
+    # Calibration over all training transitions: means, then unbiased standard deviations.
+    def calib(center: torch.Tensor | None) -> torch.Tensor:
+        acc = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for c in data.chunks("train"):
+                mean_inc, std_inc = heads(c.z, c.t)
+                v = torch.stack([heads.diffusion_magnitude(std_inc).log(),
+                                 heads.transition_nll(c.dz, mean_inc, std_inc).mean(-1)]).double()
+                if center is None:
+                    acc += torch.cat([v.sum(1), torch.tensor([float(len(c))], dtype=torch.float64)])
+                else:
+                    acc[:2] += (v - center[:, None]).pow(2).sum(1)
+        return env.all_reduce_(acc)
+
+    first = calib(None)
+    n_train = float(first[2])
+    centers = first[:2] / n_train
+    ssd = calib(centers)[:2]
+    stds = (ssd / max(n_train - 1, 1.0)).sqrt()
+    config.log_diffusion_mean = float(centers[0])
+    config.log_diffusion_std = max(float(stds[0]), 1e-6)
+    config.nll_mean = float(centers[1])
+    config.nll_std = max(float(stds[1]), 1e-6)
+
+    parts = {"neural": _evaluate(heads, data, "heldout", env), "ou": _evaluate(ou.predict, data, "heldout", env),
+             "brownian": _evaluate(brownian.predict, data, "heldout", env)}
+    for v in parts.values():
+        v.pop("_count")
+    heldout_nll = {k: v["total"] for k, v in parts.items()}
+    config.heldout_nll = dict(heldout_nll)
+    config.data = {**config.data, "train_sequences": len(plan.train_idx), "heldout_sequences": len(plan.val_idx),
+                   "train_transitions": plan.num_train_transitions,
+                   "heldout_transitions": plan.num_heldout_transitions,
+                   "fit": {"processes": env.world_size, "mode": mode, "shards": corpus.num_shards}}
+    return FitResult(heads, history, heldout_nll, parts, plan.train_idx, plan.val_idx,
+                     {"ou": ou, "brownian": brownian}, best[1])
+
+
+# ----- command line -------------------------------------------------------------------------------------
+_DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _fit_distributed(args) -> int:
+    from .cli import DEFAULT_GGUF, DEFAULT_MODEL, DEFAULT_REVISION
+    from .loading import load_model
+
+    env = DistEnv.init(cpu=True if args.cpu else None)
+    progress = not args.quiet
+    shard_dir = args.shards or os.path.join(args.out, "trajectories")
+    source: dict = {}
+    model_type = None
+    if args.data:
+        gguf = args.gguf_file or (DEFAULT_GGUF if args.model == DEFAULT_MODEL else None)
+        revision = args.revision or (DEFAULT_REVISION if args.model == DEFAULT_MODEL else None)
+        device = args.device
+        if device is None and args.device_map is None and torch.cuda.is_available() and not args.cpu:
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        model, tokenizer = load_model(args.model, gguf_file=gguf, revision=revision, device=device,
+                                      device_map=args.device_map, dtype=_DTYPES[args.dtype] if args.dtype else None)
+        source, model_type = getattr(model, "hf_sde_source", {}), model.config.model_type
+        if env.is_main:
+            clear_shards(shard_dir)
+        env.barrier()
+        extract_to_shards(model, tokenizer, args.data, shard_dir, args.layer, shard_size=args.shard_size,
+                          max_length=args.max_length, batch_size=args.batch_size, template=args.template,
+                          text_column=args.text_column, limit=args.limit, progress=progress)
+        del model
+        env.barrier()
+    elif not args.shards:
+        raise SystemExit("hf-sde fit-distributed needs --data (extract, then fit) or --shards DIR (fit only).")
+    data_desc = {"corpus": os.path.basename(args.data.rstrip("/")) if args.data else shard_dir,
+                 "template": args.template, "max_length": args.max_length}
+    result = fit_heads_distributed(
+        shard_dir, mode=args.mode, proj_dim=args.proj_dim, epochs=args.epochs, width=args.width, depth=args.depth,
+        lr=args.lr, batch_size=args.fit_batch_size, heldout_fraction=args.heldout_fraction, seed=args.seed,
+        patience=args.patience, progress=progress, base_model=source.get("name_or_path"),
+        base_model_revision=source.get("revision"), gguf_file=source.get("gguf_file"), model_type=model_type,
+        data_description=data_desc, env=env,
+    )
+    summary = result.summary()
+    summary.update(out=args.out, processes=env.world_size, mode=args.mode, shards=shard_dir)
+    if env.is_main:
+        os.makedirs(args.out, exist_ok=True)
+        result.heads.save_pretrained(args.out)
+        with open(os.path.join(args.out, "fit_history.json"), "w") as f:
+            json.dump({"history": result.history, "summary": summary}, f, indent=2)
+        if args.json:
+            print(json.dumps(summary))
+        else:
+            nll = summary["heldout_nll"]
+            print(f"Fitted SDE heads with {env.world_size} process(es) ({args.mode}) on "
+                  f"{summary['num_train_sequences'] + summary['num_heldout_sequences']} sequences from {shard_dir}; "
+                  f"saved to {args.out}")
+            for k in ("neural", "ou", "brownian"):
+                print(f"  {k:9s} {nll[k]:.4f}")
+    env.barrier()
+    return 0
+
+
+def register_cli(sub) -> None:
+    """Add ``fit-distributed`` to the ``hf-sde`` sub-commands."""
+    from .cli import add_model_args
+
+    p = sub.add_parser("fit-distributed",
+                       help="sharded extraction + data-parallel fit (run under accelerate launch / torchrun)")
+    add_model_args(p)
+    p.add_argument("--device-map", default=None, help='e.g. "auto" (one process per node) to spread the model')
+    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="model dtype (states are stored float32)")
+    p.add_argument("--cpu", action="store_true", help="gloo on CPU even where CUDA is available")
+    p.add_argument("--data", help="corpus: file, folder/glob of files (a sharded corpus) or hub dataset id (streamed)")
+    p.add_argument("--shards", default=None,
+                   help="trajectory shard folder: written by the extraction (default OUT/trajectories), or fitted "
+                        "directly when --data is not given")
+    p.add_argument("--shard-size", type=int, default=256, help="documents per trajectory shard")
+    p.add_argument("--mode", choices=("exact", "stream"), default="exact",
+                   help="exact: equals the single-process fit; stream: one shard in memory at a time")
+    p.add_argument("--template", default=None)
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--limit", type=int, default=None)
+    p.add_argument("--layer", type=int, default=-1)
+    p.add_argument("--proj-dim", type=int, default=16)
+    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--fit-batch-size", type=int, default=512, help="global batch size (all processes together)")
+    p.add_argument("--patience", type=int, default=10)
+    p.add_argument("--heldout-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder for the heads (written by rank 0)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true")
+    p.set_defaults(func=_fit_distributed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m hf_sde.distributed fit-distributed ...`` (the same as ``hf-sde fit-distributed``)."""
+    import sys
+
+    parser = argparse.ArgumentParser(prog="hf-sde")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register_cli(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"hf-sde {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

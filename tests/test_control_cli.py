@@ -1,0 +1,102 @@
+"""``hf-sde generate``: JSON and table output, same-seed comparison, model selection from the heads."""
+
+from __future__ import annotations
+
+import json
+
+import control_fixtures
+import pytest
+import torch
+from control_fixtures import encode, run
+
+import hf_sde.cli
+from hf_sde.cli import DEFAULT_MODEL, main
+
+make_stories = control_fixtures.make_stories  # a fixture (fresh stories260K copies)
+
+ROW_KEYS = {"step", "token", "diffusion", "zscore", "temperature", "steer_norm", "surprise"}
+
+
+def _strict_json(text: str):
+    def no_constants(name):
+        raise ValueError(f"not valid JSON: {name}")
+
+    return json.loads(text, parse_constant=no_constants)
+
+
+@pytest.fixture
+def cli_setup(make_stories, tmp_path, monkeypatch):
+    """Heads saved to a folder, and the CLI's model loader answering with a copy of the session model."""
+    bundle = make_stories()
+    folder = tmp_path / "heads"
+    bundle.heads.save_pretrained(folder)
+    calls = []
+
+    def load(args):
+        calls.append((args.model, args.gguf_file, args.revision))
+        return make_stories().model, bundle.tok
+
+    monkeypatch.setattr(hf_sde.cli, "load_model_from_args", load)
+    return bundle, folder, calls
+
+
+def test_generate_json_with_compare(cli_setup, capsys):
+    bundle, folder, calls = cli_setup
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rc = main(["generate", "--heads", str(folder), "--prompt", "Once upon a time", "--mode", "temperature",
+                   "--compare", "--json", "--max-new-tokens", "8"])
+    finally:
+        torch.set_num_threads(threads)
+    assert rc == 0
+    assert calls == [(DEFAULT_MODEL, None, None)]
+    data = _strict_json(capsys.readouterr().out)  # one strict JSON object (no bare NaN)
+    assert data["prompt"] == "Once upon a time" and data["mode"] == "temperature"
+    assert data["text"].startswith("Once upon a time")
+    for part in (data, data["plain"]):
+        rows = part["tokens"]
+        assert 1 <= len(rows) <= 8 and all(set(r) == ROW_KEYS for r in rows)
+        assert [r["step"] for r in rows] == list(range(len(rows)))
+        assert rows[-1]["surprise"] is None and all(isinstance(r["surprise"], float) for r in rows[:-1])
+        assert all(isinstance(r["zscore"], float) for r in rows)
+    assert all(0.3 <= r["temperature"] <= 1.5 for r in data["tokens"])
+    assert all(r["temperature"] == 1.0 for r in data["plain"]["tokens"])
+    # "plain" is stock sampling with the same seed.
+    model, tok = bundle.model, bundle.tok
+    inputs = encode(tok, ["Once upon a time"])
+    plain = run(model.generate, inputs, 0, do_sample=True, top_k=0, max_new_tokens=8)
+    assert data["plain"]["text"] == tok.decode(plain[0], skip_special_tokens=True)
+    assert [r["token"] for r in data["plain"]["tokens"]] == tok.convert_ids_to_tokens(
+        plain[0, inputs["input_ids"].shape[1]:].tolist())[: len(data["plain"]["tokens"])]
+
+
+def test_generate_table_output(cli_setup, capsys):
+    _, folder, _ = cli_setup
+    rc = main(["generate", "--heads", str(folder), "--prompt", "Once upon a time", "--mode", "steer", "--alpha",
+               "0.2", "--greedy", "--compare", "--max-new-tokens", "5"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "=== SDE-controlled (steer) ===" in out and "=== plain (same seed" in out
+    header = [line for line in out.splitlines() if line.split()[:2] == ["step", "token"]]
+    assert len(header) == 2 and header[0].split() == ["step", "token", "diff", "z", "temp", "steer", "surprise"]
+    table_rows = [line for line in out.splitlines() if line.strip()[:1].isdigit()]
+    assert len(table_rows) == 10
+    assert float(table_rows[0].split()[-2]) > 0  # steered: non-zero steer norm
+    assert float(table_rows[5].split()[-2]) == 0  # plain: none
+
+
+def test_generate_uses_the_heads_model_and_reports_errors(cli_setup, capsys, tmp_path):
+    bundle, folder, calls = cli_setup
+    cfg = bundle.heads.config
+    cfg.base_model, cfg.gguf_file, cfg.base_model_revision = DEFAULT_MODEL, "tinyllamas/other.gguf", "abc"
+    other = tmp_path / "other"
+    bundle.heads.save_pretrained(other)
+    main(["generate", "--heads", str(other), "--prompt", "Hi", "--max-new-tokens", "2", "--json"])
+    assert calls[-1] == (DEFAULT_MODEL, "tinyllamas/other.gguf", "abc")
+    main(["generate", "--heads", str(other), "--prompt", "Hi", "--max-new-tokens", "2", "--json",
+          "--gguf-file", "tinyllamas/stories260K.gguf"])
+    assert calls[-1] == (DEFAULT_MODEL, "tinyllamas/stories260K.gguf", None)  # an explicit choice wins
+    capsys.readouterr()
+    assert main(["generate", "--heads", str(tmp_path / "missing"), "--prompt", "Hi"]) == 2
+    assert "error" in capsys.readouterr().err

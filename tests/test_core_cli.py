@@ -1,0 +1,98 @@
+"""The ``hf-sde`` command line: fit (JSON summary, saved folder, errors) and push (never reaches the network)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import huggingface_hub
+import pytest
+from conftest import TINYSTORIES
+
+from hf_sde.cli import main
+from hf_sde.heads import SDEHeads
+
+
+@pytest.fixture
+def no_network(monkeypatch):
+    """Any attempt to build an HfApi client (the only way push reaches the Hub) fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the test tried to reach the Hugging Face Hub")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", refuse)
+
+
+@pytest.fixture
+def saved_heads(tmp_path, stories_trajectories):
+    from hf_sde.fitting import fit_heads
+
+    folder = tmp_path / "heads"
+    fit_heads(stories_trajectories, proj_dim=4, epochs=1, width=8, progress=False).heads.save_pretrained(folder)
+    return folder
+
+
+def test_fit_prints_one_json_summary_and_saves_heads(tmp_path, capsys):
+    out = tmp_path / "out"
+    rc = main(["fit", "--data", str(TINYSTORIES), "--json", "-q", "--epochs", "5", "--out", str(out)])
+    assert rc == 0
+    stdout = capsys.readouterr().out
+    lines = [line for line in stdout.splitlines() if line.strip()]
+    assert len(lines) == 1, stdout
+    summary = json.loads(lines[0])
+    assert set(summary["heldout_nll"]) == {"neural", "ou", "brownian"}
+    assert all(isinstance(v, float) and v == v for v in summary["heldout_nll"].values())
+    assert summary["epochs_run"] <= 5 and summary["out"] == str(out)
+    assert (summary["layer"], summary["proj_dim"], summary["hidden_size"]) == (4, 16, 64)
+    assert (summary["num_train_sequences"], summary["num_heldout_sequences"]) == (4, 1)
+    assert summary["base_model"] == "ggml-org/models-moved"
+    assert {"model.safetensors", "config.json", "README.md", "fit_history.json"} <= set(os.listdir(out))
+    heads = SDEHeads.from_pretrained(str(out))
+    assert heads.config.gguf_file == "tinyllamas/stories260K.gguf"
+    assert heads.config.base_model_revision == "499bc8821c6b12b4e53c5bffcb21ec206f212d81"
+    assert heads.config.model_type == "llama"
+    assert heads.config.heldout_nll == summary["heldout_nll"]
+    history = json.loads((out / "fit_history.json").read_text())
+    assert len(history["history"]["train_total"]) == summary["epochs_run"]
+
+
+def test_fit_with_a_bad_layer_exits_2_with_the_valid_range(tmp_path, capsys, monkeypatch, stories_model):
+    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    rc = main(["fit", "--data", str(TINYSTORIES), "--layer", "5", "-q", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "hf-sde fit: error:" in err and "valid layers are -5..4" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_fit_with_a_missing_corpus_exits_2(tmp_path, capsys, monkeypatch, stories_model):
+    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    rc = main(["fit", "--data", str(tmp_path / "nope.txt"), "-q", "--out", str(tmp_path / "out")])
+    assert rc == 2
+    assert "nope.txt" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="needs --data"):
+        main(["fit", "-q", "--out", str(tmp_path / "out")])
+
+
+def test_push_without_a_token_exits_with_a_clear_message(saved_heads, monkeypatch, no_network):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # online but logged out (no_network blocks any request)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(saved_heads), "someone/heads"])
+    assert "needs a Hugging Face token" in str(info.value.code)
+    assert "hf auth login" in str(info.value.code)
+
+
+def test_push_offline_exits_with_a_clear_message(saved_heads, monkeypatch, no_network):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(SystemExit) as info:
+        main(["push", str(saved_heads), "someone/heads", "--token", "hf_not_a_real_token"])
+    assert "HF_HUB_OFFLINE" in str(info.value.code)
+
+
+def test_push_validates_the_folder_first(tmp_path, capsys, no_network):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert main(["push", str(empty), "someone/heads", "--token", "hf_not_a_real_token"]) == 2
+    assert "not a saved SDEHeads folder" in capsys.readouterr().err

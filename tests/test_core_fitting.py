@@ -1,0 +1,225 @@
+"""Fitting by exact Gaussian likelihood: history, determinism, recovery of a known OU process, real data."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+import torch
+from conftest import HELPSTEER
+
+from hf_sde.corpus import load_texts
+from hf_sde.fitting import (
+    BrownianBaseline,
+    OUBaseline,
+    fit_heads,
+    fit_projection,
+    gaussian_nll_parts,
+    make_transitions,
+    split_sequences,
+)
+from hf_sde.trajectories import Trajectories, extract_trajectories
+
+# A stable 2-D OU process in time units (t in [0, 1]): dZ = A (Z - m) dt + diag(sigma) dW.
+OU_A = torch.tensor([[-6.0, 3.0], [-3.0, -4.0]])
+OU_SIGMA = torch.tensor([0.6, 0.3])
+OU_MEAN = torch.tensor([1.0, -2.0])
+OU_STEPS = 101  # states per path; the fit's horizon T is the longest path, so dt = 1 / 101
+
+
+def simulate_ou(num_paths: int = 64, seed: int = 0) -> Trajectories:
+    """Euler-Maruyama paths z_{k+1} = z_k + A (z_k - m) dt + sigma sqrt(dt) eps, wrapped as Trajectories."""
+    g = torch.Generator().manual_seed(seed)
+    dt = 1.0 / OU_STEPS
+    paths = []
+    for _ in range(num_paths):
+        z = torch.empty(OU_STEPS, 2)
+        z[0] = OU_MEAN + 1.5 * torch.randn(2, generator=g)
+        for k in range(OU_STEPS - 1):
+            eps = torch.randn(2, generator=g)
+            z[k + 1] = z[k] + (OU_A @ (z[k] - OU_MEAN)) * dt + OU_SIGMA * math.sqrt(dt) * eps
+        paths.append(z)
+    return Trajectories(paths, layer=0, hidden_size=2, num_layers=1, model_id="simulated/ou")
+
+
+@pytest.fixture(scope="module")
+def ou_fit():
+    traj = simulate_ou()
+    return traj, fit_heads(traj, proj_dim=None, standardize=False, epochs=8, width=32, progress=False)
+
+
+def test_ou_baseline_recovers_drift_matrix_and_sigma(ou_fit):
+    _, result = ou_fit
+    heads = result.heads
+    assert heads.config.horizon == OU_STEPS and heads.dt == pytest.approx(1 / OU_STEPS)
+    ou = result.baselines["ou"]
+    A_hat = ou.matrix / heads.dt  # increment units -> time units
+    assert (A_hat - OU_A).abs().max() < 0.6, A_hat
+    assert (A_hat - OU_A).norm() / OU_A.norm() < 0.1
+    torch.testing.assert_close(ou.std / math.sqrt(heads.dt), OU_SIGMA, rtol=0.05, atol=0.0)
+    # The bias encodes the mean the process reverts to: A z + b = A (z - m) with z in projected coordinates.
+    m_hat = heads.proj_mean - torch.linalg.solve(A_hat, ou.bias / heads.dt)
+    torch.testing.assert_close(m_hat, OU_MEAN, atol=0.3, rtol=0.0)
+
+
+def test_neural_sde_matches_ou_on_ou_data(ou_fit):
+    traj, result = ou_fit
+    nll = result.heldout_nll
+    assert abs(nll["neural"] - nll["ou"]) < 0.02, nll
+    assert nll["neural"] < nll["brownian"] - 0.1, nll
+    # The fitted drift and diffusion, in time units, are those of the process.
+    heads = result.heads
+    states = torch.cat([traj.states[i] for i in result.heldout_indices])
+    z = heads.project(states)
+    t = torch.zeros(len(z))
+    with torch.no_grad():
+        drift, diffusion = heads.drift(z, t), heads.diffusion(z, t)
+    true_drift = (states - OU_MEAN) @ OU_A.T
+    assert (drift - true_drift).norm() / true_drift.norm() < 0.15
+    torch.testing.assert_close(diffusion.mean(0), OU_SIGMA, rtol=0.1, atol=0.0)
+
+
+def test_history_parts_add_up(ou_fit):
+    _, result = ou_fit
+    history = result.history
+    epochs = len(history["train_total"])
+    assert epochs == 8  # patience 10 never triggers in 8 epochs
+    for split in ("train", "val"):
+        for part in ("total", "drift", "diffusion"):
+            assert len(history[f"{split}_{part}"]) == epochs
+            assert all(math.isfinite(v) for v in history[f"{split}_{part}"])
+        for total, drift, diffusion in zip(history[f"{split}_total"], history[f"{split}_drift"],
+                                           history[f"{split}_diffusion"], strict=True):
+            assert total == pytest.approx(drift + diffusion, abs=1e-5)
+    assert len(history["early_stopping"]) == epochs
+    assert -1 <= result.best_epoch < epochs  # -1: no epoch beat the OU starting point
+    parts = result.heldout_parts
+    for name in ("neural", "ou", "brownian"):
+        assert parts[name]["total"] == pytest.approx(parts[name]["drift"] + parts[name]["diffusion"], abs=1e-5)
+        assert parts[name]["total"] == result.heldout_nll[name]
+    # The neural held-out NLL is that of the restored best epoch.
+    # The kept state is the best epoch's, or the OU starting point itself (best_epoch -1).
+    expected = history["val_total"][result.best_epoch] if result.best_epoch >= 0 else result.heldout_nll["ou"]
+    assert result.heldout_nll["neural"] == pytest.approx(expected, abs=1e-4)
+    summary = result.summary()
+    assert summary["epochs_run"] == epochs and summary["heldout_nll"] == result.heldout_nll
+    assert result.heads.config.heldout_nll == result.heldout_nll
+
+
+def test_gaussian_nll_parts_are_the_exact_likelihood():
+    g = torch.Generator().manual_seed(0)
+    dz, mean = torch.randn(50, 3, generator=g), torch.randn(50, 3, generator=g)
+    std = torch.rand(50, 3, generator=g) + 0.1
+    parts = gaussian_nll_parts(dz, mean, std)
+    exact = -torch.distributions.Normal(mean, std).log_prob(dz).mean()
+    torch.testing.assert_close(parts["total"], exact)
+    torch.testing.assert_close(parts["total"], parts["drift"] + parts["diffusion"])
+    torch.testing.assert_close(parts["drift_mse"], (dz - mean).pow(2).mean())
+
+
+def test_baselines_are_maximum_likelihood():
+    paths = [torch.randn(30, 3) for _ in range(4)]
+    tr = make_transitions(paths, horizon=30)
+    assert len(tr) == 4 * 29 and tr.t[1].item() == pytest.approx(1 / 30)
+    brownian = BrownianBaseline.fit(tr)
+    torch.testing.assert_close(brownian.mean, tr.dz.mean(0))
+    ou = OUBaseline.fit(tr)
+    mean, _ = ou.predict(tr.z, tr.t)
+    # Least squares: the residual is orthogonal to the regressors [z, 1].
+    resid = tr.dz - mean
+    torch.testing.assert_close(tr.z.T @ resid / len(tr), torch.zeros(3, 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(resid.mean(0), torch.zeros(3), atol=1e-4, rtol=0)
+    with pytest.raises(ValueError, match="No transitions"):
+        make_transitions([torch.zeros(1, 3)], horizon=10)
+
+
+def test_fit_is_seeded_and_deterministic():
+    traj = simulate_ou(num_paths=16, seed=3)
+    kwargs = dict(proj_dim=None, epochs=3, width=16, progress=False, seed=5)
+    a, b = fit_heads(traj, **kwargs), fit_heads(traj, **kwargs)
+    assert a.heldout_nll == b.heldout_nll
+    assert a.history == b.history
+    assert (a.train_indices, a.heldout_indices) == (b.train_indices, b.heldout_indices)
+    for name, tensor in a.heads.state_dict().items():
+        assert torch.equal(tensor, b.heads.state_dict()[name]), name
+    c = fit_heads(traj, **{**kwargs, "seed": 6})
+    assert c.heldout_nll != a.heldout_nll
+
+
+def test_projection_is_pca_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    states = torch.randn(300, 8, generator=g) @ torch.diag(torch.tensor([5.0, 3, 2, 1, 0.5, 0.2, 0.1, 0.05]))
+    basis, mean, scale = fit_projection(states, 3)
+    assert basis.shape == (8, 3) and mean.shape == (8,) and scale.shape == (3,)
+    torch.testing.assert_close(basis.T @ basis, torch.eye(3), atol=1e-5, rtol=0)
+    # The leading components are the high-variance axes, in order.
+    assert basis.abs().argmax(0).tolist() == [0, 1, 2]
+    z = (states - mean) @ basis / scale
+    torch.testing.assert_close(z.std(0), torch.ones(3), atol=1e-4, rtol=0)
+    again = fit_projection(states, 3)
+    assert all(torch.equal(x, y) for x, y in zip((basis, mean, scale), again, strict=True))
+    eye, _, ones = fit_projection(states, 0, standardize=False)
+    assert torch.equal(eye, torch.eye(8)) and torch.equal(ones, torch.ones(8))
+    with pytest.raises(ValueError, match="exceeds the hidden size 8"):
+        fit_projection(states, 9)
+
+
+def test_fit_rejects_degenerate_inputs():
+    with pytest.raises(ValueError, match="no trajectories"):
+        fit_heads(Trajectories([], layer=0, hidden_size=2), progress=False)
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        fit_heads(Trajectories([torch.randn(5, 2)], layer=0, hidden_size=2), proj_dim=None, progress=False)
+    bad = Trajectories([torch.randn(5, 2), torch.randn(5, 2)], layer=0, hidden_size=2)
+    bad.states[1][2, 0] = float("nan")
+    with pytest.raises(ValueError, match="sequence 1 at position 2"):
+        fit_heads(bad, proj_dim=None, progress=False)
+
+
+def test_split_keeps_groups_together():
+    texts, groups = load_texts(str(HELPSTEER), template="helpsteer", limit=120, return_groups=True)
+    assert len(set(groups)) < len(groups)
+    for seed in range(3):
+        train, held = split_sequences(len(texts), 0.2, seed, groups)
+        assert sorted(train + held) == list(range(len(texts)))
+        assert train and held
+        assert not {groups[i] for i in train} & {groups[i] for i in held}
+        n_groups = len(set(groups))
+        assert len({groups[i] for i in held}) == round(n_groups * 0.2)
+    # Without groups each sequence is its own group.
+    train, held = split_sequences(10, 0.3, 0)
+    assert len(held) == 3 and sorted(train + held) == list(range(10))
+    assert split_sequences(10, 0.3, 0) == (train, held)
+    with pytest.raises(ValueError, match="at least 2 sequences"):
+        split_sequences(1, 0.2, 0)
+
+
+def test_split_with_a_single_group_falls_back_to_sequences_and_warns(caplog):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.fitting"):
+        train, held = split_sequences(5, 0.2, 0, ["same prompt"] * 5)
+    assert len(held) == 1 and len(train) == 4
+    assert "share one group" in caplog.text
+
+
+def test_fit_on_helpsteer_never_shares_a_prompt_across_the_split(stories_model):
+    model, tok = stories_model
+    traj = extract_trajectories(model, tok, str(HELPSTEER), template="helpsteer-response", limit=40,
+                                max_length=16, progress=False)
+    groups = traj.meta["groups"]
+    result = fit_heads(traj, proj_dim=4, epochs=1, width=8, progress=False)
+    assert result.train_indices and result.heldout_indices
+    assert not {groups[i] for i in result.train_indices} & {groups[i] for i in result.heldout_indices}
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_neural_sde_beats_both_baselines_on_stories(stories_trajectories, seed):
+    # stories260K, last layer, the five TinyStories sample stories (256 tokens): four train, one held out.
+    # PCA 8 with lr 5e-3 wins for every seed tried (margin over OU 0.02-0.03 nats/dim); the CLI defaults
+    # (PCA 16, lr 2e-3, 60 epochs) win for seed 0 only (1.2997 vs OU 1.3095) on five stories.
+    result = fit_heads(stories_trajectories, proj_dim=8, epochs=40, lr=5e-3, seed=seed, progress=False)
+    nll = result.heldout_nll
+    assert nll["neural"] < nll["ou"] - 0.005, nll
+    assert nll["ou"] < nll["brownian"], nll
+    assert result.summary()["neural_beats_baselines"]
+    assert result.heads.config.base_model == "ggml-org/models-moved"
+    assert (result.heads.config.layer, result.heads.config.num_layers, result.heads.config.hidden_size) == (4, 5, 64)
