@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--epochs", type=int, default=60)
     fit.add_argument("--width", type=int, default=128)
     fit.add_argument("--depth", type=int, default=2)
-    fit.add_argument("--lr", type=float, default=2e-3)
+    fit.add_argument("--lr", type=float, default=1e-3)
     fit.add_argument("--fit-batch-size", type=int, default=512)
     fit.add_argument("--patience", type=int, default=10)
     fit.add_argument("--heldout-fraction", type=float, default=0.2)

@@ -761,7 +761,7 @@ def fit_heads_distributed(
     time_frequencies: int = 4,
     epochs: int = 60,
     batch_size: int = 512,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     weight_decay: float = 1e-4,
     patience: int = 10,
     heldout_fraction: float = 0.2,
@@ -987,7 +987,7 @@ def register_cli(sub) -> None:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--fit-batch-size", type=int, default=512, help="global batch size (all processes together)")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--heldout-fraction", type=float, default=0.2)

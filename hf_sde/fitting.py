@@ -235,7 +235,7 @@ def fit_heads(
     time_frequencies: int = 4,
     epochs: int = 60,
     batch_size: int = 512,
-    lr: float = 2e-3,
+    lr: float = 1e-3,
     weight_decay: float = 1e-4,
     patience: int = 10,
     heldout_fraction: float = 0.2,
