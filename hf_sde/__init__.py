@@ -21,10 +21,13 @@ from .fitting import BrownianBaseline, FitResult, OUBaseline, fit_heads, fit_pro
 from .heads import SDEHeads, SDEHeadsConfig  # noqa: E402
 from .layers import decoder_layers, resolve_layer  # noqa: E402
 from .loading import load_model  # noqa: E402
+from .report import build_report  # noqa: E402
+from .simulate import BaselineSDE, simulate  # noqa: E402
 from .trajectories import Trajectories, extract_from_ids, extract_trajectories, self_generate  # noqa: E402
 from .version import __version__
 
 __all__ = [
+    "BaselineSDE", "build_report", "simulate",
     "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep", "SDETemperatureLogitsProcessor", "SDETrace",
     "disable_sde_control", "enable_sde_control", "sde_generate", "sde_hooks",
     "BrownianBaseline", "FitResult", "OUBaseline", "SDEHeads", "SDEHeadsConfig", "TEMPLATES", "Trajectories",

@@ -896,7 +896,7 @@ def fit_heads_distributed(
                    "heldout_transitions": plan.num_heldout_transitions,
                    "fit": {"processes": env.world_size, "mode": mode, "shards": corpus.num_shards}}
     return FitResult(heads, history, heldout_nll, parts, plan.train_idx, plan.val_idx,
-                     {"ou": ou, "brownian": brownian}, best[1])
+                     {"ou": ou, "brownian": brownian}, best[1], seed, heldout_fraction)
 
 
 # ----- command line -------------------------------------------------------------------------------------

@@ -148,6 +148,8 @@ class FitResult:
     heldout_indices: list[int]
     baselines: dict[str, object] = field(default_factory=dict)
     best_epoch: int = 0
+    seed: int = 0
+    heldout_fraction: float = 0.2
 
     def summary(self) -> dict:
         cfg = self.heads.config
@@ -158,6 +160,10 @@ class FitResult:
                                                                       self.heldout_nll["brownian"]),
             "best_epoch": self.best_epoch,
             "epochs_run": len(self.history["train_total"]),
+            "seed": self.seed,
+            "heldout_fraction": self.heldout_fraction,
+            "train_indices": list(self.train_indices),
+            "heldout_indices": list(self.heldout_indices),
             "num_train_sequences": len(self.train_indices),
             "num_heldout_sequences": len(self.heldout_indices),
             "layer": cfg.layer, "proj_dim": cfg.proj_dim, "hidden_size": cfg.hidden_size,
@@ -359,4 +365,4 @@ def fit_heads(
     config.data = {**config.data, "train_sequences": len(train_idx), "heldout_sequences": len(val_idx),
                    "train_transitions": len(train_all), "heldout_transitions": len(heldout)}
     return FitResult(heads, history, heldout_nll, parts, train_idx, val_idx,
-                     {"ou": ou, "brownian": brownian}, best[1])
+                     {"ou": ou, "brownian": brownian}, best[1], seed, heldout_fraction)

@@ -1,0 +1,879 @@
+"""The paper's analyses as one reproducible, offline report: ``build_report`` and ``hf-sde analyze``.
+
+``build_report`` extracts the model's hidden paths on a corpus, projects them with the heads, and
+writes ``index.html`` (static, images referenced relatively), ``metrics.json`` and one PNG per
+figure into ``out_dir``. Every number comes from :mod:`hf_sde.analysis`; simulations from
+:mod:`hf_sde.simulate`.
+
+Held-out paths. Analyses that judge the model (residual tests, simulation against reality, theory
+checks on the data) use sequences the heads were not trained on whenever that is knowable:
+
+1. ``heldout_indices`` recorded in the fit summary (``fit_history.json``), if the corpus matches;
+2. else, when the corpus file name and sequence count match what the heads record
+   (``config.data``), the fit's seeded split is recomputed with :func:`hf_sde.fitting.split_sequences`
+   (seed from the summary, else the CLI default 0; prompt groups kept together) and checked: the
+   training states of that split must reproduce the heads' PCA mean (``verified``);
+3. else a seeded held-out split of the given data (``heldout_fraction``, groups kept together); if the
+   heads record another corpus none of these texts was used in training, otherwise they may have been.
+
+The OU and Brownian baselines are refitted on the training side of that split (the data the heads saw,
+when the split is recorded or verified), so neural and baselines are judged on the same held-out paths.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import logging
+import math
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from . import analysis as an
+from .fitting import BrownianBaseline, OUBaseline, _evaluate, make_transitions, split_sequences
+from .simulate import BaselineSDE, simulate
+
+logger = logging.getLogger(__name__)
+
+STEPS = ("extract trajectories", "split and baselines", "drift and diffusion", "process properties",
+         "simulation", "theory checks", "per-token diffusion", "figures", "write report")
+
+
+# ----- inputs -----------------------------------------------------------------------------------------
+def _normalize_history(history) -> tuple[dict | None, dict | None]:
+    """``(per-epoch history, fit summary)`` from a fit_history.json dict / path, a FitResult or a bare history."""
+    if history is None:
+        return None, None
+    if isinstance(history, (str, os.PathLike)):
+        with open(history) as f:
+            history = json.load(f)
+    if hasattr(history, "history") and hasattr(history, "summary"):
+        return dict(history.history), history.summary()
+    if isinstance(history, dict) and "history" in history:
+        return history["history"], history.get("summary")
+    if isinstance(history, dict):
+        return history, None
+    raise TypeError(f"history must be a fit_history.json path or dict, a FitResult or None, not {type(history).__name__}")
+
+
+def choose_split(n: int, groups: list | None, heads, summary: dict | None, data_name: str | None,
+                 heldout_fraction: float = 0.2, seed: int = 0) -> tuple[list[int], list[int], str]:
+    """Train / held-out sequence indices for the analysis and how they were chosen (see the module doc).
+
+    Returns ``(train, heldout, source)`` with ``source`` one of ``"recorded"``, ``"reconstructed"``,
+    ``"new-split-unseen-corpus"``, ``"new-split"``. Verification against the PCA mean happens in
+    :func:`build_report`, which has the states.
+    """
+    cfg_data = dict(getattr(heads.config, "data", {}) or {})
+    summary = summary or {}
+    same_corpus = data_name is not None and cfg_data.get("corpus") == data_name
+    if same_corpus and summary.get("heldout_indices") is not None and cfg_data.get("sequences") == n:
+        held = [int(i) for i in summary["heldout_indices"]]
+        train = [int(i) for i in summary.get("train_indices", [i for i in range(n) if i not in set(held)])]
+        return train, held, "recorded"
+    n_held = summary.get("num_heldout_sequences", cfg_data.get("heldout_sequences"))
+    n_train = summary.get("num_train_sequences", cfg_data.get("train_sequences"))
+    if same_corpus and cfg_data.get("sequences") == n and n_held is not None:
+        fit_seed = int(summary.get("seed", 0))
+        keys = list(range(n)) if groups is None or len(set(groups)) < 2 else groups
+        n_unique = len(set(keys))
+        for n_val in range(1, n_unique):
+            train, held = split_sequences(n, n_val / n_unique, fit_seed, groups)
+            if len(held) == n_held and (n_train is None or len(train) == n_train):
+                return train, held, "reconstructed"
+            if len(held) > n_held:
+                break
+    train, held = split_sequences(n, heldout_fraction, seed, groups)
+    unseen = cfg_data.get("corpus") is not None and data_name is not None and not same_corpus
+    return train, held, "new-split-unseen-corpus" if unseen else "new-split"
+
+
+SPLIT_TEXT = {
+    "recorded": "the fit's own held-out sequences (indices recorded in the fit summary)",
+    "reconstructed": "the fit's held-out sequences (seeded split recomputed{verified})",
+    "new-split-unseen-corpus": "a seeded held-out split of a corpus the heads were not fitted on "
+                               "(no sequence here was used in training)",
+    "new-split": "a seeded held-out split of the given data: the heads may have been trained on some of "
+                 "these texts, so held-out numbers may be optimistic",
+}
+
+
+def _token_pieces(tokenizer, ids: list[int]) -> list[str]:
+    """The text each token adds (incremental decoding, so sentencepiece spaces and byte tokens come out right)."""
+    pieces, prev = [], ""
+    for k in range(len(ids)):
+        cur = tokenizer.decode(ids[: k + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+        if cur.startswith(prev):
+            pieces.append(cur[len(prev):])
+        else:
+            pieces.append(tokenizer.decode([ids[k]], skip_special_tokens=False))
+        prev = cur
+    return pieces
+
+
+def _scalars(d: dict, drop: tuple[str, ...] = ()) -> dict:
+    """The dict without long per-position curves (those live in the figures, not in metrics.json)."""
+    out = {}
+    for k, v in d.items():
+        if k in drop:
+            continue
+        if isinstance(v, dict):
+            out[k] = _scalars(v, drop)
+        else:
+            out[k] = v
+    return out
+
+
+# ----- the report -------------------------------------------------------------------------------------
+def build_report(
+    model,
+    tokenizer,
+    heads,
+    data,
+    out_dir: str,
+    template: str | None = None,
+    max_length: int | None = None,
+    history=None,
+    *,
+    text_column: str | None = None,
+    limit: int | None = None,
+    heldout_fraction: float = 0.2,
+    seed: int = 0,
+    n_paths: int = 4,
+    max_starts: int = 64,
+    method: str = "euler",
+    n_examples: int = 3,
+    max_samples: int = 4000,
+    batch_size: int = 8,
+    progress: bool = True,
+) -> dict:
+    """Run every analysis and write ``out_dir/index.html``, ``out_dir/metrics.json`` and the figures.
+
+    Args:
+        model, tokenizer: the causal LM the heads were fitted on (checked with ``heads.check_compatible``).
+        heads: fitted :class:`~hf_sde.heads.SDEHeads`.
+        data: a corpus :func:`hf_sde.corpus.load_texts` reads (path, hub dataset id or list of strings).
+        template, text_column, limit: how rows become texts (as for ``hf-sde fit``).
+        max_length: token truncation (default: what the heads record, else 256).
+        history: ``fit_history.json`` (path or loaded dict, as ``hf-sde fit`` writes it), a ``FitResult``
+            or ``None`` (then the loss-curve figure is replaced by a note).
+        heldout_fraction, seed: the split when the fit's own split cannot be recovered (module doc).
+        n_paths, max_starts, method: simulation: ``n_paths`` paths from each of up to ``max_starts``
+            held-out start states, for each held-out path's length; ``method`` as in :func:`simulate`.
+        n_examples: held-out texts shown with per-token diffusion z-scores.
+        max_samples: data points (held-out transitions) for Jacobians, attractor and Lyapunov checks.
+
+    Returns:
+        The metrics dict also written to ``metrics.json``.
+    """
+    from .corpus import load_texts
+    from .trajectories import extract_from_ids, tokenize_texts
+
+    t_start = time.time()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = heads.config
+    heads.eval()
+    hist, summary = _normalize_history(history)
+    cfg_data = dict(cfg.data or {})
+    if max_length is None:
+        max_length = cfg_data.get("max_length") or 256
+    bar = tqdm(STEPS, desc="hf-sde analyze", disable=not progress, unit="step")
+    steps = iter(bar)
+
+    def step():
+        name = next(steps)
+        bar.set_postfix_str(name)
+        return name
+
+    # 1. trajectories -------------------------------------------------------------------------------------
+    step()
+    heads.check_compatible(model)
+    texts, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
+    ids = tokenize_texts(tokenizer, texts, max_length)
+    traj = extract_from_ids(model, ids, cfg.layer, batch_size=batch_size, progress=False)
+    kept = traj.meta["kept_indices"]
+    groups = [groups[i] for i in kept] if groups is not None else None
+    kept_ids = [ids[i] for i in kept]
+    paths = [heads.project(s).detach().float() for s in traj.states]
+    data_name = os.path.basename(str(data).rstrip("/")) if isinstance(data, str) else None
+
+    # 2. split and baselines --------------------------------------------------------------------------------
+    step()
+    train_idx, held_idx, split_source = choose_split(len(paths), groups, heads, summary, data_name,
+                                                     heldout_fraction, seed)
+    verified = None
+    if split_source in ("recorded", "reconstructed"):
+        train_mean = torch.cat([traj.states[i].float() for i in train_idx]).mean(0)
+        tol = 1e-3 * (1 + float(heads.proj_mean.abs().max()))
+        verified = bool((train_mean - heads.proj_mean).abs().max() < tol)
+    split_text = SPLIT_TEXT[split_source].format(
+        verified="" if verified is None else (": verified, its training states reproduce the heads' PCA mean"
+                                              if verified else ": same rows and prompt groups, but the texts "
+                                              "differ from the fit's (template or max length), so it could "
+                                              "not be verified against the heads' PCA mean"))
+    T = float(cfg.horizon)
+    train_tr = make_transitions([paths[i] for i in train_idx], T)
+    held_paths = [paths[i] for i in held_idx]
+    held_tr = make_transitions(held_paths, T)
+    ou = OUBaseline.fit(train_tr)
+    brownian = BrownianBaseline.fit(train_tr)
+    models = {"neural": heads, "ou": BaselineSDE(ou, T), "brownian": BaselineSDE(brownian, T)}
+    nll = {k: _evaluate(m, held_tr) for k, m in models.items()}
+
+    # 3. drift and diffusion ------------------------------------------------------------------------------
+    step()
+    profiles = {k: an.drift_diffusion_profile(m, held_tr) for k, m in models.items() if k != "brownian"}
+    held_z = held_tr.z
+    lo = torch.quantile(held_z[:, :2], 0.01, dim=0).tolist()
+    hi = torch.quantile(held_z[:, :2], 0.99, dim=0).tolist()
+    t_mid = float(held_tr.t.median())
+    plane = an.phase_plane(heads, (lo[0], hi[0]), (lo[1], hi[1]), n=21, t=t_mid)
+
+    # 4. process properties -------------------------------------------------------------------------------
+    step()
+    resid = an.standardized_residuals(heads, held_tr)
+    gauss = an.gaussianity(resid, seed=seed)
+    qq = an.qq_points(resid)
+    acf_resid = an.autocorrelation(an.split_by_sequence(resid, held_tr.seq))
+    acf_inc = an.autocorrelation(an.split_by_sequence(held_tr.dz, held_tr.seq))
+    qv = an.quadratic_variation(heads, held_paths)
+    ou_resid = an.standardized_residuals(models["ou"], held_tr)
+    gauss_ou = an.gaussianity(ou_resid, seed=seed)
+
+    # 5. simulation against reality -----------------------------------------------------------------------
+    step()
+    n_starts = min(max_starts, len(held_paths))
+    pick = np.unique(np.linspace(0, len(held_paths) - 1, n_starts).round().astype(int)).tolist()
+    real = [held_paths[i] for i in pick]
+    lengths = [p.shape[0] for p in real]
+    z0 = torch.stack([p[0] for p in real])
+    sims, sim_paths, curves, errors, sw, nonfinite = {}, {}, {}, {}, {}, {}
+    curves["real"] = an.moment_curves(real)
+    real_states = torch.cat(real)
+    real_inc = torch.cat([p[1:] - p[:-1] for p in real])
+    sw_inc: dict[str, float] = {}
+    for k, m in models.items():
+        sims[k] = simulate(m, z0, steps=max(lengths) - 1, n_paths=n_paths, method=method, seed=seed)
+        sim_paths[k] = an.truncate_to_lengths(sims[k], lengths, n_paths)
+        sim_states = torch.cat(sim_paths[k])
+        nonfinite[k] = float((~torch.isfinite(sim_states).all(-1)).double().mean())
+        curves[k] = an.moment_curves(sim_paths[k])
+        errors[k] = an.curve_errors(curves["real"], curves[k])
+        sw[k] = an.sliced_wasserstein(real_states, sim_states, seed=seed)
+        sw_inc[k] = an.sliced_wasserstein(real_inc, torch.cat([p[1:] - p[:-1] for p in sim_paths[k]]), seed=seed)
+    if len(real) >= 2:
+        sw["real_vs_real"] = an.sliced_wasserstein(torch.cat(real[0::2]), torch.cat(real[1::2]), seed=seed)
+        sw_inc["real_vs_real"] = an.sliced_wasserstein(torch.cat([p[1:] - p[:-1] for p in real[0::2]]),
+                                                       torch.cat([p[1:] - p[:-1] for p in real[1::2]]), seed=seed)
+    neural_closer = bool(sw["neural"] < sw["ou"])
+    # Two halves of the real paths differ by sampling alone; a neural-OU gap below that is not a difference.
+    within_noise = bool(abs(sw["neural"] - sw["ou"]) < sw["real_vs_real"]) if "real_vs_real" in sw else None
+
+    # 6. theory checks ------------------------------------------------------------------------------------
+    step()
+    g = torch.Generator().manual_seed(seed)
+    sel = torch.randperm(len(held_tr), generator=g)[:max_samples]
+    zs, ts = held_tr.z[sel], held_tr.t[sel]
+    lip = an.lipschitz_growth(heads, zs, ts, seed=seed)
+    attractor = an.estimate_attractor(heads, zs, ts)
+    lyap = an.lyapunov(heads, zs, ts, attractor["z_star"])
+    lv = an.generator_lv(heads, zs, ts, attractor["z_star"])
+    lv_dist = (zs.double() - torch.tensor(attractor["z_star"], dtype=torch.float64)).norm(dim=-1)
+    ito_real = an.ito_moments(heads, held_paths)
+    ito_sim = an.ito_moments(heads, [p for p in sim_paths["neural"] if torch.isfinite(p).all()])
+
+    # 7. per-token diffusion ------------------------------------------------------------------------------
+    step()
+    examples = []
+    # Spread over the held-out set (neighbours often share a prompt), preferring texts of 32+ tokens.
+    pool = [i for i in held_idx if paths[i].shape[0] >= 32] or held_idx
+    n_ex = min(n_examples, len(pool))
+    for i in [pool[j * len(pool) // n_ex] for j in range(n_ex)]:
+        td = an.token_diffusion(heads, paths[i])
+        examples.append({"sequence": int(kept[i]), "tokens": _token_pieces(tokenizer, kept_ids[i]),
+                         "zscore": td["zscore"], "diffusion": td["diffusion"]})
+
+    metrics = {
+        "hf_sde_version": cfg.library_version,
+        "heads": {"base_model": cfg.base_model, "revision": cfg.base_model_revision, "gguf_file": cfg.gguf_file,
+                  "layer": cfg.layer, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                  "proj_dim": cfg.proj_dim, "horizon": T, "fit_data": cfg_data},
+        "data": {"source": data if isinstance(data, str) else "<list>", "template": template,
+                 "max_length": max_length, "n_sequences": len(paths), "skipped_short_texts": traj.skipped,
+                 "n_train": len(train_idx), "n_heldout": len(held_idx), "n_heldout_transitions": len(held_tr),
+                 "heldout_source": split_source, "heldout_verified": verified, "heldout_description": split_text},
+        "fit": summary,
+        "heldout_nll": {k: v["total"] for k, v in nll.items()},
+        "heldout_nll_parts": nll,
+        "neural_beats_baselines": bool(nll["neural"]["total"] < min(nll["ou"]["total"], nll["brownian"]["total"])),
+        "drift_diffusion": profiles,
+        "process": {"gaussianity": gauss, "gaussianity_ou": gauss_ou, "acf_residuals": acf_resid,
+                    "acf_increments": acf_inc, "quadratic_variation": _scalars(qv, ("curve_t", "curve_realized",
+                                                                                     "curve_integrated"))},
+        "simulation": {"method": method, "n_starts": len(real), "n_paths": n_paths, "steps": max(lengths) - 1,
+                       "curve_errors": errors, "sliced_wasserstein": sw, "sliced_wasserstein_increments": sw_inc,
+                       "nonfinite_share": nonfinite,
+                       "neural_closer_than_ou": neural_closer, "neural_ou_gap_within_noise": within_noise},
+        "theory": {"lipschitz_growth": lip,
+                   "attractor": _scalars(attractor, ("linear_A", "linear_b")),
+                   "lyapunov": lyap,
+                   "ito_moments": {
+                       "real": _scalars(ito_real, ("t", "empirical_mean", "ito_mean", "empirical_second",
+                                                   "ito_second", "em_second")),
+                       "simulated": _scalars(ito_sim, ("t", "empirical_mean", "ito_mean", "empirical_second",
+                                                       "ito_second", "em_second"))}},
+        "examples": examples,
+    }
+
+    # 8. figures ------------------------------------------------------------------------------------------
+    step()
+    figs = _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_resid, acf_inc, qv, real,
+                    sim_paths, curves, sw, lv_dist, lv, lyap, ito_real, ito_sim, T)
+
+    # 9. write --------------------------------------------------------------------------------------------
+    step()
+    metrics["figures"] = [f["file"] for f in figs]
+    metrics["runtime_s"] = time.time() - t_start
+    with open(out / "metrics.json", "w") as f:
+        json.dump(_jsonable(metrics), f, indent=1, allow_nan=False)
+    (out / "index.html").write_text(_html(metrics, figs))
+    bar.close()
+    return metrics
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor):
+        return _jsonable(x.tolist())
+    if isinstance(x, (np.floating, np.integer, np.bool_)):
+        x = x.item()
+    if isinstance(x, float) and not math.isfinite(x):
+        return None  # strict JSON has no NaN / inf
+    return x
+
+
+# ----- figures ----------------------------------------------------------------------------------------
+def _new_fig(w=7.0, h=4.0, **adjust):
+    """An Agg-drawable Figure (no pyplot, no global backend change) with fixed margins.
+
+    Fixed margins instead of constrained layout: that layout engine draws every figure twice and was
+    most of the report's run time.
+    """
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(w, h), dpi=110)
+    margins = {"left": 0.8 / w, "right": 1 - 0.25 / w, "bottom": 0.55 / h, "top": 1 - 0.35 / h, "wspace": 0.28}
+    margins.update(adjust)
+    fig.subplots_adjust(**margins)
+    return fig
+
+
+def _smooth(p: torch.Tensor, window: int = 16) -> np.ndarray:
+    """Running mean of a path along positions (the token-level path is jumpy; its local mean shows the flow)."""
+    x = p.numpy()
+    w = max(1, min(window, len(x)))
+    c = np.cumsum(np.vstack([np.zeros((1, x.shape[1])), x]), axis=0)
+    return (c[w:] - c[:-w]) / w
+
+
+COLORS = {"real": "black", "neural": "tab:red", "ou": "tab:blue", "brownian": "tab:green"}
+
+
+def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_resid, acf_inc, qv, real, sim_paths,
+             curves, sw, lv_dist, lv, lyap, ito_real, ito_sim, T) -> list[dict]:
+    figs = []
+
+    def save(fig, name, title, caption):
+        fig.savefig(out / name)
+        figs.append({"file": name, "title": title, "caption": caption})
+
+    # Loss curves.
+    if hist:
+        fig = _new_fig(11, 3.4)
+        axes = fig.subplots(1, 3)
+        for ax, part in zip(axes, ("total", "drift", "diffusion"), strict=True):
+            for split, style in (("train", "-"), ("val", "--")):
+                ys = hist.get(f"{split}_{part}")
+                if ys:
+                    ax.plot(range(1, len(ys) + 1), ys, style, label=split)
+            ax.set_title(f"{part} NLL" + (" (nats/dim)" if part == "total" else " part"))
+            ax.set_xlabel("epoch")
+        if summary and summary.get("heldout_nll"):
+            for k in ("ou", "brownian"):
+                if k in summary["heldout_nll"]:
+                    axes[0].axhline(summary["heldout_nll"][k], color=COLORS[k], ls=":", label=f"{k} held-out")
+        axes[0].legend(fontsize=8)
+        save(fig, "loss_curves.png", "Loss curves",
+             "Training (solid) and held-out (dashed) NLL per epoch with its drift and diffusion parts; the neural "
+             "curve should end below the dotted OU and Brownian lines, and val rising while train falls means overfitting.")
+
+    # Drift norm vs t.
+    fig = _new_fig()
+    ax = fig.subplots()
+    for k in ("neural", "ou"):
+        b = profiles[k]["bins"]
+        ax.plot(b["t"], b["drift_norm_mean"], color=COLORS[k], label=f"{k} mean ||mu||")
+        ax.fill_between(b["t"], b["drift_norm_q25"], b["drift_norm_q75"], color=COLORS[k], alpha=0.2)
+    ax.set_xlabel("t = position / T")
+    ax.set_ylabel("||mu(Z_t, t)|| (time units)")
+    ax.legend()
+    save(fig, "drift_vs_t.png", "Drift norm over time",
+         "Mean drift norm on held-out states per time bin (band: quartiles), neural vs OU; a falling curve means "
+         "the deterministic pull weakens as the text goes on.")
+
+    # Drift quiver on the phase plane with real trajectories.
+    x, y = np.asarray(plane["x"]), np.asarray(plane["y"])
+    fig = _new_fig(6.5, 5.5, right=0.9)
+    ax = fig.subplots()
+    u, v = np.asarray(plane["u"]), np.asarray(plane["v"])
+    speed = np.hypot(u, v)
+    q = ax.quiver(x, y, u / (speed + 1e-12), v / (speed + 1e-12), speed, cmap="viridis", angles="xy",
+                  pivot="mid", scale=30)
+    fig.colorbar(q, ax=ax, label="|drift| in the plane")
+    for j, p in enumerate(held_paths[:4]):
+        c = f"C{j + 1}"
+        if j < 2:
+            ax.plot(p[:, 0], p[:, 1], lw=0.4, alpha=0.2, color=c)
+        sm = _smooth(p)
+        ax.plot(sm[:, 0], sm[:, 1], lw=2, color=c)
+        ax.plot(sm[-1, 0], sm[-1, 1], ">", color=c, ms=6)
+    ax.set_xlim(x[0], x[-1])
+    ax.set_ylim(y[0], y[-1])
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    save(fig, "drift_quiver.png", "Drift field on the PCA phase plane",
+         f"Drift direction (arrows; colour = strength) on the PC1-PC2 plane at t = {plane['t']:.2f}, other "
+         "coordinates at the training mean, with two held-out paths (thin) and four paths' 16-token running means (bold, "
+         "arrowhead at the end): the running means should flow along the arrows.")
+
+    # Diffusion vs t.
+    fig = _new_fig()
+    ax = fig.subplots()
+    b = profiles["neural"]["bins"]
+    ax.plot(b["t"], b["diffusion_mean"], color=COLORS["neural"], label="neural s (mean)")
+    ax.fill_between(b["t"], b["diffusion_q25"], b["diffusion_q75"], color=COLORS["neural"], alpha=0.2)
+    ax.plot(b["t"], b["realized_diffusion"], "k--", label="realized sqrt(mean (dZ - mu dt)^2 / dt)")
+    ax.plot(profiles["ou"]["bins"]["t"], profiles["ou"]["bins"]["diffusion_mean"], color=COLORS["ou"], label="OU s")
+    ax.set_xlabel("t = position / T")
+    ax.set_ylabel("diffusion magnitude s (time units)")
+    ax.legend(fontsize=8)
+    save(fig, "diffusion_vs_t.png", "Diffusion over time",
+         "Model diffusion magnitude per time bin (band: quartiles) against the realized residual size (dashed): "
+         "the red curve should track the dashed one; OU is constant by construction.")
+
+    # Diffusion over the phase plane.
+    fig = _new_fig(6.5, 5.5, right=0.9)
+    ax = fig.subplots()
+    cs = ax.contourf(x, y, np.asarray(plane["s"]), levels=20, cmap="magma")
+    fig.colorbar(cs, ax=ax, label="diffusion magnitude s")
+    for p in held_paths[:4]:
+        sm = _smooth(p)
+        ax.plot(sm[:, 0], sm[:, 1], "w-", lw=1.5, alpha=0.9)
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    save(fig, "diffusion_plane.png", "Diffusion on the PCA phase plane",
+         f"Diffusion magnitude over the PC1-PC2 plane at t = {plane['t']:.2f} with running means of held-out paths "
+         "(white): bright "
+         "regions are where the model expects the path to be noisy.")
+
+    # Simulation vs reality: mean and variance curves.
+    fig = _new_fig(11, 3.4)
+    axes = fig.subplots(1, 3)
+    for k in ("real", "neural", "ou", "brownian"):
+        c = curves[k]
+        n = len(c["count"])
+        tt = np.arange(n) / T
+        mean = np.asarray(c["mean"])
+        lab = k if k == "real" else f"{k} sim (SW {sw[k]:.3f})"
+        axes[0].plot(tt, mean[:, 0], color=COLORS[k], lw=1.5 if k == "real" else 1, label=lab)
+        axes[1].plot(tt, mean[:, 1], color=COLORS[k], lw=1.5 if k == "real" else 1)
+        axes[2].plot(tt, c["total_var"], color=COLORS[k], lw=1.5 if k == "real" else 1)
+    # Axes follow the real curves (with margin): a simulation that runs away leaves the panel visibly.
+    for ax, ys in zip(axes, (np.asarray(curves["real"]["mean"])[:, 0], np.asarray(curves["real"]["mean"])[:, 1],
+                             np.asarray(curves["real"]["total_var"])), strict=True):
+        lo_, hi_ = float(np.nanmin(ys)), float(np.nanmax(ys))
+        r = max(hi_ - lo_, 0.1 * max(abs(hi_), abs(lo_)), 1e-3)
+        ax.set_ylim(lo_ - r, hi_ + r)
+    axes[0].set_title("E[Z_1] (PC1)")
+    axes[1].set_title("E[Z_2] (PC2)")
+    axes[2].set_title("total variance sum_i Var Z_i")
+    for ax in axes:
+        ax.set_xlabel("t")
+    axes[0].legend(fontsize=7)
+    save(fig, "sim_moments.png", "Simulation vs reality: mean and variance",
+         "Mean and variance curves of held-out paths (black) and of paths simulated from the same starts (axes follow "
+         "the real curves): the closer a model's curves to black (and the lower its sliced Wasserstein, SW), the better.")
+
+    # Process properties: ACF, QQ, QV.
+    fig = _new_fig(11, 3.4)
+    axes = fig.subplots(1, 3)
+    ax = axes[0]
+    ax.bar(np.asarray(acf_resid["lags"]) - 0.2, acf_resid["acf"], width=0.4, label="standardized residuals")
+    ax.bar(np.asarray(acf_inc["lags"]) + 0.2, acf_inc["acf"], width=0.4, label="raw increments")
+    ax.axhspan(-acf_resid["band"], acf_resid["band"], color="grey", alpha=0.3)
+    ax.set_xlabel("lag")
+    ax.set_title("autocorrelation")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    ax.plot(qq["theoretical"], qq["sample"], ".", ms=3)
+    lim = [min(qq["theoretical"][0], qq["sample"][0]), max(qq["theoretical"][-1], qq["sample"][-1])]
+    ax.plot(lim, lim, "k--", lw=0.8)
+    ax.set_xlabel("N(0,1) quantile")
+    ax.set_ylabel("residual quantile")
+    ax.set_title(f"QQ: KS {gauss['ks_statistic']:.3f}, p={gauss['ks_pvalue']:.2g}")
+    ax = axes[2]
+    ax.plot(qv["curve_t"], qv["curve_realized"], "k", label="realized QV")
+    ax.plot(qv["curve_t"], qv["curve_integrated"], color=COLORS["neural"], label="integrated sum sigma^2 dt")
+    ax.set_xlabel("t")
+    ax.set_title(f"quadratic variation (ratio {qv['ratio']:.2f})")
+    ax.legend(fontsize=7)
+    save(fig, "process.png", "Stochastic-process properties",
+         "Left: residual autocorrelation inside the grey white-noise band means the Markov/independent-increment "
+         "assumption holds; middle: points on the diagonal mean Gaussian residuals; right: realized QV on the "
+         "integrated sigma^2 means calibrated diffusion.")
+
+    # Phase space 2-D: real vs simulated. Token-level paths jump, so states are drawn as a point cloud and
+    # the paths as their running means (one start's paths in each panel, same start for all three).
+    def first_paths(k, ps):
+        step = 1 if k == "real" else max(1, len(ps) // max(1, len(real)))
+        return [p[torch.isfinite(p).all(-1)] for p in ps[::step]]
+
+    def cloud(ps, n=4000, seed=0):
+        x = torch.cat(ps)
+        x = x[torch.isfinite(x).all(-1)]
+        if len(x) > n:
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
+        return x.numpy()
+
+    groups = (("real", real), ("neural", sim_paths["neural"]), ("ou", sim_paths["ou"]))
+    fig = _new_fig(11, 3.8)
+    axes = fig.subplots(1, 3, sharex=True, sharey=True)
+    for ax, (k, ps) in zip(axes, groups, strict=True):
+        pts = cloud(ps)
+        ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=float(np.clip(1000 / max(len(pts), 1), 0.25, 0.7)),
+                   color=COLORS[k], rasterized=True, linewidths=0)
+        for j, p in enumerate(first_paths(k, ps)[:3]):
+            sm = _smooth(p)
+            ax.plot(sm[:, 0], sm[:, 1], lw=1.8, color=f"C{j + 4}")
+        ax.set_title("held-out states" if k == "real" else f"{k}-simulated states")
+        ax.set_xlabel("PC1")
+    axes[0].set_ylabel("PC2")
+    lo = torch.quantile(torch.cat(real)[:, :2], 0.005, dim=0)
+    hi = torch.quantile(torch.cat(real)[:, :2], 0.995, dim=0)
+    pad = 0.2 * (hi - lo)
+    axes[0].set_xlim(float(lo[0] - pad[0]), float(hi[0] + pad[0]))
+    axes[0].set_ylim(float(lo[1] - pad[1]), float(hi[1] + pad[1]))
+    save(fig, "phase_2d.png", "Phase space (2-D)",
+         "States of held-out and simulated paths on PC1-PC2 (same axes; lines: 16-token running means of three "
+         "paths): a good model fills the same region with the same shape and drifts the same way.")
+
+    # Phase space 3-D.
+    fig = _new_fig(10, 4.6, left=0.02, right=0.96, bottom=0.04, top=0.92, wspace=0.15)
+    for j, (k, ps) in enumerate(groups[:2]):
+        ax = fig.add_subplot(1, 2, j + 1, projection="3d")
+        pts = cloud(ps, n=2500)
+        ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=4, alpha=float(np.clip(1000 / max(len(pts), 1), 0.3, 0.7)),
+                   color=COLORS[k], linewidths=0)
+        for i, p in enumerate(first_paths(k, ps)[:3]):
+            sm = _smooth(p)
+            ax.plot(sm[:, 0], sm[:, 1], sm[:, 2], lw=1.8, color=f"C{i + 4}")
+        ax.set_title("held-out states" if k == "real" else "neural-simulated states")
+        ax.set_xlabel("PC1")
+        ax.set_ylabel("PC2")
+        ax.set_zlabel("PC3")
+        if k == "real":
+            lims = [ax.get_xlim(), ax.get_ylim(), ax.get_zlim()]
+        else:
+            ax.set_xlim(*lims[0])
+            ax.set_ylim(*lims[1])
+            ax.set_zlim(*lims[2])
+    save(fig, "phase_3d.png", "Phase space (3-D)",
+         "Held-out (left) and neural-simulated (right) states in the first three PCA coordinates (same axes; lines: "
+         "running means of three paths): compare the shape and extent of the two clouds.")
+
+    # Theory: Lyapunov and Ito moments.
+    fig = _new_fig(11, 3.4)
+    axes = fig.subplots(1, 3)
+    ax = axes[0]
+    lvn = lv.numpy()
+    ax.scatter(lv_dist.numpy(), lvn, s=2, c=np.where(lvn < 0, "tab:blue", "tab:red"), alpha=0.5)
+    ax.axhline(0, color="k", lw=0.8)
+    ax.axvline(lyap["radius"], color="grey", ls="--", label=f"ball r={lyap['radius']:.2f}")
+    ax.set_xlabel("||z - z*||")
+    ax.set_ylabel("LV")
+    finite_lv = np.abs(lvn[np.isfinite(lvn)])
+    ax.set_yscale("symlog", linthresh=max(float(np.median(finite_lv)) * 0.1, 1e-6) if finite_lv.size else 1.0)
+    share = lyap["share_negative_outside"]
+    ax.set_title("Lyapunov: LV<0 outside ball " + (f"{100 * share:.0f}%" if math.isfinite(share) else "(none outside)"))
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    tt = np.asarray(ito_real["t"])
+    ax.plot(tt, np.asarray(ito_real["empirical_mean"])[:, 0], "k", label="held-out E[Z_1]")
+    ax.plot(tt, np.asarray(ito_real["ito_mean"])[:, 0], color=COLORS["neural"], ls="--", label="Ito-integrated")
+    ax.set_xlabel("t")
+    ax.set_title("Ito: d E[Z]/dt = E[mu] (PC1)")
+    ax.legend(fontsize=7)
+    ax = axes[2]
+    ax.plot(tt, ito_real["empirical_second"], "k", label="held-out E||Z||^2")
+    ax.plot(tt, ito_real["ito_second"], color=COLORS["neural"], ls="--", label="Ito-integrated")
+    ax.plot(tt, ito_real["em_second"], color="tab:purple", ls=":", lw=2, label="Euler-Maruyama form")
+    ts = np.asarray(ito_sim["t"])
+    ax.plot(ts, ito_sim["empirical_second"], color="tab:orange", lw=0.8, label="neural-simulated E||Z||^2")
+    both = np.concatenate([np.asarray(ito_real["empirical_second"]), np.asarray(ito_real["em_second"])])
+    lo_, hi_ = float(np.nanmin(both)), float(np.nanmax(both))
+    r = max(hi_ - lo_, 0.1 * abs(hi_), 1e-3)
+    ax.set_ylim(lo_ - 0.5 * r, hi_ + 0.5 * r)
+    ax.set_xlabel("t")
+    ax.set_title("Ito: d E||Z||^2/dt (held-out)")
+    ax.legend(fontsize=7)
+    save(fig, "theory.png", "Theory checks: Lyapunov and Ito moments",
+         "Left: LV < 0 (blue) beyond the dashed ball means the attractor pulls paths back; middle and right: "
+         "dashed Ito-integrated moments on the black empirical ones mean drift and diffusion explain the moment "
+         "dynamics (dotted: with the Euler-Maruyama E||mu dt||^2 term; axes follow the data).")
+    return figs
+
+
+# ----- HTML -------------------------------------------------------------------------------------------
+def _fmt(x, digits=4) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, bool):
+        return "yes" if x else "no"
+    if isinstance(x, float):
+        if not math.isfinite(x):
+            return str(x)
+        return f"{x:.{digits}g}"
+    return html.escape(str(x))
+
+
+def _zscore_html(ex: dict) -> str:
+    spans = []
+    for tok, z, s in zip(ex["tokens"], ex["zscore"], ex["diffusion"], strict=True):
+        a = min(abs(z) / 3.0, 1.0) * 0.85
+        color = f"rgba(214,39,40,{a:.2f})" if z > 0 else f"rgba(31,119,180,{a:.2f})"
+        text = html.escape(tok).replace("\n", "&#8629;<br>")
+        spans.append(f'<span style="background:{color}" title="z={z:.2f}, s={s:.3g}">{text}</span>')
+    return "".join(spans)
+
+
+CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;padding:.25em .6em;text-align:left}
+th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#444;font-size:.95em}
+.verdict{font-size:1.1em;padding:.6em;border-left:4px solid #888;background:#f7f7f7}
+.tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.7;border:1px solid #ddd;padding:.6em}
+.tokens span{border-radius:2px}"""
+
+
+def _html(m: dict, figs: list[dict]) -> str:
+    h = m["heads"]
+    d = m["data"]
+    sim = m["simulation"]
+    sw = sim["sliced_wasserstein"]
+    nll = m["heldout_nll"]
+    th = m["theory"]
+    lip = th["lipschitz_growth"]
+    att = th["attractor"]
+    ly = th["lyapunov"]
+    ito = th["ito_moments"]
+    gau = m["process"]["gaussianity"]
+    qv = m["process"]["quadratic_variation"]
+    acf = m["process"]["acf_residuals"]
+    closer = sim["neural_closer_than_ou"]
+    verdict_sim = (f"Simulated neural-SDE paths are <b>{'closer to' if closer else 'NOT closer to'}</b> the held-out "
+                   f"paths than simulated OU paths: sliced Wasserstein {sw['neural']:.4g} (neural) vs {sw['ou']:.4g} "
+                   f"(OU), {sw['brownian']:.4g} (Brownian)"
+                   + (f"; two halves of the real paths differ by {sw['real_vs_real']:.4g}" if "real_vs_real" in sw else "")
+                   + ({True: ", so the neural-OU difference is within sampling noise.",
+                       False: ", so the difference is larger than sampling noise."}.get(sim["neural_ou_gap_within_noise"], ".")))
+    beats = m["neural_beats_baselines"]
+    verdict_nll = (f"On held-out transitions the neural SDE <b>{'beats' if beats else 'does NOT beat'}</b> both "
+                   f"baselines: NLL {nll['neural']:.4f} (neural) vs {nll['ou']:.4f} (OU) and {nll['brownian']:.4f} "
+                   "(Brownian) nats/dim.")
+    rows = [
+        ("Lipschitz constant of mu (max / p95 Jacobian spectral norm)",
+         f"{_fmt(lip['drift']['jacobian_max'])} / {_fmt(lip['drift']['jacobian_p95'])}",
+         "finite on the data region: local Lipschitz condition holds there"),
+        ("Lipschitz constant of sigma (max / p95)",
+         f"{_fmt(lip['diffusion']['jacobian_max'])} / {_fmt(lip['diffusion']['jacobian_p95'])}", ""),
+        ("Largest difference quotient mu / sigma over random pairs",
+         f"{_fmt(lip['drift']['pair_ratio_max'])} / {_fmt(lip['diffusion']['pair_ratio_max'])}",
+         "a lower bound of the Lipschitz constant; should not exceed the Jacobian max by much"),
+        ("Linear-growth constant max ||f|| / (1 + ||z||), mu / sigma",
+         f"{_fmt(lip['drift']['growth_max'])} / {_fmt(lip['diffusion']['growth_max'])}", "finite: growth condition on the data"),
+        ("Attractor z*: residual drift / data RMS drift",
+         f"{_fmt(att['residual_drift'])} / {_fmt(att['data_drift_norm'])}",
+         "a small ratio means the drift field has a true zero"),
+        ("z* distance from the data mean (data RMS radii)", _fmt(att["distance_from_data_mean"]),
+         "below ~1: the attractor lies inside the data cloud"),
+        ("Linearized drift: largest real part of eig(A)", _fmt(att["linear_eig_real_max"]), "negative: linearly stable"),
+        (f"Share of data points with LV &lt; 0 outside the ball r = {ly['radius']:.3g}",
+         _fmt(ly["share_negative_outside"]), "near 1: mean reversion dominates noise far from z*"),
+        ("Share with LV &lt; 0 overall / critical radius", f"{_fmt(ly['share_negative_all'])} / {_fmt(ly['critical_radius'])}",
+         "beyond the critical radius every sampled point has LV &lt; 0"),
+        ("Linearized mean reversion per token, -Re eig(A) dt (min - max)",
+         f"{_fmt(att['reversion_per_step_min'])} - {_fmt(att['reversion_per_step_max'])}",
+         "near 1: the drift undoes most of a step within one token (far from the small-dt regime)"),
+        ("Ito mean equation d E[Z]/dt = E[mu], held-out: RMS gap / sampling-noise floor / RMS change of E[Z]",
+         f"{_fmt(ito['real']['mean_rmse'])} / {_fmt(ito['real']['mean_noise_floor'])} / {_fmt(ito['real']['mean_scale'])}",
+         "gap near the noise floor: the drift explains how the mean moves"),
+        ("Ito second-moment equation, held-out: gap / change of E||Z||^2, continuous-time / Euler-Maruyama",
+         f"{_fmt(ito['real']['second_ratio'])} / {_fmt(ito['real']['second_em_ratio'])}",
+         "the Euler-Maruyama form adds E||mu dt||^2 per step; a large continuous-time ratio means dt is not small"),
+        ("Euler-Maruyama second moment, held-out: gap / sampling-noise floor",
+         _fmt(ito['real']['second_em_gap_over_noise']), "near 1: drift and diffusion explain how the spread moves"),
+        ("Same on neural-simulated paths: mean gap / noise, second-moment (EM) gap / noise",
+         f"{_fmt(ito['simulated']['mean_gap_over_noise'])} / {_fmt(ito['simulated']['second_em_gap_over_noise'])}",
+         "consistency of the simulator with the equations (near 1)"),
+    ]
+    theory_rows = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
+    proc_rows = "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in (
+        ("KS statistic / p-value of standardized residuals vs N(0,1) "
+         f"(n={gau['n_tested']})", f"{_fmt(gau['ks_statistic'])} / {_fmt(gau['ks_pvalue'])}"),
+        ("Residual skewness / excess kurtosis", f"{_fmt(gau['skewness'])} / {_fmt(gau['excess_kurtosis'])}"),
+        ("Residual ACF at lag 1 / max |ACF| (white-noise band)",
+         f"{_fmt(acf['lag1'])} / {_fmt(acf['max_abs_acf'])} (±{_fmt(acf['band'])})"),
+        ("Realized QV / integrated sigma^2 (drift-corrected)", f"{_fmt(qv['ratio'])} ({_fmt(qv['ratio_drift_corrected'])})"),
+        ("Diffusion calibration: realized / model mean square",
+         _fmt(m["drift_diffusion"]["neural"]["diffusion_calibration_ratio"])),
+    ))
+    ce = sim["curve_errors"]
+    swi = sim["sliced_wasserstein_increments"]
+    sim_rows = "".join(
+        f"<tr><td>{k}</td><td>{_fmt(sw[k])}</td><td>{_fmt(swi[k])}</td><td>{_fmt(ce[k]['mean_rmse'])}</td>"
+        f"<td>{_fmt(ce[k]['var_rel'])}</td><td>{_fmt(sim['nonfinite_share'][k])}</td><td>{_fmt(nll[k])}</td></tr>"
+        for k in ("neural", "ou", "brownian"))
+    if "real_vs_real" in sw:
+        sim_rows += (f"<tr><td><i>two halves of the real paths</i></td><td>{_fmt(sw['real_vs_real'])}</td>"
+                     f"<td>{_fmt(swi['real_vs_real'])}</td><td></td><td></td><td></td><td></td></tr>")
+    fig_html = "".join(
+        f'<figure><h3>{html.escape(f["title"])}</h3><img src="{f["file"]}" alt="{html.escape(f["title"])}">'
+        f'<figcaption>{html.escape(f["caption"])}</figcaption></figure>' for f in figs)
+    if not any(f["file"] == "loss_curves.png" for f in figs):
+        fig_html = ("<p><i>No fit history was given (fit_history.json next to the heads), so there are no loss "
+                    "curves.</i></p>") + fig_html
+    ex_html = "".join(
+        f"<h3>Held-out text #{ex['sequence']}</h3><div class='tokens'>{_zscore_html(ex)}</div>" for ex in m["examples"])
+    return f"""<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>hf-sde report: {html.escape(str(h['base_model']))}</title>
+<style>{CSS}</style></head><body>
+<h1>SDE analysis of {html.escape(str(h['base_model']))}</h1>
+<p>Heads: decoder layer {h['layer']} of {h['num_layers']}, PCA {h['proj_dim']} of {h['hidden_size']} dimensions,
+horizon T = {h['horizon']:g} tokens. Data: {html.escape(str(d['source']))} (template {html.escape(str(d['template']))},
+max length {d['max_length']}), {d['n_sequences']} sequences; {d['n_heldout']} held-out sequences
+({d['n_heldout_transitions']} transitions) are {html.escape(d['heldout_description'])}.
+Simulation: {sim['method']}, {sim['n_paths']} paths from each of {sim['n_starts']} held-out starts.</p>
+<p class="verdict">{verdict_nll}</p>
+<p class="verdict">{verdict_sim}</p>
+<h2>Simulation vs reality</h2>
+<p>Sliced Wasserstein distances between held-out and simulated states (all positions pooled: the distribution
+the paths occupy) and between their one-token increments (the local dynamics); the last row is the sampling
+floor.</p>
+<table><tr><th>model</th><th>sliced Wasserstein, states</th><th>sliced Wasserstein, increments</th>
+<th>mean-curve RMSE</th><th>variance-curve rel. error</th>
+<th>non-finite share</th><th>held-out NLL</th></tr>{sim_rows}</table>
+<h2>Theory checks (estimates on the data region, not proofs)</h2>
+<table><tr><th>check</th><th>value</th><th>how to read</th></tr>{theory_rows}</table>
+<h2>Process properties (held-out)</h2>
+<table><tr><th>quantity</th><th>value</th></tr>{proc_rows}</table>
+<h2>Figures</h2>
+{fig_html}
+<h2>Per-token diffusion z-score</h2>
+<p>Each token is coloured by the calibrated z-score of the diffusion at its state (red: noisier than usual,
+blue: calmer), which governs the step to the next token. Hover for values.</p>
+{ex_html}
+<p style="color:#777;font-size:.85em">hf-sde {html.escape(str(m['hf_sde_version']))}; all numbers in
+<a href="metrics.json">metrics.json</a>; built in {m['runtime_s']:.1f} s.</p>
+</body></html>
+"""
+
+
+# ----- CLI --------------------------------------------------------------------------------------------
+def _load_history(heads_path: str, explicit: str | None):
+    if explicit:
+        return explicit
+    local = os.path.join(heads_path, "fit_history.json")
+    if os.path.isfile(local):
+        return local
+    if not os.path.isdir(heads_path):
+        try:
+            from huggingface_hub import hf_hub_download
+
+            return hf_hub_download(heads_path, "fit_history.json")
+        except Exception:  # noqa: BLE001 - the history is optional
+            return None
+    return None
+
+
+def _analyze(args) -> int:
+    from .cli import load_model_from_args
+    from .heads import SDEHeads
+
+    heads = SDEHeads.from_pretrained(args.heads)
+    cfg = heads.config
+    if args.model is None:
+        if not cfg.base_model:
+            raise SystemExit("The heads do not record their base model; pass --model (and --gguf-file / --revision).")
+        args.model = cfg.base_model
+        args.gguf_file = args.gguf_file or cfg.gguf_file
+        args.revision = args.revision or cfg.base_model_revision
+    model, tokenizer = load_model_from_args(args)
+    history = _load_history(args.heads, args.history)
+    metrics = build_report(
+        model, tokenizer, heads, args.data, args.out, template=args.template, max_length=args.max_length,
+        history=history, text_column=args.text_column, limit=args.limit, heldout_fraction=args.heldout_fraction,
+        seed=args.seed, n_paths=args.n_paths, max_starts=args.max_starts, method=args.method,
+        n_examples=args.examples, max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
+    )
+    sw = metrics["simulation"]["sliced_wasserstein"]
+    if args.json:
+        print(json.dumps({"out": args.out, "heldout_nll": metrics["heldout_nll"], "sliced_wasserstein": sw,
+                          "neural_closer_than_ou": metrics["simulation"]["neural_closer_than_ou"]}))
+    else:
+        closer = metrics["simulation"]["neural_closer_than_ou"]
+        print(f"Report written to {os.path.join(args.out, 'index.html')} ({metrics['runtime_s']:.1f} s).")
+        print("Held-out NLL (nats/dim): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["heldout_nll"].items()))
+        print(f"Simulated neural paths are {'closer to' if closer else 'NOT closer to'} the held-out paths than OU "
+              f"(sliced Wasserstein {sw['neural']:.4g} vs {sw['ou']:.4g}).")
+    return 0
+
+
+def register_cli(subparsers) -> None:
+    """Add ``hf-sde analyze`` to the ``hf-sde`` command line."""
+    from .cli import add_model_args
+
+    p = subparsers.add_parser("analyze", help="write the analysis report (HTML, metrics.json, figures) for fitted heads")
+    p.add_argument("--heads", required=True, help="folder or hub id of fitted SDE heads")
+    add_model_args(p)
+    p.set_defaults(model=None)
+    for action in p._actions:
+        if action.dest == "model":
+            action.help = "hub id or local folder of the causal LM (default: the base model the heads record)"
+    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
+    p.add_argument("--data", required=True, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
+    p.add_argument("--template", default=None, help="row template, e.g. helpsteer or helpsteer-response")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--max-length", type=int, default=None, help="token truncation (default: as the heads were fitted)")
+    p.add_argument("--history", default=None, help="fit_history.json (default: the one next to the heads)")
+    p.add_argument("--heldout-fraction", type=float, default=0.2,
+                   help="held-out share when the fit's own split cannot be recovered")
+    p.add_argument("--n-paths", type=int, default=4, help="simulated paths per held-out start")
+    p.add_argument("--max-starts", type=int, default=64, help="held-out start states to simulate from")
+    p.add_argument("--method", default="euler", choices=["euler", "milstein", "srk"],
+                   help="simulation scheme (milstein/srk need pip install hf-sde[sde])")
+    p.add_argument("--examples", type=int, default=3, help="held-out texts shown with per-token z-scores")
+    p.add_argument("--max-samples", type=int, default=4000, help="data points for the theory checks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder for index.html, metrics.json and the figures")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=_analyze)
