@@ -50,7 +50,10 @@ def test_generate_json_with_compare(cli_setup, capsys):
     finally:
         torch.set_num_threads(threads)
     assert rc == 0
-    assert calls == [(DEFAULT_MODEL, None, None)]
+    # With no model flags, the model comes from what the heads recorded (fit_heads reads it off the trajectories).
+    cfg = bundle.heads.config
+    assert (cfg.base_model, cfg.gguf_file) == (DEFAULT_MODEL, "tinyllamas/stories260K.gguf")
+    assert calls == [(cfg.base_model, cfg.gguf_file, cfg.base_model_revision)]
     data = _strict_json(capsys.readouterr().out)  # one strict JSON object (no bare NaN)
     assert data["prompt"] == "Once upon a time" and data["mode"] == "temperature"
     assert data["text"].startswith("Once upon a time")
