@@ -1,0 +1,151 @@
+"""Fitting throughput (training transitions per second per epoch) and peak memory of ``fit_heads``
+against the projection dimension and the corpus size.
+
+Corpus: stories260K trajectories of HelpSteer responses (layer -1, max_length 256), cached. Each
+configuration runs in a fresh interpreter: first ``fit_heads(epochs=0)`` (PCA, baselines, calibration:
+the fixed cost, also a warm-up), then ``fit_heads(epochs=E)`` under a reset resident-memory high-water
+mark. Per-epoch seconds = (t_E - t_0) / E; throughput = training transitions / per-epoch seconds. Peak
+memory = increase of resident memory during the E-epoch fit. Ratios are against the reference
+configuration (proj_dim 16, smallest corpus) measured in the same run; the growth exponents are
+least-squares slopes of log(cost) on log(size).
+
+    python benchmarks/bench_fit.py [--smoke | --full]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import time
+from pathlib import Path
+
+import _common as C
+
+SETTINGS = {
+    "smoke": {"max_length": 32, "limit": 12, "sizes": [6, 12], "dims": [8, 16], "epochs": 1, "reps": 1,
+              "subprocess": False},
+    "default": {"max_length": 256, "limit": None, "sizes": [100, 200, 400], "dims": [8, 16, 32, 64], "epochs": 3,
+                "reps": 1, "subprocess": True},
+    "full": {"max_length": 256, "limit": None, "sizes": [50, 100, 200, 500], "dims": [8, 16, 32, 64], "epochs": 5,
+             "reps": 3, "subprocess": True},
+}
+REF_DIM = 16
+
+
+def trajectories(scale: str):
+    import hf_sde
+
+    cfg = SETTINGS[scale]
+    path = C.CACHE / f"traj-stories-helpsteer-{C.cache_key(m=cfg['max_length'], l=cfg['limit'])}.safetensors"
+    if path.is_file():
+        return hf_sde.Trajectories.load(str(path))
+    model, tok = C.load_stories()
+    ids, groups = C.helpsteer_ids(tok, cfg["max_length"], cfg["limit"])
+    traj = hf_sde.extract_from_ids(model, ids, -1, batch_size=16, progress=False)
+    traj.meta["groups"] = [groups[i] for i in traj.meta["kept_indices"]]
+    C.CACHE.mkdir(parents=True, exist_ok=True)
+    traj.save(str(path))
+    return traj
+
+
+def measure(scale: str, n: int, dim: int, epochs: int) -> dict:
+    import hf_sde
+
+    traj = trajectories(scale)
+    sub = traj.subset(list(range(min(n, len(traj)))))
+    kw = dict(proj_dim=dim, progress=False, seed=0, patience=epochs + 1)
+    t0 = time.perf_counter()
+    hf_sde.fit_heads(sub, epochs=0, **kw)
+    setup = time.perf_counter() - t0
+    with C.PeakRSS() as mem:
+        t0 = time.perf_counter()
+        res = hf_sde.fit_heads(sub, epochs=epochs, **kw)
+        total = time.perf_counter() - t0
+    ran = len(res.history["train_total"])
+    per_epoch = max(total - setup, 1e-9) / max(ran, 1)
+    n_train = res.heads.config.data["train_transitions"]
+    return {"n_sequences": len(sub), "proj_dim": dim, "epochs": ran, "train_transitions": n_train,
+            "setup_s": setup, "total_s": total, "per_epoch_s": per_epoch,
+            "transitions_per_s": n_train / per_epoch,
+            "peak_mb": mem.peak_mb, "memory_method": mem.method}
+
+
+def slope(xs, ys) -> float:
+    lx = [math.log(x) for x in xs]
+    ly = [math.log(max(y, 1e-9)) for y in ys]
+    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
+    den = sum((a - mx) ** 2 for a in lx)
+    return sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / den if den else float("nan")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    C.add_common_args(p)
+    p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    C.setup_env(args.threads)
+    if args.probe:
+        spec = json.loads(args.probe)
+        print(json.dumps(measure(spec["scale"], spec["n"], spec["dim"], spec["epochs"])))
+        return None
+    scale = C.scale_of(args)
+    cfg = SETTINGS[scale]
+    run = C.Run("bench_fit", args, cfg)
+    traj = trajectories(scale)  # build the cache once, outside the probes
+    sizes = [min(s, len(traj)) for s in cfg["sizes"]]
+    n_max = sizes[-1]
+    configs = sorted({(n, REF_DIM) for n in sizes} | {(n_max, d) for d in cfg["dims"]})
+    rng = random.Random(args.seed)
+    raw: dict = {}
+    script = Path(__file__).resolve()
+    for rep in range(cfg["reps"]):
+        order = configs[:]
+        rng.shuffle(order)
+        for n, d in order:
+            spec = {"scale": scale, "n": n, "dim": d, "epochs": cfg["epochs"]}
+            r = C.run_probe(script, spec, args.threads) if cfg["subprocess"] else measure(scale, n, d, cfg["epochs"])
+            raw.setdefault(f"n{n}/d{d}", []).append(r)
+            print(f"fit n={n} d={d} rep{rep}: {r['per_epoch_s']:.2f} s/epoch, {r['peak_mb']:.1f} MiB", file=sys.stderr)
+    table = {}
+    for key, rs in raw.items():
+        table[key] = {k: C.summarize([r[k] for r in rs]) for k in ("per_epoch_s", "transitions_per_s", "peak_mb",
+                                                                    "setup_s")}
+        table[key].update({k: rs[0][k] for k in ("n_sequences", "proj_dim", "train_transitions", "epochs")})
+    ref = table[f"n{sizes[0]}/d{REF_DIM}"]
+    rows = []
+    for n, d in configs:
+        t = table[f"n{n}/d{d}"]
+        t["per_epoch_ratio_vs_ref"] = t["per_epoch_s"]["median"] / ref["per_epoch_s"]["median"]
+        t["peak_ratio_vs_ref"] = (t["peak_mb"]["median"] / ref["peak_mb"]["median"]
+                                  if ref["peak_mb"]["median"] > 0 else None)
+        rows.append([str(t["n_sequences"]), str(d), str(t["train_transitions"]), t["per_epoch_s"]["median"],
+                     f"{t['transitions_per_s']['median']:.0f}", t["per_epoch_ratio_vs_ref"], t["setup_s"]["median"],
+                     t["peak_mb"]["median"], t["peak_ratio_vs_ref"], str(t["per_epoch_s"]["n"])])
+    by_n = [table[f"n{n}/d{REF_DIM}"] for n in sizes]
+    by_d = [table[f"n{n_max}/d{d}"] for d in cfg["dims"]]
+    growth = {
+        "per_epoch_time_vs_transitions": slope([t["train_transitions"] for t in by_n],
+                                               [t["per_epoch_s"]["median"] for t in by_n]),
+        "peak_memory_vs_transitions": slope([t["train_transitions"] for t in by_n],
+                                            [max(t["peak_mb"]["median"], 1e-3) for t in by_n]),
+        "per_epoch_time_vs_proj_dim": slope(cfg["dims"], [t["per_epoch_s"]["median"] for t in by_d]),
+        "peak_memory_vs_proj_dim": slope(cfg["dims"], [max(t["peak_mb"]["median"], 1e-3) for t in by_d]),
+    }
+    results = {"configs": table, "raw": raw, "growth_exponents": growth, "reference": f"n{sizes[0]}/d{REF_DIM}"}
+    body = (f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, batch 512, "
+            f"{cfg['epochs']} epochs per measurement, one fresh process per configuration. Ratios against "
+            f"n={sizes[0]}, d={REF_DIM}.\n\n"
+            + C.md_table(["sequences", "proj_dim", "train transitions", "s/epoch", "transitions/s", "epoch ratio",
+                          "setup s", "peak MiB", "peak ratio", "reps"], rows)
+            + "\n\nGrowth exponents (slope of log cost on log size): "
+            + ", ".join(f"{k} = {v:.2f}" for k, v in growth.items()) + ".")
+    run.finish(results, body)
+    print(body)
+    return results
+
+
+if __name__ == "__main__":
+    main()

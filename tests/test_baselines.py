@@ -1,0 +1,81 @@
+"""The EDT baseline logits processor (hf_sde.baselines)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
+
+from hf_sde.baselines import EntropyDynamicTemperatureLogitsProcessor as EDT
+
+
+def _scores_with_entropies(batch: int = 6, vocab: int = 50) -> torch.Tensor:
+    """Rows from peaked to flat: increasing entropy by construction."""
+    base = torch.randn(vocab, generator=torch.Generator().manual_seed(0))
+    scales = torch.linspace(8.0, 0.05, batch)
+    return base.unsqueeze(0) * scales.unsqueeze(1)
+
+
+def test_shape_dtype_and_formula():
+    scores = _scores_with_entropies()
+    edt = EDT(temperature=1.0, base=0.8, theta=0.5, min_temperature=1e-6)
+    out = edt(torch.zeros(scores.shape[0], 3, dtype=torch.long), scores)
+    assert out.shape == scores.shape and out.dtype == scores.dtype
+    h = EDT.entropy(scores)
+    expected_tau = (1.0 * 0.8 ** (0.5 / h)).clamp(1e-6, 1.0)
+    torch.testing.assert_close(edt.last_temperature, expected_tau)
+    torch.testing.assert_close(out, scores / expected_tau.unsqueeze(-1))
+
+
+def test_temperature_within_bounds():
+    scores = torch.cat([_scores_with_entropies(), torch.full((1, 50), 0.0)])  # include a uniform row
+    scores[0, 1:] = -float("inf")  # a one-hot row: entropy 0
+    edt = EDT(temperature=1.2, base=0.8, theta=2.0, min_temperature=0.1)
+    edt(torch.zeros(scores.shape[0], 1, dtype=torch.long), scores)
+    tau = edt.last_temperature
+    assert torch.isfinite(tau).all()
+    assert (tau >= 0.1 - 1e-7).all() and (tau <= 1.2 + 1e-7).all()
+    assert tau[0] == pytest.approx(0.1)  # H = 0: cooled to the floor
+    # Uniform row: H = log(V), T = T0 * N^(theta / log V).
+    assert tau[-1] == pytest.approx(1.2 * 0.8 ** (2.0 / math.log(50)), rel=1e-5)
+
+
+def test_monotone_in_entropy():
+    scores = _scores_with_entropies(batch=12)
+    h = EDT.entropy(scores)
+    assert (h[1:] > h[:-1]).all(), "fixture rows must have increasing entropy"
+    for theta in (0.1, 0.5, 2.0):
+        edt = EDT(temperature=1.0, base=0.8, theta=theta, min_temperature=1e-6)
+        edt(torch.zeros(12, 1, dtype=torch.long), scores)
+        assert (edt.last_temperature[1:] >= edt.last_temperature[:-1]).all()
+    # Larger theta cools more at the same entropy.
+    t_small = EDT(theta=0.2, min_temperature=1e-6).temperature_for(h)
+    t_large = EDT(theta=2.0, min_temperature=1e-6).temperature_for(h)
+    assert (t_large <= t_small).all()
+
+
+def test_masked_scores_entropy_is_finite():
+    scores = torch.tensor([[0.0, 0.0, -float("inf"), -float("inf")]])
+    assert EDT.entropy(scores).item() == pytest.approx(math.log(2))
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 0.0}, {"base": -1.0}, {"theta": float("nan")},
+                                    {"min_temperature": 2.0, "max_temperature": 1.0}])
+def test_invalid_arguments(kwargs):
+    with pytest.raises(ValueError):
+        EDT(**kwargs)
+
+
+def test_in_generate_records_every_step():
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=64)).eval()
+    edt = EDT(temperature=1.0, base=0.8, theta=0.5, record=True)
+    ids = torch.tensor([[1, 2, 3], [4, 5, 6]])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0,
+                         max_new_tokens=5, min_new_tokens=5, pad_token_id=0,
+                         logits_processor=LogitsProcessorList([edt]))
+    assert out.shape == (2, 8)
+    assert len(edt.temperatures) == 5
+    assert all(t.shape == (2,) and (t > 0).all() and (t <= 1.0 + 1e-6).all() for t in edt.temperatures)
