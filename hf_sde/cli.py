@@ -67,7 +67,7 @@ def _fit(args) -> int:
     result = fit_heads(
         traj, proj_dim=args.proj_dim, epochs=args.epochs, width=args.width, depth=args.depth, lr=args.lr,
         batch_size=args.fit_batch_size, heldout_fraction=args.heldout_fraction, seed=args.seed,
-        patience=args.patience, progress=progress, base_model=source.get("name_or_path"),
+        patience=args.patience, early_stopping=args.early_stopping, progress=progress, base_model=source.get("name_or_path"),
         base_model_revision=source.get("revision"), gguf_file=source.get("gguf_file"),
         model_type=model.config.model_type, data_description=data_desc,
     )
@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     fit.add_argument("--fit-batch-size", type=int, default=512)
     fit.add_argument("--patience", type=int, default=10)
     fit.add_argument("--heldout-fraction", type=float, default=0.2)
+    fit.add_argument("--early-stopping", choices=("auto", "sequences", "transitions"), default="auto",
+                     help="watch held-back training sequences (auto: from 10 groups up) or a transition slice")
     fit.add_argument("--seed", type=int, default=0)
     fit.add_argument("--save-trajectories", action="store_true", help="also save trajectories.safetensors")
     fit.add_argument("--out", required=True, help="output folder for the heads")

@@ -223,3 +223,22 @@ def test_neural_sde_beats_both_baselines_on_stories(stories_trajectories, seed):
     assert result.summary()["neural_beats_baselines"]
     assert result.heads.config.base_model == "ggml-org/models-moved"
     assert (result.heads.config.layer, result.heads.config.num_layers, result.heads.config.hidden_size) == (4, 5, 64)
+
+
+def test_early_stopping_watches_whole_held_back_sequences():
+    """With enough sequences, early stopping must watch sequences the gradient never saw: a slice of
+    transitions would share sequences (and repeated prompts) with training."""
+    traj = simulate_ou(num_paths=40, seed=3)
+    # Pairs of identical sequences (like HelpSteer rows sharing a prompt) form one group each.
+    traj = traj.subset([i // 2 for i in range(40)])
+    traj.meta["groups"] = [i // 2 for i in range(40)]
+    by_sequences = fit_heads(traj, proj_dim=2, epochs=3, progress=False, early_stopping="auto")
+    by_transitions = fit_heads(traj, proj_dim=2, epochs=3, progress=False, early_stopping="transitions")
+    # Same split and baselines; the early-stopping data differs, so the monitored curve differs.
+    assert by_sequences.heldout_indices == by_transitions.heldout_indices
+    assert by_sequences.heldout_nll["ou"] == by_transitions.heldout_nll["ou"]
+    assert by_sequences.history["early_stopping"] != by_transitions.history["early_stopping"]
+    held = {traj.meta["groups"][i] for i in by_sequences.heldout_indices}
+    assert not held & {traj.meta["groups"][i] for i in by_sequences.train_indices}
+    with pytest.raises(ValueError, match="early_stopping must be"):
+        fit_heads(traj, proj_dim=2, epochs=1, progress=False, early_stopping="bogus")
