@@ -20,14 +20,6 @@ make_stories = control_fixtures.make_stories  # a fixture (fresh stories260K cop
 NEW = 12
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is several times faster on a busy 2-core box
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sb(stories_model, stories_trajectories):
     return stories_bundle(stories_model, stories_trajectories)

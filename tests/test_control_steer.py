@@ -13,14 +13,6 @@ from hf_sde.layers import decoder_layers
 NEW = 10
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is several times faster on a busy 2-core box
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def sb(stories_model, stories_trajectories):
     bundle = stories_bundle(stories_model, stories_trajectories)
