@@ -1,0 +1,32 @@
+"""The exported custom_generate folder works through transformers' own custom_generate loading."""
+
+import torch
+
+from hf_sde.cli import main
+from hf_sde.fitting import fit_heads
+
+
+def test_exported_custom_generate_runs_sde_control(stories_model, stories_trajectories, tmp_path, capsys):
+    model, tok = stories_model
+    heads_dir = tmp_path / "heads"
+    fit_heads(stories_trajectories, proj_dim=8, epochs=2, progress=False).heads.save_pretrained(heads_dir)
+    assert main(["export-generate", str(tmp_path / "repo")]) == 0
+    files = sorted(p.name for p in (tmp_path / "repo" / "custom_generate").iterdir())
+    assert files == ["control.py", "generate.py", "heads.py", "layers.py", "requirements.txt", "version.py"]
+
+    enc = tok(["Once upon a time"], return_tensors="pt")
+    torch.manual_seed(0)
+    plain = model.generate(**enc, do_sample=True, max_new_tokens=8)
+    torch.manual_seed(0)
+    out = model.generate(**enc, do_sample=True, max_new_tokens=8, custom_generate=str(tmp_path / "repo"),
+                         trust_remote_code=True, return_dict_in_generate=True,
+                         sde_control={"heads": str(heads_dir), "mode": "observe"})
+    assert torch.equal(out.sequences, plain)  # observe: the stock tokens, plus the trace
+    assert out.sde_trace.zscore.shape == (1, 8)
+    assert torch.isfinite(out.sde_trace.diffusion).all()
+    torch.manual_seed(0)
+    hot = model.generate(**enc, do_sample=True, max_new_tokens=8, custom_generate=str(tmp_path / "repo"),
+                         trust_remote_code=True, return_dict_in_generate=True,
+                         sde_control={"heads": str(heads_dir), "mode": "temperature", "beta": 2.0})
+    tau = hot.sde_trace.temperature
+    assert ((tau >= 0.3) & (tau <= 1.5)).all() and not torch.allclose(tau, torch.ones_like(tau))
