@@ -61,6 +61,7 @@ def setup_env(threads: int | None = None) -> None:
     import transformers
 
     transformers.logging.set_verbosity_error()
+    library_fingerprint()
     logging.getLogger("hf_sde").setLevel(logging.ERROR)
     logging.getLogger("hf_sde.loading").setLevel(logging.ERROR)
     if threads:
@@ -234,13 +235,23 @@ def self_generated_ids(model, tok, n: int, max_new_tokens: int, seed: int = 0, b
     return ids
 
 
+_FINGERPRINT: list[str] = []
+
+
 def library_fingerprint() -> str:
-    """Hash of the library code that determines fitted heads (so a changed fitter invalidates the cache)."""
-    h = hashlib.sha1()
-    for name in ("fitting.py", "heads.py", "trajectories.py"):
-        with contextlib.suppress(OSError):
-            h.update((REPO / "hf_sde" / name).read_bytes())
-    return h.hexdigest()[:10]
+    """Hash of the library code that determines fitted heads (so a changed fitter invalidates the cache).
+
+    Computed once per process, right after importing that code: a file edited while a long run is going
+    must not relabel heads fitted by the code the process actually runs."""
+    if not _FINGERPRINT:
+        import hf_sde.fitting  # noqa: F401 - the code whose source is hashed is the code in use
+
+        h = hashlib.sha1()
+        for name in ("fitting.py", "heads.py", "trajectories.py"):
+            with contextlib.suppress(OSError):
+                h.update((REPO / "hf_sde" / name).read_bytes())
+        _FINGERPRINT.append(h.hexdigest()[:10])
+    return _FINGERPRINT[0]
 
 
 def cached_fit(name: str, key: dict, build: Callable[[], tuple]):
@@ -521,48 +532,45 @@ def stories_trajectories(model, tok, corpus: str, layer: int, scale: str, seed: 
 
 
 def stories_heads(model, tok, corpus: str = "helpsteer", layer: int = -1, scale: str = "default",
-                  proj_dim: int = 16, seed: int = 0, epochs: int | None = None, stopping: str = "sequences"):
+                  proj_dim: int = 16, seed: int = 0, epochs: int | None = None, stopping: str = "auto",
+                  jitter: float = 0.0):
     """Heads for stories260K fitted with ``extract_from_ids`` + ``fit_heads`` (cached). Returns (heads, summary).
 
-    ``stopping="transitions"`` is plain ``fit_heads`` (its early stopping watches a random slice of *training
-    transitions*). ``stopping="sequences"`` (default here) first fits on the training sequences minus 15% of
-    them, picks the epoch with the lowest NLL on those held-back *sequences*, then refits on the whole
-    training split for that many epochs (the outer train / held-out split is the same: same seed and
-    groups). Self-generated stories repeat exact states (shared prefixes such as "Once upon a time,"), where
-    the diffusion net can shrink sigma without bound; the transition slice contains the same states, so
-    only a sequence-level check sees the held-out NLL rise (see eval_fit).
+    ``stopping`` is ``fit_heads(early_stopping=...)``: ``"auto"`` (the library default), ``"sequences"``
+    (watch held-back training sequences) or ``"transitions"`` (a random slice of training transitions).
+    ``jitter > 0`` fits on dequantized states: every training state gets independent Gaussian noise of
+    ``jitter`` times the per-dimension std of the states (held-out evaluation in eval_fit stays on the clean
+    states). Self-generated stories repeat exact states (shared prefixes such as "Once upon a time,"), where
+    the Gaussian likelihood is unbounded and the diffusion net shrinks sigma; the noise bounds it.
     """
     import hf_sde
 
     s = HEADS_SCALE[scale]
     epochs = s["epochs"] if epochs is None else epochs
     key = {"model": STORIES_GGUF, "corpus": corpus, "layer": layer, "proj_dim": proj_dim, "seed": seed,
-           "epochs": epochs, **s, "v": 2 if corpus.startswith("tinystories") else 1}
-    if stopping != "transitions":
-        key["stopping"] = stopping
+           "epochs": epochs, **s, "v": 2 if corpus.startswith("tinystories") else 1, "stopping": stopping,
+           "jitter": jitter}
 
     def build():
-        from hf_sde.fitting import split_sequences
+        import torch
 
         traj = stories_trajectories(model, tok, corpus, layer, scale, seed)
+        if jitter > 0:
+            sd = torch.cat(traj.states).float().std(0)
+            g = torch.Generator().manual_seed(seed + 12345)
+            traj = hf_sde.Trajectories([x + jitter * sd * torch.randn(x.shape, generator=g) for x in traj.states],
+                                       traj.layer, traj.hidden_size, traj.num_layers, traj.model_id, traj.skipped,
+                                       dict(traj.meta))
         t0 = time.perf_counter()
-        n_epochs, inner = epochs, None
-        if stopping == "sequences":
-            outer_train, _ = split_sequences(len(traj), 0.2, seed, traj.meta.get("groups"))
-            sub = traj.subset(outer_train)
-            probe = hf_sde.fit_heads(sub, proj_dim=proj_dim, epochs=epochs, seed=seed, progress=False,
-                                     patience=epochs + 1, heldout_fraction=0.15)
-            val = probe.history["val_total"]
-            n_epochs = max(1, min(range(len(val)), key=val.__getitem__) + 1)
-            inner = {"val_total": val, "chosen_epochs": n_epochs, "sequences": len(sub)}
-        res = hf_sde.fit_heads(traj, proj_dim=proj_dim, epochs=n_epochs, seed=seed, progress=False,
-                               patience=max(10, epochs // 4),
+        res = hf_sde.fit_heads(traj, proj_dim=proj_dim, epochs=epochs, seed=seed, progress=False,
+                               patience=max(10, epochs // 4), early_stopping=stopping,
                                base_model=STORIES_ID, base_model_revision=STORIES_REV, gguf_file=STORIES_GGUF,
-                               data_description={"corpus": corpus, "scale": scale, "stopping": stopping})
+                               data_description={"corpus": corpus, "scale": scale, "stopping": stopping,
+                                                 "jitter": jitter})
         return res, {"fit_seconds": time.perf_counter() - t0, "num_sequences": len(traj),
-                     "kept_indices": traj.meta["kept_indices"], "stopping": stopping, "inner_validation": inner}
+                     "kept_indices": traj.meta["kept_indices"], "stopping": stopping, "jitter": jitter}
 
-    name = f"stories-{corpus}-L{layer}-d{proj_dim}" + ("-seqstop" if stopping == "sequences" else "")
+    name = f"stories-{corpus}-L{layer}-d{proj_dim}-{stopping}" + (f"-j{jitter}" if jitter else "")
     return cached_fit(name, key, build)
 
 

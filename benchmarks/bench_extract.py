@@ -19,7 +19,7 @@ SETTINGS = {
     "smoke": {"cells": [("stories260K", "tinystories", 2, 32)], "batch_size": 8, "reps": (1, 1, 0)},
     "default": {"cells": [("stories260K", "helpsteer", 500, 256), ("stories260K", "tinystories", 5, 512),
                           ("gpt2-124M", "random", 24, 128)],
-                "batch_size": 8, "reps": (3, 10, 40), "reps_gpt2": (4, 6, 150)},
+                "batch_size": 8, "reps": (6, 20, 90), "reps_gpt2": (4, 6, 150)},
     "full": {"cells": [("stories260K", "helpsteer", 500, 256), ("stories260K", "tinystories", 5, 512),
                        ("gpt2-124M", "random", 64, 256)],
              "batch_size": 8, "reps": (5, 20, 120), "reps_gpt2": (3, 6, 400)},

@@ -21,12 +21,19 @@ import argparse
 import _common as C
 
 SETTINGS = {
-    "smoke": {"corpora": ["tinystories"], "layers": [-1], "stopping": ["sequences"], "boot": 20},
-    "default": {"corpora": ["helpsteer", "tinystories"], "layers": [-1, 2], "stopping": ["transitions", "sequences"],
-                "boot": 1000, "ablation": [("tinystories-prompted", -1, "transitions")]},
-    "full": {"corpora": ["helpsteer", "tinystories"], "layers": [-1, 2], "stopping": ["transitions", "sequences"],
-             "boot": 2000, "ablation": [("tinystories-prompted", -1, "transitions"),
-                                        ("tinystories-prompted", -1, "sequences")]},
+    # (corpus, layer, early stopping, dequantization jitter); "auto" is the library default.
+    "smoke": {"runs": [("tinystories", -1, "auto", 0.0)], "boot": 20},
+    "default": {"runs": [("helpsteer", -1, "transitions", 0.0), ("helpsteer", -1, "auto", 0.0),
+                         ("helpsteer", 2, "transitions", 0.0), ("helpsteer", 2, "auto", 0.0),
+                         ("tinystories", -1, "transitions", 0.0), ("tinystories", -1, "auto", 0.0),
+                         ("tinystories", -1, "auto", 0.1),
+                         ("tinystories", 2, "transitions", 0.0), ("tinystories", 2, "auto", 0.0),
+                         ("tinystories", 2, "auto", 0.1),
+                         ("tinystories-prompted", -1, "auto", 0.0)], "boot": 1000},
+    "full": {"runs": [(c, layer, st, 0.0) for c in ("helpsteer", "tinystories") for layer in (-1, 2)
+                      for st in ("transitions", "auto")]
+             + [(c, layer, "auto", j) for c in ("helpsteer", "tinystories") for layer in (-1, 2) for j in (0.05, 0.1, 0.2)]
+             + [("tinystories-prompted", layer, "auto", j) for layer in (-1, 2) for j in (0.0, 0.1)], "boot": 2000},
 }
 
 
@@ -91,9 +98,9 @@ def main(argv=None):
     model, tok = C.load_stories()
     real_ids = hf_sde.trajectories.tokenize_texts(tok, C.tinystories_texts(), 512)
     results, rows = {}, []
-    runs = [(c, layer, st) for c in cfg["corpora"] for layer in cfg["layers"] for st in cfg["stopping"]]
-    for corpus, layer, stopping in runs + list(cfg.get("ablation", [])):
-        heads, summary = C.stories_heads(model, tok, corpus, layer, scale, seed=args.seed, stopping=stopping)
+    for corpus, layer, stopping, jitter in cfg["runs"]:
+        heads, summary = C.stories_heads(model, tok, corpus, layer, scale, seed=args.seed, stopping=stopping,
+                                         jitter=jitter)
         traj = C.stories_trajectories(model, tok, corpus, layer, scale, args.seed)
 
         def proj(s, heads=heads):
@@ -115,33 +122,33 @@ def main(argv=None):
                         "heldout_parts": summary["heldout_parts"], "fit_seconds": summary.get("fit_seconds"),
                         "final_history": {k: v[-1] for k, v in summary["history"].items() if v},
                         "history_val_total": summary["history"]["val_total"],
-                        "history_early_stopping": summary["history"]["early_stopping"],
-                        "inner_validation": summary.get("inner_validation")}
-        results[f"{corpus}/L{layer}/{stopping}"] = evals
+                        "history_early_stopping": summary["history"]["early_stopping"]}
+        results[f"{corpus}/L{layer}/{stopping}/jitter{jitter}"] = evals
         for split, e in evals.items():
             if split in ("fit", "fit_heads_heldout_nll"):
                 continue
             name = {"heldout": "held-out self-generated" if corpus.startswith("tinystories") else "held-out responses",
                     "real_tinystories": "5 real TinyStories"}[split]
             ci = e["neural_minus_ou_ci95"]
-            rows.append([corpus, str(layer), stopping, name, f"{e['sequences']}/{e['transitions']}", e["neural"], e["ou"],
+            rows.append([corpus, str(layer), stopping, f"{jitter:g}", name, f"{e['sequences']}/{e['transitions']}", e["neural"], e["ou"],
                          e["brownian"], f"{e['neural_minus_ou']:+.3f} [{ci[0]:+.3f}, {ci[1]:+.3f}]",
                          f"{e['neural_median']:.3f} / {e['ou_median']:.3f}",
                          f"{100 * e['neural_share_above_5']:.2f} / {100 * e['ou_share_above_5']:.2f}",
                          "yes" if e["neural_beats_both_ci"] else ("point only" if e["neural_beats_both"] else "no"),
                          f"{s['best_epoch'] + 1}/{s['epochs_run']}"])
     body = (f"stories260K, PCA {16} dims, 2x128 MLP heads, up to {hs['epochs']} epochs, split 80/20 by sequence "
-            "(HelpSteer: by prompt). Stopping `transitions` = plain `fit_heads` (keeps the epoch with the best NLL "
-            "on a random 10% slice of the training transitions); `sequences` = the number of epochs chosen on 15% "
-            "of the training *sequences* held back in a first fit, then a refit on the whole training split (see "
-            "`_common.stories_heads`). NLL in nats per "
+            "(HelpSteer: by prompt). Stopping = `fit_heads(early_stopping=...)`: `transitions` keeps the epoch with "
+            "the best NLL on a random 10% slice of the training transitions, `auto` (the default; here it means "
+            "held-back training sequences) on 10% of the training sequences. `jitter` > 0: fitted on dequantized "
+            "states (Gaussian noise of that many per-dimension stds added to every training state), scored on "
+            "the clean states. NLL in nats per "
             "dimension, lower is better. `beats both` = neural below OU and Brownian with the 95% bootstrap CI "
             "of both differences below 0. Median and tail share: per-transition NLL (mean over dims). "
             f"`tinystories`: heads fitted on {hs['selfgen']} stories the model sampled from BOS alone "
             f"(up to {hs['selfgen_tokens']} new tokens, temperature 1); `tinystories-prompted` (ablation): as many "
             f"samples continuing {len(C.STORY_PROMPTS)} fixed prompts, so each prompt's states repeat exactly "
             "across its samples. `5 real TinyStories` are the shared sample, never seen in fitting.\n\n"
-            + C.md_table(["corpus", "layer", "stopping", "evaluated on", "seqs/transitions", "neural", "OU", "Brownian",
+            + C.md_table(["corpus", "layer", "stopping", "jitter", "evaluated on", "seqs/transitions", "neural", "OU", "Brownian",
                           "neural - OU [95% CI]", "median neural / OU", "% > 5 nats neural / OU", "beats both",
                           "kept epoch/run"], rows))
     run.finish(results, body)

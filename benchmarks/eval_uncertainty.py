@@ -126,7 +126,7 @@ def main(argv=None):
     real_ids = hf_sde.trajectories.tokenize_texts(tok, C.tinystories_texts(), 512)
     results, rows = {}, []
     for corpus, layer in cfg["sets"]:
-        heads, summary = C.stories_heads(model, tok, corpus, layer, scale, seed=args.seed, stopping="sequences")
+        heads, summary = C.stories_heads(model, tok, corpus, layer, scale, seed=args.seed, stopping="auto")
         ids, _ = C.stories_corpus_ids(model, tok, corpus, scale, args.seed)
         kept = summary["kept_indices"]
         held = [ids[kept[i]] for i in summary["heldout_indices"]]

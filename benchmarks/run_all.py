@@ -15,6 +15,7 @@ to ``<repo>/../shared/hf-cache/hub`` and ``HF_HUB_OFFLINE=1``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import json
 import sys
@@ -64,11 +65,19 @@ def main(argv=None) -> int:
         print(f"== {name}: {timings[name]} s", flush=True)
     total = time.perf_counter() - t_all
     command = "python benchmarks/run_all.py" + {"smoke": " --smoke", "full": " --full"}.get(scale, "")
+    # The summary collects every script's latest tables in this folder (also those not rerun this time).
+    walls = {}
+    for name in SCRIPTS:
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            walls[name] = json.loads((out / f"{name}.json").read_text())["wall_seconds"]
     parts = [f"# hf-sde benchmarks and evaluations ({scale})\n",
-             f"`{command}` — {total:.0f} s in all ({', '.join(f'{k} {v:.0f} s' for k, v in timings.items())}).\n",
-             C.machine_md(info) + ".\n",
+             f"`{command}` reproduces every table below (each script's own command and wall time are in its "
+             f"section). Wall times: {', '.join(f'{k} {v:.0f} s' for k, v in walls.items())}; "
+             f"{sum(walls.values()):.0f} s summed.\n",
+             f"Last invocation: `{' '.join(['python benchmarks/run_all.py', *(argv or sys.argv[1:])])}` "
+             f"({total:.0f} s).\n", C.machine_md(info) + ".\n",
              "Load: " + C.load_note(info, C.machine_info()) + ".\n"]
-    for name in names:
+    for name in SCRIPTS:
         md = out / f"{name}.md"
         if md.is_file():
             text = md.read_text().split("\n", 1)[1] if md.read_text().startswith("# ") else md.read_text()
