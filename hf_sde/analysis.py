@@ -34,19 +34,8 @@ def predict_increments(sde, z: torch.Tensor, t: torch.Tensor | float,
     return torch.cat(means), torch.cat(stds)
 
 
-def _f(x) -> float:
-    return float(x)
-
-
 def _quantile(x: torch.Tensor, q: float) -> float:
     return float(torch.quantile(x.double(), q)) if x.numel() else float("nan")
-
-
-def paths_to_transitions(paths: Sequence[torch.Tensor], horizon: float) -> Transitions:
-    """Transitions of paths starting at token position 0 (``t_k = k / T``); see ``fitting.make_transitions``."""
-    from .fitting import make_transitions
-
-    return make_transitions([p.float() for p in paths], horizon)
 
 
 # ----- drift and diffusion over time -----------------------------------------------------------------
@@ -76,18 +65,18 @@ def drift_diffusion_profile(sde, tr: Transitions, n_bins: int = 20) -> dict:
     for b in range(n_bins):
         sel = idx == b
         n = int(sel.sum())
-        bins["t"].append(_f((edges[b] + edges[b + 1]) / 2))
+        bins["t"].append(float((edges[b] + edges[b + 1]) / 2))
         bins["count"].append(n)
         dn, df = drift_norm[sel], diff[sel]
         nan = float("nan")
-        bins["drift_norm_mean"].append(_f(dn.mean()) if n else nan)
+        bins["drift_norm_mean"].append(float(dn.mean()) if n else nan)
         bins["drift_norm_q25"].append(_quantile(dn, 0.25))
         bins["drift_norm_q75"].append(_quantile(dn, 0.75))
-        bins["diffusion_mean"].append(_f(df.mean()) if n else nan)
+        bins["diffusion_mean"].append(float(df.mean()) if n else nan)
         bins["diffusion_q25"].append(_quantile(df, 0.25))
         bins["diffusion_q75"].append(_quantile(df, 0.75))
-        bins["diffusion_rms"].append(_f(df.pow(2).mean().sqrt()) if n else nan)
-        bins["realized_diffusion"].append(_f(realized_sq[sel].mean().sqrt()) if n else nan)
+        bins["diffusion_rms"].append(float(df.pow(2).mean().sqrt()) if n else nan)
+        bins["realized_diffusion"].append(float(realized_sq[sel].mean().sqrt()) if n else nan)
     model_ms = float(diff.pow(2).mean())
     realized_ms = float(realized_sq.mean())
 
@@ -98,9 +87,9 @@ def drift_diffusion_profile(sde, tr: Transitions, n_bins: int = 20) -> dict:
 
     return {
         "bins": bins,
-        "drift_norm_mean": _f(drift_norm.mean()),
+        "drift_norm_mean": float(drift_norm.mean()),
         "drift_norm_median": _quantile(drift_norm, 0.5),
-        "diffusion_mean": _f(diff.mean()),
+        "diffusion_mean": float(diff.mean()),
         "diffusion_rms": math.sqrt(model_ms),
         "realized_diffusion": math.sqrt(realized_ms),
         "diffusion_calibration_ratio": realized_ms / model_ms if model_ms > 0 else float("nan"),

@@ -36,16 +36,14 @@ Differences from ``fit_heads`` worth knowing: the PCA uses *all* training states
 subsamples 200 000 rows when there are more), and is computed from the covariance (``eigh``) rather than
 an SVD of the data (same basis up to rounding; signs fixed by the same rule).
 
-Command line: ``hf-sde fit-distributed`` (see :func:`register_cli`; ``python -m hf_sde.distributed
-fit-distributed`` works without the ``hf-sde`` wiring), e.g.::
+Command line: ``hf-sde fit-distributed`` (:mod:`hf_sde.commands.fit_distributed`), e.g.::
 
-    accelerate launch --cpu --num_processes 2 -m hf_sde.distributed fit-distributed \
+    accelerate launch --cpu --num_processes 2 -m hf_sde.commands fit-distributed \
         --data ../shared/data/helpsteer_sample_500.jsonl --template helpsteer-response --out heads/dist
 """
 
 from __future__ import annotations
 
-import argparse
 import copy
 import glob
 import hashlib
@@ -897,122 +895,3 @@ def fit_heads_distributed(
                    "fit": {"processes": env.world_size, "mode": mode, "shards": corpus.num_shards}}
     return FitResult(heads, history, heldout_nll, parts, plan.train_idx, plan.val_idx,
                      {"ou": ou, "brownian": brownian}, best[1], seed, heldout_fraction)
-
-
-# ----- command line -------------------------------------------------------------------------------------
-_DTYPES = {"auto": "auto", "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def _fit_distributed(args) -> int:
-    from .cli import DEFAULT_GGUF, DEFAULT_MODEL, DEFAULT_REVISION
-    from .loading import load_model
-
-    env = DistEnv.init(cpu=True if args.cpu else None)
-    progress = not args.quiet
-    shard_dir = args.shards or os.path.join(args.out, "trajectories")
-    source: dict = {}
-    model_type = None
-    if args.data:
-        gguf = args.gguf_file or (DEFAULT_GGUF if args.model == DEFAULT_MODEL else None)
-        revision = args.revision or (DEFAULT_REVISION if args.model == DEFAULT_MODEL else None)
-        device = args.device
-        if device is None and args.device_map is None and torch.cuda.is_available() and not args.cpu:
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
-        model, tokenizer = load_model(args.model, gguf_file=gguf, revision=revision, device=device,
-                                      device_map=args.device_map, dtype=_DTYPES[args.dtype] if args.dtype else None)
-        source, model_type = getattr(model, "hf_sde_source", {}), model.config.model_type
-        if env.is_main:
-            clear_shards(shard_dir)
-        env.barrier()
-        extract_to_shards(model, tokenizer, args.data, shard_dir, args.layer, shard_size=args.shard_size,
-                          max_length=args.max_length, batch_size=args.batch_size, template=args.template,
-                          text_column=args.text_column, limit=args.limit, progress=progress)
-        del model
-        env.barrier()
-    elif not args.shards:
-        raise SystemExit("hf-sde fit-distributed needs --data (extract, then fit) or --shards DIR (fit only).")
-    data_desc = {"corpus": os.path.basename(args.data.rstrip("/")) if args.data else shard_dir,
-                 "template": args.template, "max_length": args.max_length}
-    result = fit_heads_distributed(
-        shard_dir, mode=args.mode, proj_dim=args.proj_dim, epochs=args.epochs, width=args.width, depth=args.depth,
-        lr=args.lr, batch_size=args.fit_batch_size, heldout_fraction=args.heldout_fraction, seed=args.seed,
-        patience=args.patience, progress=progress, base_model=source.get("name_or_path"),
-        base_model_revision=source.get("revision"), gguf_file=source.get("gguf_file"), model_type=model_type,
-        data_description=data_desc, env=env,
-    )
-    summary = result.summary()
-    summary.update(out=args.out, processes=env.world_size, mode=args.mode, shards=shard_dir)
-    if env.is_main:
-        os.makedirs(args.out, exist_ok=True)
-        result.heads.save_pretrained(args.out)
-        with open(os.path.join(args.out, "fit_history.json"), "w") as f:
-            json.dump({"history": result.history, "summary": summary}, f, indent=2)
-        if args.json:
-            print(json.dumps(summary))
-        else:
-            nll = summary["heldout_nll"]
-            print(f"Fitted SDE heads with {env.world_size} process(es) ({args.mode}) on "
-                  f"{summary['num_train_sequences'] + summary['num_heldout_sequences']} sequences from {shard_dir}; "
-                  f"saved to {args.out}")
-            for k in ("neural", "ou", "brownian"):
-                print(f"  {k:9s} {nll[k]:.4f}")
-    env.barrier()
-    return 0
-
-
-def register_cli(sub) -> None:
-    """Add ``fit-distributed`` to the ``hf-sde`` sub-commands."""
-    from .cli import add_model_args
-
-    p = sub.add_parser("fit-distributed",
-                       help="sharded extraction + data-parallel fit (run under accelerate launch / torchrun)")
-    add_model_args(p)
-    p.add_argument("--device-map", default=None, help='e.g. "auto" (one process per node) to spread the model')
-    p.add_argument("--dtype", default=None, choices=sorted(_DTYPES), help="model dtype (states are stored float32)")
-    p.add_argument("--cpu", action="store_true", help="gloo on CPU even where CUDA is available")
-    p.add_argument("--data", help="corpus: file, folder/glob of files (a sharded corpus) or hub dataset id (streamed)")
-    p.add_argument("--shards", default=None,
-                   help="trajectory shard folder: written by the extraction (default OUT/trajectories), or fitted "
-                        "directly when --data is not given")
-    p.add_argument("--shard-size", type=int, default=256, help="documents per trajectory shard")
-    p.add_argument("--mode", choices=("exact", "stream"), default="exact",
-                   help="exact: equals the single-process fit; stream: one shard in memory at a time")
-    p.add_argument("--template", default=None)
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--layer", type=int, default=-1)
-    p.add_argument("--proj-dim", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=256)
-    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--fit-batch-size", type=int, default=512, help="global batch size (all processes together)")
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--heldout-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder for the heads (written by rank 0)")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
-    p.set_defaults(func=_fit_distributed)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m hf_sde.distributed fit-distributed ...`` (the same as ``hf-sde fit-distributed``)."""
-    import sys
-
-    parser = argparse.ArgumentParser(prog="hf-sde")
-    sub = parser.add_subparsers(dest="command", required=True)
-    register_cli(sub)
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
-    try:
-        return args.func(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"hf-sde {args.command}: error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

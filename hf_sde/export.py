@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import shutil
 
@@ -30,16 +29,3 @@ def export_custom_generate(out_dir: str) -> str:
                     "                     sde_control={'heads': HEADS_REPO, 'mode': 'temperature'},\n"
                     "                     return_dict_in_generate=True)\nout.sde_trace.diffusion\n```\n")
     return target
-
-
-def _run(args) -> int:
-    path = export_custom_generate(args.out)
-    print(f"Wrote {path}. Push {args.out} to a Hub repo, then: "
-          f"model.generate(..., custom_generate='<repo or {args.out}>', trust_remote_code=True, sde_control=...)")
-    return 0
-
-
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export-generate", help="write a custom_generate folder for use without installing hf-sde")
-    p.add_argument("out")
-    p.set_defaults(func=_run)

@@ -317,7 +317,7 @@ class SDEHeads(
         return heads.to(map_location).eval()
 
     @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SDEHeads:  # noqa: D102
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SDEHeads:
         if os.path.isdir(str(pretrained_model_name_or_path)) and not os.path.isfile(
             os.path.join(str(pretrained_model_name_or_path), CONFIG_NAME)
         ):

@@ -28,6 +28,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import analysis as an
+from .display import token_pieces
 from .fitting import BrownianBaseline, OUBaseline, _evaluate, make_transitions, split_sequences
 from .simulate import BaselineSDE, simulate
 
@@ -103,19 +105,6 @@ SPLIT_TEXT = {
 }
 
 
-def _token_pieces(tokenizer, ids: list[int]) -> list[str]:
-    """The text each token adds (incremental decoding, so sentencepiece spaces and byte tokens come out right)."""
-    pieces, prev = [], ""
-    for k in range(len(ids)):
-        cur = tokenizer.decode(ids[: k + 1], skip_special_tokens=False, clean_up_tokenization_spaces=False)
-        if cur.startswith(prev):
-            pieces.append(cur[len(prev):])
-        else:
-            pieces.append(tokenizer.decode([ids[k]], skip_special_tokens=False))
-        prev = cur
-    return pieces
-
-
 def _scalars(d: dict, drop: tuple[str, ...] = ()) -> dict:
     """The dict without long per-position curves (those live in the figures, not in metrics.json)."""
     out = {}
@@ -127,6 +116,248 @@ def _scalars(d: dict, drop: tuple[str, ...] = ()) -> dict:
         else:
             out[k] = v
     return out
+
+
+# ----- the analysis steps -----------------------------------------------------------------------------
+@dataclass
+class Analysis:
+    """Everything the report computes, step by step (the figures and the HTML read it by field name)."""
+
+    heads: object
+    seed: int = 0
+    # extraction
+    paths: list = field(default_factory=list)
+    kept: list = field(default_factory=list)
+    kept_ids: list = field(default_factory=list)
+    groups: list | None = None
+    states: list = field(default_factory=list)
+    skipped: int = 0
+    data_name: str | None = None
+    # split and baselines
+    train_idx: list = field(default_factory=list)
+    held_idx: list = field(default_factory=list)
+    split_source: str = ""
+    verified: bool | None = None
+    held_paths: list = field(default_factory=list)
+    held_tr: object = None
+    models: dict = field(default_factory=dict)
+    nll: dict = field(default_factory=dict)
+    # results of the later steps (dicts of analysis outputs)
+    profiles: dict = field(default_factory=dict)
+    plane: dict = field(default_factory=dict)
+    process: dict = field(default_factory=dict)
+    sim: dict = field(default_factory=dict)
+    theory: dict = field(default_factory=dict)
+    examples: list = field(default_factory=list)
+
+    @property
+    def horizon(self) -> float:
+        return float(self.heads.config.horizon)
+
+
+def extract_paths(a: Analysis, model, tokenizer, data, *, template, text_column, limit, max_length,
+                  batch_size) -> None:
+    """Step 1: the corpus's hidden paths at the heads' layer, projected to SDE coordinates."""
+    from .corpus import load_texts
+    from .trajectories import extract_from_ids, tokenize_texts
+
+    heads = a.heads
+    heads.check_compatible(model)
+    texts, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
+    ids = tokenize_texts(tokenizer, texts, max_length)
+    traj = extract_from_ids(model, ids, heads.config.layer, batch_size=batch_size, progress=False)
+    a.kept = traj.meta["kept_indices"]
+    a.groups = [groups[i] for i in a.kept] if groups is not None else None
+    a.kept_ids = [ids[i] for i in a.kept]
+    a.skipped = traj.skipped
+    a.paths = [heads.project(s).detach().float() for s in traj.states]
+    a.states = traj.states
+    a.data_name = os.path.basename(str(data).rstrip("/")) if isinstance(data, str) else None
+
+
+def split_and_baselines(a: Analysis, summary: dict | None, heldout_fraction: float) -> None:
+    """Step 2: the held-out split (module doc), its verification, OU / Brownian refitted on the training side."""
+    heads = a.heads
+    a.train_idx, a.held_idx, a.split_source = choose_split(len(a.paths), a.groups, heads, summary, a.data_name,
+                                                           heldout_fraction, a.seed)
+    if a.split_source in ("recorded", "reconstructed"):
+        train_mean = torch.cat([a.states[i].float() for i in a.train_idx]).mean(0)
+        tol = 1e-3 * (1 + float(heads.proj_mean.abs().max()))
+        a.verified = bool((train_mean - heads.proj_mean).abs().max() < tol)
+    T = a.horizon
+    train_tr = make_transitions([a.paths[i] for i in a.train_idx], T)
+    a.held_paths = [a.paths[i] for i in a.held_idx]
+    a.held_tr = make_transitions(a.held_paths, T)
+    a.models = {"neural": heads, "ou": BaselineSDE(OUBaseline.fit(train_tr), T),
+                "brownian": BaselineSDE(BrownianBaseline.fit(train_tr), T)}
+    a.nll = {k: _evaluate(m, a.held_tr) for k, m in a.models.items()}
+
+
+def split_description(a: Analysis) -> str:
+    if a.verified is None:
+        verified = ""
+    elif a.verified:
+        verified = ": verified, its training states reproduce the heads' PCA mean"
+    else:
+        verified = (": same rows and prompt groups, but the texts differ from the fit's (template or max length), "
+                    "so it could not be verified against the heads' PCA mean")
+    return SPLIT_TEXT[a.split_source].format(verified=verified)
+
+
+def drift_and_diffusion(a: Analysis) -> None:
+    """Step 3: drift / diffusion profiles over time and the field on the PC1-PC2 plane."""
+    a.profiles = {k: an.drift_diffusion_profile(m, a.held_tr) for k, m in a.models.items() if k != "brownian"}
+    held_z = a.held_tr.z
+    lo = torch.quantile(held_z[:, :2], 0.01, dim=0).tolist()
+    hi = torch.quantile(held_z[:, :2], 0.99, dim=0).tolist()
+    a.plane = an.phase_plane(a.heads, (lo[0], hi[0]), (lo[1], hi[1]), n=21, t=float(a.held_tr.t.median()))
+
+
+def process_properties(a: Analysis) -> None:
+    """Step 4: residual Gaussianity and whiteness, increment ACF, quadratic variation."""
+    tr = a.held_tr
+    resid = an.standardized_residuals(a.heads, tr)
+    a.process = {
+        "gaussianity": an.gaussianity(resid, seed=a.seed),
+        "qq": an.qq_points(resid),
+        "acf_residuals": an.autocorrelation(an.split_by_sequence(resid, tr.seq)),
+        "acf_increments": an.autocorrelation(an.split_by_sequence(tr.dz, tr.seq)),
+        "quadratic_variation": an.quadratic_variation(a.heads, a.held_paths),
+        "gaussianity_ou": an.gaussianity(an.standardized_residuals(a.models["ou"], tr), seed=a.seed),
+    }
+
+
+def _increments(paths) -> torch.Tensor:
+    return torch.cat([p[1:] - p[:-1] for p in paths])
+
+
+def simulation(a: Analysis, *, n_paths: int, max_starts: int, method: str) -> None:
+    """Step 5: simulate every model from held-out starts and compare with the real paths."""
+    held = a.held_paths
+    n_starts = min(max_starts, len(held))
+    pick = np.unique(np.linspace(0, len(held) - 1, n_starts).round().astype(int)).tolist()
+    real = [held[i] for i in pick]
+    lengths = [p.shape[0] for p in real]
+    z0 = torch.stack([p[0] for p in real])
+    s = {"real": real, "lengths": lengths, "paths": {}, "curves": {"real": an.moment_curves(real)}, "errors": {},
+         "sw": {}, "sw_inc": {}, "nonfinite": {}}
+    real_states, real_inc = torch.cat(real), _increments(real)
+    for k, m in a.models.items():
+        sims = simulate(m, z0, steps=max(lengths) - 1, n_paths=n_paths, method=method, seed=a.seed)
+        s["paths"][k] = an.truncate_to_lengths(sims, lengths, n_paths)
+        sim_states = torch.cat(s["paths"][k])
+        s["nonfinite"][k] = float((~torch.isfinite(sim_states).all(-1)).double().mean())
+        s["curves"][k] = an.moment_curves(s["paths"][k])
+        s["errors"][k] = an.curve_errors(s["curves"]["real"], s["curves"][k])
+        s["sw"][k] = an.sliced_wasserstein(real_states, sim_states, seed=a.seed)
+        s["sw_inc"][k] = an.sliced_wasserstein(real_inc, _increments(s["paths"][k]), seed=a.seed)
+    if len(real) >= 2:
+        s["sw"]["real_vs_real"] = an.sliced_wasserstein(torch.cat(real[0::2]), torch.cat(real[1::2]), seed=a.seed)
+        s["sw_inc"]["real_vs_real"] = an.sliced_wasserstein(_increments(real[0::2]), _increments(real[1::2]),
+                                                            seed=a.seed)
+    sw = s["sw"]
+    s["neural_closer"] = bool(sw["neural"] < sw["ou"])
+    # Two halves of the real paths differ by sampling alone; a neural-OU gap below that is not a difference.
+    s["within_noise"] = bool(abs(sw["neural"] - sw["ou"]) < sw["real_vs_real"]) if "real_vs_real" in sw else None
+    s["method"], s["n_paths"] = method, n_paths
+    a.sim = s
+
+
+def theory_checks(a: Analysis, max_samples: int) -> None:
+    """Step 6: Lipschitz / growth constants, attractor, Lyapunov generator, Ito moment equations."""
+    heads, tr = a.heads, a.held_tr
+    g = torch.Generator().manual_seed(a.seed)
+    sel = torch.randperm(len(tr), generator=g)[:max_samples]
+    zs, ts = tr.z[sel], tr.t[sel]
+    attractor = an.estimate_attractor(heads, zs, ts)
+    z_star = attractor["z_star"]
+    a.theory = {
+        "lipschitz_growth": an.lipschitz_growth(heads, zs, ts, seed=a.seed),
+        "attractor": attractor,
+        "lyapunov": an.lyapunov(heads, zs, ts, z_star),
+        "lv": an.generator_lv(heads, zs, ts, z_star),
+        "lv_dist": (zs.double() - torch.tensor(z_star, dtype=torch.float64)).norm(dim=-1),
+        "ito_real": an.ito_moments(heads, a.held_paths),
+        "ito_sim": an.ito_moments(heads, [p for p in a.sim["paths"]["neural"] if torch.isfinite(p).all()]),
+    }
+
+
+def token_examples(a: Analysis, tokenizer, n_examples: int) -> None:
+    """Step 7: per-token diffusion z-scores on held-out texts spread over the held-out set (32+ tokens first)."""
+    pool = [i for i in a.held_idx if a.paths[i].shape[0] >= 32] or a.held_idx
+    n_ex = min(n_examples, len(pool))
+    a.examples = []
+    for i in [pool[j * len(pool) // n_ex] for j in range(n_ex)]:
+        td = an.token_diffusion(a.heads, a.paths[i])
+        a.examples.append({"sequence": int(a.kept[i]), "tokens": token_pieces(tokenizer, a.kept_ids[i]),
+                           "zscore": td["zscore"], "diffusion": td["diffusion"]})
+
+
+_ITO_CURVES = ("t", "empirical_mean", "ito_mean", "empirical_second", "ito_second", "em_second")
+
+
+def collect_metrics(a: Analysis, *, data, template, max_length, summary) -> dict:
+    """The metrics dict (``metrics.json``): scalars of every step, long curves left to the figures."""
+    cfg, nll, s, th, pr = a.heads.config, a.nll, a.sim, a.theory, a.process
+    return {
+        "hf_sde_version": cfg.library_version,
+        "heads": {"base_model": cfg.base_model, "revision": cfg.base_model_revision, "gguf_file": cfg.gguf_file,
+                  "layer": cfg.layer, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
+                  "proj_dim": cfg.proj_dim, "horizon": a.horizon, "fit_data": dict(cfg.data or {})},
+        "data": {"source": data if isinstance(data, str) else "<list>", "template": template,
+                 "max_length": max_length, "n_sequences": len(a.paths), "skipped_short_texts": a.skipped,
+                 "n_train": len(a.train_idx), "n_heldout": len(a.held_idx), "n_heldout_transitions": len(a.held_tr),
+                 "heldout_source": a.split_source, "heldout_verified": a.verified,
+                 "heldout_description": split_description(a)},
+        "fit": summary,
+        "heldout_nll": {k: v["total"] for k, v in nll.items()},
+        "heldout_nll_parts": nll,
+        "neural_beats_baselines": bool(nll["neural"]["total"] < min(nll["ou"]["total"], nll["brownian"]["total"])),
+        "drift_diffusion": a.profiles,
+        "process": {"gaussianity": pr["gaussianity"], "gaussianity_ou": pr["gaussianity_ou"],
+                    "acf_residuals": pr["acf_residuals"], "acf_increments": pr["acf_increments"],
+                    "quadratic_variation": _scalars(pr["quadratic_variation"],
+                                                    ("curve_t", "curve_realized", "curve_integrated"))},
+        "simulation": {"method": s["method"], "n_starts": len(s["real"]), "n_paths": s["n_paths"],
+                       "steps": max(s["lengths"]) - 1, "curve_errors": s["errors"], "sliced_wasserstein": s["sw"],
+                       "sliced_wasserstein_increments": s["sw_inc"], "nonfinite_share": s["nonfinite"],
+                       "neural_closer_than_ou": s["neural_closer"], "neural_ou_gap_within_noise": s["within_noise"]},
+        "theory": {"lipschitz_growth": th["lipschitz_growth"],
+                   "attractor": _scalars(th["attractor"], ("linear_A", "linear_b")),
+                   "lyapunov": th["lyapunov"],
+                   "ito_moments": {"real": _scalars(th["ito_real"], _ITO_CURVES),
+                                   "simulated": _scalars(th["ito_sim"], _ITO_CURVES)}},
+        "examples": a.examples,
+    }
+
+
+# ----- verdicts (one wording for the HTML and the terminal) ------------------------------------------------
+def verdicts(m: dict, bold=lambda s: s) -> dict[str, str]:
+    """The report's two headline sentences from its metrics; ``bold`` marks the verdict words (HTML: ``<b>``).
+
+    ``hf-sde analyze`` prints these too, so the terminal never says more than the report (a neural-OU gap
+    within sampling noise is a tie, not "closer").
+    """
+    nll = m["heldout_nll"]
+    beats = m["neural_beats_baselines"]
+    sim = m["simulation"]
+    sw = sim["sliced_wasserstein"]
+    noise = sim["neural_ou_gap_within_noise"]
+    if noise:
+        relation = "as close to (a tie within sampling noise)"
+    else:
+        relation = "closer to" if sim["neural_closer_than_ou"] else "NOT closer to"
+    floor = f"; two halves of the real paths differ by {sw['real_vs_real']:.4g}" if "real_vs_real" in sw else ""
+    tail = {True: ", so the neural-OU difference is within sampling noise.",
+            False: ", so the difference is larger than sampling noise."}.get(noise, ".")
+    return {
+        "nll": (f"On held-out transitions the neural SDE {bold('beats' if beats else 'does NOT beat')} both "
+                f"baselines: NLL {nll['neural']:.4f} (neural) vs {nll['ou']:.4f} (OU) and {nll['brownian']:.4f} "
+                "(Brownian) nats/dim."),
+        "simulation": (f"Simulated neural-SDE paths are {bold(relation)} the held-out paths "
+                       f"{'as' if noise else 'than'} simulated OU paths: sliced Wasserstein {sw['neural']:.4g} "
+                       f"(neural) vs {sw['ou']:.4g} (OU), {sw['brownian']:.4g} (Brownian){floor}{tail}"),
+    }
 
 
 # ----- the report -------------------------------------------------------------------------------------
@@ -171,178 +402,40 @@ def build_report(
     Returns:
         The metrics dict also written to ``metrics.json``.
     """
-    from .corpus import load_texts
-    from .trajectories import extract_from_ids, tokenize_texts
-
     t_start = time.time()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = heads.config
     heads.eval()
     hist, summary = _normalize_history(history)
-    cfg_data = dict(cfg.data or {})
     if max_length is None:
-        max_length = cfg_data.get("max_length") or 256
-    bar = tqdm(STEPS, desc="hf-sde analyze", disable=not progress, unit="step")
-    steps = iter(bar)
-
-    def step():
-        name = next(steps)
+        max_length = dict(heads.config.data or {}).get("max_length") or 256
+    a = Analysis(heads=heads, seed=seed)
+    steps = [
+        lambda: extract_paths(a, model, tokenizer, data, template=template, text_column=text_column, limit=limit,
+                              max_length=max_length, batch_size=batch_size),
+        lambda: split_and_baselines(a, summary, heldout_fraction),
+        lambda: drift_and_diffusion(a),
+        lambda: process_properties(a),
+        lambda: simulation(a, n_paths=n_paths, max_starts=max_starts, method=method),
+        lambda: theory_checks(a, max_samples),
+        lambda: token_examples(a, tokenizer, n_examples),
+    ]
+    bar = tqdm(total=len(STEPS), desc="hf-sde analyze", disable=not progress, unit="step")
+    for name, run in zip(STEPS, steps, strict=False):
         bar.set_postfix_str(name)
-        return name
-
-    # 1. trajectories -------------------------------------------------------------------------------------
-    step()
-    heads.check_compatible(model)
-    texts, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
-    ids = tokenize_texts(tokenizer, texts, max_length)
-    traj = extract_from_ids(model, ids, cfg.layer, batch_size=batch_size, progress=False)
-    kept = traj.meta["kept_indices"]
-    groups = [groups[i] for i in kept] if groups is not None else None
-    kept_ids = [ids[i] for i in kept]
-    paths = [heads.project(s).detach().float() for s in traj.states]
-    data_name = os.path.basename(str(data).rstrip("/")) if isinstance(data, str) else None
-
-    # 2. split and baselines --------------------------------------------------------------------------------
-    step()
-    train_idx, held_idx, split_source = choose_split(len(paths), groups, heads, summary, data_name,
-                                                     heldout_fraction, seed)
-    verified = None
-    if split_source in ("recorded", "reconstructed"):
-        train_mean = torch.cat([traj.states[i].float() for i in train_idx]).mean(0)
-        tol = 1e-3 * (1 + float(heads.proj_mean.abs().max()))
-        verified = bool((train_mean - heads.proj_mean).abs().max() < tol)
-    split_text = SPLIT_TEXT[split_source].format(
-        verified="" if verified is None else (": verified, its training states reproduce the heads' PCA mean"
-                                              if verified else ": same rows and prompt groups, but the texts "
-                                              "differ from the fit's (template or max length), so it could "
-                                              "not be verified against the heads' PCA mean"))
-    T = float(cfg.horizon)
-    train_tr = make_transitions([paths[i] for i in train_idx], T)
-    held_paths = [paths[i] for i in held_idx]
-    held_tr = make_transitions(held_paths, T)
-    ou = OUBaseline.fit(train_tr)
-    brownian = BrownianBaseline.fit(train_tr)
-    models = {"neural": heads, "ou": BaselineSDE(ou, T), "brownian": BaselineSDE(brownian, T)}
-    nll = {k: _evaluate(m, held_tr) for k, m in models.items()}
-
-    # 3. drift and diffusion ------------------------------------------------------------------------------
-    step()
-    profiles = {k: an.drift_diffusion_profile(m, held_tr) for k, m in models.items() if k != "brownian"}
-    held_z = held_tr.z
-    lo = torch.quantile(held_z[:, :2], 0.01, dim=0).tolist()
-    hi = torch.quantile(held_z[:, :2], 0.99, dim=0).tolist()
-    t_mid = float(held_tr.t.median())
-    plane = an.phase_plane(heads, (lo[0], hi[0]), (lo[1], hi[1]), n=21, t=t_mid)
-
-    # 4. process properties -------------------------------------------------------------------------------
-    step()
-    resid = an.standardized_residuals(heads, held_tr)
-    gauss = an.gaussianity(resid, seed=seed)
-    qq = an.qq_points(resid)
-    acf_resid = an.autocorrelation(an.split_by_sequence(resid, held_tr.seq))
-    acf_inc = an.autocorrelation(an.split_by_sequence(held_tr.dz, held_tr.seq))
-    qv = an.quadratic_variation(heads, held_paths)
-    ou_resid = an.standardized_residuals(models["ou"], held_tr)
-    gauss_ou = an.gaussianity(ou_resid, seed=seed)
-
-    # 5. simulation against reality -----------------------------------------------------------------------
-    step()
-    n_starts = min(max_starts, len(held_paths))
-    pick = np.unique(np.linspace(0, len(held_paths) - 1, n_starts).round().astype(int)).tolist()
-    real = [held_paths[i] for i in pick]
-    lengths = [p.shape[0] for p in real]
-    z0 = torch.stack([p[0] for p in real])
-    sims, sim_paths, curves, errors, sw, nonfinite = {}, {}, {}, {}, {}, {}
-    curves["real"] = an.moment_curves(real)
-    real_states = torch.cat(real)
-    real_inc = torch.cat([p[1:] - p[:-1] for p in real])
-    sw_inc: dict[str, float] = {}
-    for k, m in models.items():
-        sims[k] = simulate(m, z0, steps=max(lengths) - 1, n_paths=n_paths, method=method, seed=seed)
-        sim_paths[k] = an.truncate_to_lengths(sims[k], lengths, n_paths)
-        sim_states = torch.cat(sim_paths[k])
-        nonfinite[k] = float((~torch.isfinite(sim_states).all(-1)).double().mean())
-        curves[k] = an.moment_curves(sim_paths[k])
-        errors[k] = an.curve_errors(curves["real"], curves[k])
-        sw[k] = an.sliced_wasserstein(real_states, sim_states, seed=seed)
-        sw_inc[k] = an.sliced_wasserstein(real_inc, torch.cat([p[1:] - p[:-1] for p in sim_paths[k]]), seed=seed)
-    if len(real) >= 2:
-        sw["real_vs_real"] = an.sliced_wasserstein(torch.cat(real[0::2]), torch.cat(real[1::2]), seed=seed)
-        sw_inc["real_vs_real"] = an.sliced_wasserstein(torch.cat([p[1:] - p[:-1] for p in real[0::2]]),
-                                                       torch.cat([p[1:] - p[:-1] for p in real[1::2]]), seed=seed)
-    neural_closer = bool(sw["neural"] < sw["ou"])
-    # Two halves of the real paths differ by sampling alone; a neural-OU gap below that is not a difference.
-    within_noise = bool(abs(sw["neural"] - sw["ou"]) < sw["real_vs_real"]) if "real_vs_real" in sw else None
-
-    # 6. theory checks ------------------------------------------------------------------------------------
-    step()
-    g = torch.Generator().manual_seed(seed)
-    sel = torch.randperm(len(held_tr), generator=g)[:max_samples]
-    zs, ts = held_tr.z[sel], held_tr.t[sel]
-    lip = an.lipschitz_growth(heads, zs, ts, seed=seed)
-    attractor = an.estimate_attractor(heads, zs, ts)
-    lyap = an.lyapunov(heads, zs, ts, attractor["z_star"])
-    lv = an.generator_lv(heads, zs, ts, attractor["z_star"])
-    lv_dist = (zs.double() - torch.tensor(attractor["z_star"], dtype=torch.float64)).norm(dim=-1)
-    ito_real = an.ito_moments(heads, held_paths)
-    ito_sim = an.ito_moments(heads, [p for p in sim_paths["neural"] if torch.isfinite(p).all()])
-
-    # 7. per-token diffusion ------------------------------------------------------------------------------
-    step()
-    examples = []
-    # Spread over the held-out set (neighbours often share a prompt), preferring texts of 32+ tokens.
-    pool = [i for i in held_idx if paths[i].shape[0] >= 32] or held_idx
-    n_ex = min(n_examples, len(pool))
-    for i in [pool[j * len(pool) // n_ex] for j in range(n_ex)]:
-        td = an.token_diffusion(heads, paths[i])
-        examples.append({"sequence": int(kept[i]), "tokens": _token_pieces(tokenizer, kept_ids[i]),
-                         "zscore": td["zscore"], "diffusion": td["diffusion"]})
-
-    metrics = {
-        "hf_sde_version": cfg.library_version,
-        "heads": {"base_model": cfg.base_model, "revision": cfg.base_model_revision, "gguf_file": cfg.gguf_file,
-                  "layer": cfg.layer, "num_layers": cfg.num_layers, "hidden_size": cfg.hidden_size,
-                  "proj_dim": cfg.proj_dim, "horizon": T, "fit_data": cfg_data},
-        "data": {"source": data if isinstance(data, str) else "<list>", "template": template,
-                 "max_length": max_length, "n_sequences": len(paths), "skipped_short_texts": traj.skipped,
-                 "n_train": len(train_idx), "n_heldout": len(held_idx), "n_heldout_transitions": len(held_tr),
-                 "heldout_source": split_source, "heldout_verified": verified, "heldout_description": split_text},
-        "fit": summary,
-        "heldout_nll": {k: v["total"] for k, v in nll.items()},
-        "heldout_nll_parts": nll,
-        "neural_beats_baselines": bool(nll["neural"]["total"] < min(nll["ou"]["total"], nll["brownian"]["total"])),
-        "drift_diffusion": profiles,
-        "process": {"gaussianity": gauss, "gaussianity_ou": gauss_ou, "acf_residuals": acf_resid,
-                    "acf_increments": acf_inc, "quadratic_variation": _scalars(qv, ("curve_t", "curve_realized",
-                                                                                     "curve_integrated"))},
-        "simulation": {"method": method, "n_starts": len(real), "n_paths": n_paths, "steps": max(lengths) - 1,
-                       "curve_errors": errors, "sliced_wasserstein": sw, "sliced_wasserstein_increments": sw_inc,
-                       "nonfinite_share": nonfinite,
-                       "neural_closer_than_ou": neural_closer, "neural_ou_gap_within_noise": within_noise},
-        "theory": {"lipschitz_growth": lip,
-                   "attractor": _scalars(attractor, ("linear_A", "linear_b")),
-                   "lyapunov": lyap,
-                   "ito_moments": {
-                       "real": _scalars(ito_real, ("t", "empirical_mean", "ito_mean", "empirical_second",
-                                                   "ito_second", "em_second")),
-                       "simulated": _scalars(ito_sim, ("t", "empirical_mean", "ito_mean", "empirical_second",
-                                                       "ito_second", "em_second"))}},
-        "examples": examples,
-    }
-
-    # 8. figures ------------------------------------------------------------------------------------------
-    step()
-    figs = _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_resid, acf_inc, qv, real,
-                    sim_paths, curves, sw, lv_dist, lv, lyap, ito_real, ito_sim, T)
-
-    # 9. write --------------------------------------------------------------------------------------------
-    step()
+        run()
+        bar.update()
+    metrics = collect_metrics(a, data=data, template=template, max_length=max_length, summary=summary)
+    bar.set_postfix_str("figures")
+    figs = draw_figures(out, a, hist, summary)
+    bar.update()
+    bar.set_postfix_str("write report")
     metrics["figures"] = [f["file"] for f in figs]
     metrics["runtime_s"] = time.time() - t_start
     with open(out / "metrics.json", "w") as f:
         json.dump(_jsonable(metrics), f, indent=1, allow_nan=False)
     (out / "index.html").write_text(_html(metrics, figs))
+    bar.update()
     bar.close()
     return metrics
 
@@ -388,35 +481,53 @@ def _smooth(p: torch.Tensor, window: int = 16) -> np.ndarray:
 COLORS = {"real": "black", "neural": "tab:red", "ou": "tab:blue", "brownian": "tab:green"}
 
 
-def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_resid, acf_inc, qv, real, sim_paths,
-             curves, sw, lv_dist, lv, lyap, ito_real, ito_sim, T) -> list[dict]:
-    figs = []
+def _first_paths(k: str, ps: list, n_real: int) -> list:
+    """One path per start (simulations hold ``n_paths`` per start), non-finite rows dropped."""
+    step = 1 if k == "real" else max(1, len(ps) // max(1, n_real))
+    return [p[torch.isfinite(p).all(-1)] for p in ps[::step]]
 
-    def save(fig, name, title, caption):
-        fig.savefig(out / name)
-        figs.append({"file": name, "title": title, "caption": caption})
 
-    # Loss curves.
-    if hist:
-        fig = _new_fig(11, 3.4)
-        axes = fig.subplots(1, 3)
-        for ax, part in zip(axes, ("total", "drift", "diffusion"), strict=True):
-            for split, style in (("train", "-"), ("val", "--")):
-                ys = hist.get(f"{split}_{part}")
-                if ys:
-                    ax.plot(range(1, len(ys) + 1), ys, style, label=split)
-            ax.set_title(f"{part} NLL" + (" (nats/dim)" if part == "total" else " part"))
-            ax.set_xlabel("epoch")
-        if summary and summary.get("heldout_nll"):
-            for k in ("ou", "brownian"):
-                if k in summary["heldout_nll"]:
-                    axes[0].axhline(summary["heldout_nll"][k], color=COLORS[k], ls=":", label=f"{k} held-out")
-        axes[0].legend(fontsize=8)
-        save(fig, "loss_curves.png", "Loss curves",
-             "Training (solid) and held-out (dashed) NLL per epoch with its drift and diffusion parts; the neural "
-             "curve should end below the dotted OU and Brownian lines, and val rising while train falls means overfitting.")
+def _cloud(ps: list, n: int = 4000, seed: int = 0) -> np.ndarray:
+    """Up to ``n`` finite states of the paths (a seeded subsample)."""
+    x = torch.cat(ps)
+    x = x[torch.isfinite(x).all(-1)]
+    if len(x) > n:
+        x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
+    return x.numpy()
 
-    # Drift norm vs t.
+
+def _phase_groups(a: Analysis) -> tuple:
+    """Token-level paths jump, so states are drawn as a point cloud and the paths as their running means."""
+    paths = a.sim["paths"]
+    return (("real", a.sim["real"]), ("neural", paths["neural"]), ("ou", paths["ou"]))
+
+
+def fig_loss_curves(a: Analysis, hist: dict | None, summary: dict | None):
+    """Loss curves."""
+    if not hist:
+        return None
+    fig = _new_fig(11, 3.4)
+    axes = fig.subplots(1, 3)
+    for ax, part in zip(axes, ("total", "drift", "diffusion"), strict=True):
+        for split, style in (("train", "-"), ("val", "--")):
+            ys = hist.get(f"{split}_{part}")
+            if ys:
+                ax.plot(range(1, len(ys) + 1), ys, style, label=split)
+        ax.set_title(f"{part} NLL" + (" (nats/dim)" if part == "total" else " part"))
+        ax.set_xlabel("epoch")
+    if summary and summary.get("heldout_nll"):
+        for k in ("ou", "brownian"):
+            if k in summary["heldout_nll"]:
+                axes[0].axhline(summary["heldout_nll"][k], color=COLORS[k], ls=":", label=f"{k} held-out")
+    axes[0].legend(fontsize=8)
+    return (fig, "loss_curves.png", "Loss curves",
+         "Training (solid) and held-out (dashed) NLL per epoch with its drift and diffusion parts; the neural "
+         "curve should end below the dotted OU and Brownian lines, and val rising while train falls means overfitting.")
+
+
+def fig_drift_vs_t(a: Analysis, hist: dict | None, summary: dict | None):
+    """Drift norm vs t."""
+    profiles = a.profiles
     fig = _new_fig()
     ax = fig.subplots()
     for k in ("neural", "ou"):
@@ -426,11 +537,14 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
     ax.set_xlabel("t = position / T")
     ax.set_ylabel("||mu(Z_t, t)|| (time units)")
     ax.legend()
-    save(fig, "drift_vs_t.png", "Drift norm over time",
+    return (fig, "drift_vs_t.png", "Drift norm over time",
          "Mean drift norm on held-out states per time bin (band: quartiles), neural vs OU; a falling curve means "
          "the deterministic pull weakens as the text goes on.")
 
-    # Drift quiver on the phase plane with real trajectories.
+
+def fig_drift_quiver(a: Analysis, hist: dict | None, summary: dict | None):
+    """Drift quiver on the phase plane with real trajectories."""
+    plane, held_paths = a.plane, a.held_paths
     x, y = np.asarray(plane["x"]), np.asarray(plane["y"])
     fig = _new_fig(6.5, 5.5, right=0.9)
     ax = fig.subplots()
@@ -450,12 +564,15 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
     ax.set_ylim(y[0], y[-1])
     ax.set_xlabel("PC1")
     ax.set_ylabel("PC2")
-    save(fig, "drift_quiver.png", "Drift field on the PCA phase plane",
+    return (fig, "drift_quiver.png", "Drift field on the PCA phase plane",
          f"Drift direction (arrows; colour = strength) on the PC1-PC2 plane at t = {plane['t']:.2f}, other "
          "coordinates at the training mean, with two held-out paths (thin) and four paths' 16-token running means (bold, "
          "arrowhead at the end): the running means should flow along the arrows.")
 
-    # Diffusion vs t.
+
+def fig_diffusion_vs_t(a: Analysis, hist: dict | None, summary: dict | None):
+    """Diffusion vs t."""
+    profiles = a.profiles
     fig = _new_fig()
     ax = fig.subplots()
     b = profiles["neural"]["bins"]
@@ -466,11 +583,15 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
     ax.set_xlabel("t = position / T")
     ax.set_ylabel("diffusion magnitude s (time units)")
     ax.legend(fontsize=8)
-    save(fig, "diffusion_vs_t.png", "Diffusion over time",
+    return (fig, "diffusion_vs_t.png", "Diffusion over time",
          "Model diffusion magnitude per time bin (band: quartiles) against the realized residual size (dashed): "
          "the red curve should track the dashed one; OU is constant by construction.")
 
-    # Diffusion over the phase plane.
+
+def fig_diffusion_plane(a: Analysis, hist: dict | None, summary: dict | None):
+    """Diffusion over the phase plane."""
+    plane, held_paths = a.plane, a.held_paths
+    x, y = np.asarray(plane["x"]), np.asarray(plane["y"])
     fig = _new_fig(6.5, 5.5, right=0.9)
     ax = fig.subplots()
     cs = ax.contourf(x, y, np.asarray(plane["s"]), levels=20, cmap="magma")
@@ -480,12 +601,15 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
         ax.plot(sm[:, 0], sm[:, 1], "w-", lw=1.5, alpha=0.9)
     ax.set_xlabel("PC1")
     ax.set_ylabel("PC2")
-    save(fig, "diffusion_plane.png", "Diffusion on the PCA phase plane",
+    return (fig, "diffusion_plane.png", "Diffusion on the PCA phase plane",
          f"Diffusion magnitude over the PC1-PC2 plane at t = {plane['t']:.2f} with running means of held-out paths "
          "(white): bright "
          "regions are where the model expects the path to be noisy.")
 
-    # Simulation vs reality: mean and variance curves.
+
+def fig_sim_moments(a: Analysis, hist: dict | None, summary: dict | None):
+    """Simulation vs reality: mean and variance curves."""
+    curves, sw, T = a.sim["curves"], a.sim["sw"], a.horizon
     fig = _new_fig(11, 3.4)
     axes = fig.subplots(1, 3)
     for k in ("real", "neural", "ou", "brownian"):
@@ -509,11 +633,16 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
     for ax in axes:
         ax.set_xlabel("t")
     axes[0].legend(fontsize=7)
-    save(fig, "sim_moments.png", "Simulation vs reality: mean and variance",
+    return (fig, "sim_moments.png", "Simulation vs reality: mean and variance",
          "Mean and variance curves of held-out paths (black) and of paths simulated from the same starts (axes follow "
          "the real curves): the closer a model's curves to black (and the lower its sliced Wasserstein, SW), the better.")
 
-    # Process properties: ACF, QQ, QV.
+
+def fig_process(a: Analysis, hist: dict | None, summary: dict | None):
+    """Process properties: ACF, QQ, QV."""
+    pr = a.process
+    acf_resid, acf_inc, qq, gauss, qv = (pr["acf_residuals"], pr["acf_increments"], pr["qq"], pr["gaussianity"],
+                                         pr["quadratic_variation"])
     fig = _new_fig(11, 3.4)
     axes = fig.subplots(1, 3)
     ax = axes[0]
@@ -536,32 +665,24 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
     ax.set_xlabel("t")
     ax.set_title(f"quadratic variation (ratio {qv['ratio']:.2f})")
     ax.legend(fontsize=7)
-    save(fig, "process.png", "Stochastic-process properties",
+    return (fig, "process.png", "Stochastic-process properties",
          "Left: residual autocorrelation inside the grey white-noise band means the Markov/independent-increment "
          "assumption holds; middle: points on the diagonal mean Gaussian residuals; right: realized QV on the "
          "integrated sigma^2 means calibrated diffusion.")
 
-    # Phase space 2-D: real vs simulated. Token-level paths jump, so states are drawn as a point cloud and
+
+def fig_phase_2d(a: Analysis, hist: dict | None, summary: dict | None):
+    """Phase space 2-D: real vs simulated. Token-level paths jump, so states are drawn as a point cloud and."""
+    real = a.sim["real"]
+    groups = _phase_groups(a)
     # the paths as their running means (one start's paths in each panel, same start for all three).
-    def first_paths(k, ps):
-        step = 1 if k == "real" else max(1, len(ps) // max(1, len(real)))
-        return [p[torch.isfinite(p).all(-1)] for p in ps[::step]]
-
-    def cloud(ps, n=4000, seed=0):
-        x = torch.cat(ps)
-        x = x[torch.isfinite(x).all(-1)]
-        if len(x) > n:
-            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]]
-        return x.numpy()
-
-    groups = (("real", real), ("neural", sim_paths["neural"]), ("ou", sim_paths["ou"]))
     fig = _new_fig(11, 3.8)
     axes = fig.subplots(1, 3, sharex=True, sharey=True)
     for ax, (k, ps) in zip(axes, groups, strict=True):
-        pts = cloud(ps)
+        pts = _cloud(ps)
         ax.scatter(pts[:, 0], pts[:, 1], s=3, alpha=float(np.clip(1000 / max(len(pts), 1), 0.25, 0.7)),
                    color=COLORS[k], rasterized=True, linewidths=0)
-        for j, p in enumerate(first_paths(k, ps)[:3]):
+        for j, p in enumerate(_first_paths(k, ps, len(real))[:3]):
             sm = _smooth(p)
             ax.plot(sm[:, 0], sm[:, 1], lw=1.8, color=f"C{j + 4}")
         ax.set_title("held-out states" if k == "real" else f"{k}-simulated states")
@@ -572,18 +693,22 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
     pad = 0.2 * (hi - lo)
     axes[0].set_xlim(float(lo[0] - pad[0]), float(hi[0] + pad[0]))
     axes[0].set_ylim(float(lo[1] - pad[1]), float(hi[1] + pad[1]))
-    save(fig, "phase_2d.png", "Phase space (2-D)",
+    return (fig, "phase_2d.png", "Phase space (2-D)",
          "States of held-out and simulated paths on PC1-PC2 (same axes; lines: 16-token running means of three "
          "paths): a good model fills the same region with the same shape and drifts the same way.")
 
-    # Phase space 3-D.
+
+def fig_phase_3d(a: Analysis, hist: dict | None, summary: dict | None):
+    """Phase space 3-D."""
+    real = a.sim["real"]
+    groups = _phase_groups(a)
     fig = _new_fig(10, 4.6, left=0.02, right=0.96, bottom=0.04, top=0.92, wspace=0.15)
     for j, (k, ps) in enumerate(groups[:2]):
         ax = fig.add_subplot(1, 2, j + 1, projection="3d")
-        pts = cloud(ps, n=2500)
+        pts = _cloud(ps, n=2500)
         ax.scatter(pts[:, 0], pts[:, 1], pts[:, 2], s=4, alpha=float(np.clip(1000 / max(len(pts), 1), 0.3, 0.7)),
                    color=COLORS[k], linewidths=0)
-        for i, p in enumerate(first_paths(k, ps)[:3]):
+        for i, p in enumerate(_first_paths(k, ps, len(real))[:3]):
             sm = _smooth(p)
             ax.plot(sm[:, 0], sm[:, 1], sm[:, 2], lw=1.8, color=f"C{i + 4}")
         ax.set_title("held-out states" if k == "real" else "neural-simulated states")
@@ -596,11 +721,15 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
             ax.set_xlim(*lims[0])
             ax.set_ylim(*lims[1])
             ax.set_zlim(*lims[2])
-    save(fig, "phase_3d.png", "Phase space (3-D)",
+    return (fig, "phase_3d.png", "Phase space (3-D)",
          "Held-out (left) and neural-simulated (right) states in the first three PCA coordinates (same axes; lines: "
          "running means of three paths): compare the shape and extent of the two clouds.")
 
-    # Theory: Lyapunov and Ito moments.
+
+def fig_theory(a: Analysis, hist: dict | None, summary: dict | None):
+    """Theory: Lyapunov and Ito moments."""
+    th = a.theory
+    lv, lv_dist, lyap, ito_real, ito_sim = th["lv"], th["lv_dist"], th["lyapunov"], th["ito_real"], th["ito_sim"]
     fig = _new_fig(11, 3.4)
     axes = fig.subplots(1, 3)
     ax = axes[0]
@@ -635,10 +764,25 @@ def _figures(out, hist, summary, profiles, plane, held_paths, qq, gauss, acf_res
     ax.set_xlabel("t")
     ax.set_title("Ito: d E||Z||^2/dt (held-out)")
     ax.legend(fontsize=7)
-    save(fig, "theory.png", "Theory checks: Lyapunov and Ito moments",
+    return (fig, "theory.png", "Theory checks: Lyapunov and Ito moments",
          "Left: LV < 0 (blue) beyond the dashed ball means the attractor pulls paths back; middle and right: "
          "dashed Ito-integrated moments on the black empirical ones mean drift and diffusion explain the moment "
          "dynamics (dotted: with the Euler-Maruyama E||mu dt||^2 term; axes follow the data).")
+
+
+FIGURES = (fig_loss_curves, fig_drift_vs_t, fig_drift_quiver, fig_diffusion_vs_t, fig_diffusion_plane, fig_sim_moments, fig_process, fig_phase_2d, fig_phase_3d, fig_theory)
+
+
+def draw_figures(out: Path, a: Analysis, hist: dict | None, summary: dict | None) -> list[dict]:
+    """Step 8: every figure of :data:`FIGURES` saved as a PNG in ``out``; their file, title and caption."""
+    figs = []
+    for make in FIGURES:
+        made = make(a, hist, summary)
+        if made is None:
+            continue
+        fig, name, title, caption = made
+        fig.savefig(out / name)
+        figs.append({"file": name, "title": title, "caption": caption})
     return figs
 
 
@@ -673,31 +817,9 @@ th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:
 .tokens span{border-radius:2px}"""
 
 
-def _html(m: dict, figs: list[dict]) -> str:
-    h = m["heads"]
-    d = m["data"]
-    sim = m["simulation"]
-    sw = sim["sliced_wasserstein"]
-    nll = m["heldout_nll"]
+def _theory_rows(m: dict) -> str:
     th = m["theory"]
-    lip = th["lipschitz_growth"]
-    att = th["attractor"]
-    ly = th["lyapunov"]
-    ito = th["ito_moments"]
-    gau = m["process"]["gaussianity"]
-    qv = m["process"]["quadratic_variation"]
-    acf = m["process"]["acf_residuals"]
-    closer = sim["neural_closer_than_ou"]
-    verdict_sim = (f"Simulated neural-SDE paths are <b>{'closer to' if closer else 'NOT closer to'}</b> the held-out "
-                   f"paths than simulated OU paths: sliced Wasserstein {sw['neural']:.4g} (neural) vs {sw['ou']:.4g} "
-                   f"(OU), {sw['brownian']:.4g} (Brownian)"
-                   + (f"; two halves of the real paths differ by {sw['real_vs_real']:.4g}" if "real_vs_real" in sw else "")
-                   + ({True: ", so the neural-OU difference is within sampling noise.",
-                       False: ", so the difference is larger than sampling noise."}.get(sim["neural_ou_gap_within_noise"], ".")))
-    beats = m["neural_beats_baselines"]
-    verdict_nll = (f"On held-out transitions the neural SDE <b>{'beats' if beats else 'does NOT beat'}</b> both "
-                   f"baselines: NLL {nll['neural']:.4f} (neural) vs {nll['ou']:.4f} (OU) and {nll['brownian']:.4f} "
-                   "(Brownian) nats/dim.")
+    lip, att, ly, ito = th["lipschitz_growth"], th["attractor"], th["lyapunov"], th["ito_moments"]
     rows = [
         ("Lipschitz constant of mu (max / p95 Jacobian spectral norm)",
          f"{_fmt(lip['drift']['jacobian_max'])} / {_fmt(lip['drift']['jacobian_p95'])}",
@@ -734,8 +856,14 @@ def _html(m: dict, figs: list[dict]) -> str:
          f"{_fmt(ito['simulated']['mean_gap_over_noise'])} / {_fmt(ito['simulated']['second_em_gap_over_noise'])}",
          "consistency of the simulator with the equations (near 1)"),
     ]
-    theory_rows = "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
-    proc_rows = "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in (
+    return "".join(f"<tr><td>{a}</td><td>{b}</td><td>{c}</td></tr>" for a, b, c in rows)
+
+
+def _process_rows(m: dict) -> str:
+    gau = m["process"]["gaussianity"]
+    qv = m["process"]["quadratic_variation"]
+    acf = m["process"]["acf_residuals"]
+    return "".join(f"<tr><td>{a}</td><td>{b}</td></tr>" for a, b in (
         ("KS statistic / p-value of standardized residuals vs N(0,1) "
          f"(n={gau['n_tested']})", f"{_fmt(gau['ks_statistic'])} / {_fmt(gau['ks_pvalue'])}"),
         ("Residual skewness / excess kurtosis", f"{_fmt(gau['skewness'])} / {_fmt(gau['excess_kurtosis'])}"),
@@ -745,6 +873,11 @@ def _html(m: dict, figs: list[dict]) -> str:
         ("Diffusion calibration: realized / model mean square",
          _fmt(m["drift_diffusion"]["neural"]["diffusion_calibration_ratio"])),
     ))
+
+
+def _simulation_rows(m: dict) -> str:
+    sim, nll = m["simulation"], m["heldout_nll"]
+    sw = sim["sliced_wasserstein"]
     ce = sim["curve_errors"]
     swi = sim["sliced_wasserstein_increments"]
     sim_rows = "".join(
@@ -754,12 +887,22 @@ def _html(m: dict, figs: list[dict]) -> str:
     if "real_vs_real" in sw:
         sim_rows += (f"<tr><td><i>two halves of the real paths</i></td><td>{_fmt(sw['real_vs_real'])}</td>"
                      f"<td>{_fmt(swi['real_vs_real'])}</td><td></td><td></td><td></td><td></td></tr>")
+    return sim_rows
+
+
+def _figures_html(figs: list[dict]) -> str:
     fig_html = "".join(
         f'<figure><h3>{html.escape(f["title"])}</h3><img src="{f["file"]}" alt="{html.escape(f["title"])}">'
         f'<figcaption>{html.escape(f["caption"])}</figcaption></figure>' for f in figs)
     if not any(f["file"] == "loss_curves.png" for f in figs):
         fig_html = ("<p><i>No fit history was given (fit_history.json next to the heads), so there are no loss "
                     "curves.</i></p>") + fig_html
+    return fig_html
+
+
+def _html(m: dict, figs: list[dict]) -> str:
+    h, d, sim = m["heads"], m["data"], m["simulation"]
+    said = verdicts(m, bold=lambda s: f"<b>{s}</b>")
     ex_html = "".join(
         f"<h3>Held-out text #{ex['sequence']}</h3><div class='tokens'>{_zscore_html(ex)}</div>" for ex in m["examples"])
     return f"""<!doctype html>
@@ -771,21 +914,21 @@ horizon T = {h['horizon']:g} tokens. Data: {html.escape(str(d['source']))} (temp
 max length {d['max_length']}), {d['n_sequences']} sequences; {d['n_heldout']} held-out sequences
 ({d['n_heldout_transitions']} transitions) are {html.escape(d['heldout_description'])}.
 Simulation: {sim['method']}, {sim['n_paths']} paths from each of {sim['n_starts']} held-out starts.</p>
-<p class="verdict">{verdict_nll}</p>
-<p class="verdict">{verdict_sim}</p>
+<p class="verdict">{said['nll']}</p>
+<p class="verdict">{said['simulation']}</p>
 <h2>Simulation vs reality</h2>
 <p>Sliced Wasserstein distances between held-out and simulated states (all positions pooled: the distribution
 the paths occupy) and between their one-token increments (the local dynamics); the last row is the sampling
 floor.</p>
 <table><tr><th>model</th><th>sliced Wasserstein, states</th><th>sliced Wasserstein, increments</th>
 <th>mean-curve RMSE</th><th>variance-curve rel. error</th>
-<th>non-finite share</th><th>held-out NLL</th></tr>{sim_rows}</table>
+<th>non-finite share</th><th>held-out NLL</th></tr>{_simulation_rows(m)}</table>
 <h2>Theory checks (estimates on the data region, not proofs)</h2>
-<table><tr><th>check</th><th>value</th><th>how to read</th></tr>{theory_rows}</table>
+<table><tr><th>check</th><th>value</th><th>how to read</th></tr>{_theory_rows(m)}</table>
 <h2>Process properties (held-out)</h2>
-<table><tr><th>quantity</th><th>value</th></tr>{proc_rows}</table>
+<table><tr><th>quantity</th><th>value</th></tr>{_process_rows(m)}</table>
 <h2>Figures</h2>
-{fig_html}
+{_figures_html(figs)}
 <h2>Per-token diffusion z-score</h2>
 <p>Each token is coloured by the calibrated z-score of the diffusion at its state (red: noisier than usual,
 blue: calmer), which governs the step to the next token. Hover for values.</p>
@@ -794,86 +937,3 @@ blue: calmer), which governs the step to the next token. Hover for values.</p>
 <a href="metrics.json">metrics.json</a>; built in {m['runtime_s']:.1f} s.</p>
 </body></html>
 """
-
-
-# ----- CLI --------------------------------------------------------------------------------------------
-def _load_history(heads_path: str, explicit: str | None):
-    if explicit:
-        return explicit
-    local = os.path.join(heads_path, "fit_history.json")
-    if os.path.isfile(local):
-        return local
-    if not os.path.isdir(heads_path):
-        try:
-            from huggingface_hub import hf_hub_download
-
-            return hf_hub_download(heads_path, "fit_history.json")
-        except Exception:  # noqa: BLE001 - the history is optional
-            return None
-    return None
-
-
-def _analyze(args) -> int:
-    from .cli import load_model_from_args
-    from .heads import SDEHeads
-
-    heads = SDEHeads.from_pretrained(args.heads)
-    cfg = heads.config
-    if args.model is None:
-        if not cfg.base_model:
-            raise SystemExit("The heads do not record their base model; pass --model (and --gguf-file / --revision).")
-        args.model = cfg.base_model
-        args.gguf_file = args.gguf_file or cfg.gguf_file
-        args.revision = args.revision or cfg.base_model_revision
-    model, tokenizer = load_model_from_args(args)
-    history = _load_history(args.heads, args.history)
-    metrics = build_report(
-        model, tokenizer, heads, args.data, args.out, template=args.template, max_length=args.max_length,
-        history=history, text_column=args.text_column, limit=args.limit, heldout_fraction=args.heldout_fraction,
-        seed=args.seed, n_paths=args.n_paths, max_starts=args.max_starts, method=args.method,
-        n_examples=args.examples, max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
-    )
-    sw = metrics["simulation"]["sliced_wasserstein"]
-    if args.json:
-        print(json.dumps({"out": args.out, "heldout_nll": metrics["heldout_nll"], "sliced_wasserstein": sw,
-                          "neural_closer_than_ou": metrics["simulation"]["neural_closer_than_ou"]}))
-    else:
-        closer = metrics["simulation"]["neural_closer_than_ou"]
-        print(f"Report written to {os.path.join(args.out, 'index.html')} ({metrics['runtime_s']:.1f} s).")
-        print("Held-out NLL (nats/dim): " + ", ".join(f"{k} {v:.4f}" for k, v in metrics["heldout_nll"].items()))
-        print(f"Simulated neural paths are {'closer to' if closer else 'NOT closer to'} the held-out paths than OU "
-              f"(sliced Wasserstein {sw['neural']:.4g} vs {sw['ou']:.4g}).")
-    return 0
-
-
-def register_cli(subparsers) -> None:
-    """Add ``hf-sde analyze`` to the ``hf-sde`` command line."""
-    from .cli import add_model_args
-
-    p = subparsers.add_parser("analyze", help="write the analysis report (HTML, metrics.json, figures) for fitted heads")
-    p.add_argument("--heads", required=True, help="folder or hub id of fitted SDE heads")
-    add_model_args(p)
-    p.set_defaults(model=None)
-    for action in p._actions:
-        if action.dest == "model":
-            action.help = "hub id or local folder of the causal LM (default: the base model the heads record)"
-    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
-    p.add_argument("--data", required=True, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
-    p.add_argument("--template", default=None, help="row template, e.g. helpsteer or helpsteer-response")
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N documents")
-    p.add_argument("--max-length", type=int, default=None, help="token truncation (default: as the heads were fitted)")
-    p.add_argument("--history", default=None, help="fit_history.json (default: the one next to the heads)")
-    p.add_argument("--heldout-fraction", type=float, default=0.2,
-                   help="held-out share when the fit's own split cannot be recovered")
-    p.add_argument("--n-paths", type=int, default=4, help="simulated paths per held-out start")
-    p.add_argument("--max-starts", type=int, default=64, help="held-out start states to simulate from")
-    p.add_argument("--method", default="euler", choices=["euler", "milstein", "srk"],
-                   help="simulation scheme (milstein/srk need pip install hf-sde[sde])")
-    p.add_argument("--examples", type=int, default=3, help="held-out texts shown with per-token z-scores")
-    p.add_argument("--max-samples", type=int, default=4000, help="data points for the theory checks")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", required=True, help="output folder for index.html, metrics.json and the figures")
-    p.add_argument("--json", action="store_true", help="print a one-line JSON summary")
-    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
-    p.set_defaults(func=_analyze)

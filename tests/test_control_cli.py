@@ -8,8 +8,11 @@ import control_fixtures
 import pytest
 from control_fixtures import encode, run
 
-import hf_sde.cli
-from hf_sde.cli import DEFAULT_MODEL, main
+import hf_sde.commands._model
+from hf_sde.commands import main
+from hf_sde.loading import STORIES260K
+
+DEFAULT_MODEL = STORIES260K.name_or_path
 
 make_stories = control_fixtures.make_stories  # a fixture (fresh stories260K copies)
 
@@ -31,11 +34,12 @@ def cli_setup(make_stories, tmp_path, monkeypatch):
     bundle.heads.save_pretrained(folder)
     calls = []
 
-    def load(args):
-        calls.append((args.model, args.gguf_file, args.revision))
+    def load(args, heads_config=None, **kwargs):
+        spec = hf_sde.commands._model.model_spec_from_args(args, heads_config)
+        calls.append((spec.name_or_path, spec.gguf_file, spec.revision))
         return make_stories().model, bundle.tok
 
-    monkeypatch.setattr(hf_sde.cli, "load_model_from_args", load)
+    monkeypatch.setattr(hf_sde.commands._model, "load_model_from_args", load)
     return bundle, folder, calls
 
 
@@ -93,7 +97,8 @@ def test_generate_uses_the_heads_model_and_reports_errors(cli_setup, capsys, tmp
     assert calls[-1] == (DEFAULT_MODEL, "tinyllamas/other.gguf", "abc")
     main(["generate", "--heads", str(other), "--prompt", "Hi", "--max-new-tokens", "2", "--json",
           "--gguf-file", "tinyllamas/stories260K.gguf"])
-    assert calls[-1] == (DEFAULT_MODEL, "tinyllamas/stories260K.gguf", None)  # an explicit choice wins
+    # an explicit file wins (the known repo's pinned revision with it)
+    assert calls[-1] == (DEFAULT_MODEL, "tinyllamas/stories260K.gguf", STORIES260K.revision)
     capsys.readouterr()
     assert main(["generate", "--heads", str(tmp_path / "missing"), "--prompt", "Hi"]) == 2
     assert "error" in capsys.readouterr().err

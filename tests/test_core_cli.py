@@ -7,9 +7,9 @@ import os
 
 import huggingface_hub
 import pytest
-from conftest import TINYSTORIES
+from conftest import STORIES_REPO, TINYSTORIES
 
-from hf_sde.cli import main
+from hf_sde.commands import main
 from hf_sde.heads import SDEHeads
 
 
@@ -34,7 +34,7 @@ def saved_heads(tmp_path, stories_trajectories):
 
 def test_fit_prints_one_json_summary_and_saves_heads(tmp_path, capsys):
     out = tmp_path / "out"
-    rc = main(["fit", "--data", str(TINYSTORIES), "--json", "-q", "--epochs", "5", "--out", str(out)])
+    rc = main(["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "--json", "-q", "--epochs", "5", "--out", str(out)])
     assert rc == 0
     stdout = capsys.readouterr().out
     lines = [line for line in stdout.splitlines() if line.strip()]
@@ -58,7 +58,7 @@ def test_fit_prints_one_json_summary_and_saves_heads(tmp_path, capsys):
 
 def test_fit_with_a_bad_layer_exits_2_with_the_valid_range(tmp_path, capsys, monkeypatch, stories_model):
     monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
-    rc = main(["fit", "--data", str(TINYSTORIES), "--layer", "5", "-q", "--out", str(tmp_path / "out")])
+    rc = main(["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "--layer", "5", "-q", "--out", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err
     assert "hf-sde fit: error:" in err and "valid layers are -5..4" in err
@@ -67,11 +67,11 @@ def test_fit_with_a_bad_layer_exits_2_with_the_valid_range(tmp_path, capsys, mon
 
 def test_fit_with_a_missing_corpus_exits_2(tmp_path, capsys, monkeypatch, stories_model):
     monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
-    rc = main(["fit", "--data", str(tmp_path / "nope.txt"), "-q", "--out", str(tmp_path / "out")])
+    rc = main(["fit", "--model", STORIES_REPO, "--data", str(tmp_path / "nope.txt"), "-q", "--out", str(tmp_path / "out")])
     assert rc == 2
     assert "nope.txt" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="needs --data"):
-        main(["fit", "-q", "--out", str(tmp_path / "out")])
+        main(["fit", "--model", STORIES_REPO, "-q", "--out", str(tmp_path / "out")])
 
 
 def test_push_without_a_token_exits_with_a_clear_message(saved_heads, monkeypatch, no_network):

@@ -2,7 +2,7 @@
 
 import torch
 
-from hf_sde.cli import main
+from hf_sde.commands import main
 from hf_sde.fitting import fit_heads
 
 

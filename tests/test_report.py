@@ -10,12 +10,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINYSTORIES
+from conftest import STORIES_REPO, TINYSTORIES
 
 from hf_sde import analysis as an
-from hf_sde.cli import main
+from hf_sde.commands import main
+from hf_sde.display import token_pieces
 from hf_sde.fitting import split_sequences
-from hf_sde.report import _jsonable, _token_pieces, build_report, choose_split
+from hf_sde.report import _jsonable, build_report, choose_split, verdicts
 
 FIGURES = ["loss_curves.png", "drift_vs_t.png", "drift_quiver.png", "diffusion_vs_t.png", "diffusion_plane.png",
            "sim_moments.png", "process.png", "phase_2d.png", "phase_3d.png", "theory.png"]
@@ -28,7 +29,7 @@ def analyzed(tmp_path_factory):
     """Heads fitted with `hf-sde fit` on the TinyStories sample, then `hf-sde analyze` without --model."""
     root = tmp_path_factory.mktemp("analyze")
     heads_dir, out = root / "heads", root / "report"
-    assert main(["fit", "--data", str(TINYSTORIES), "--max-length", "128", "--epochs", "3", "--width", "32",
+    assert main(["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "--max-length", "128", "--epochs", "3", "--width", "32",
                  "--depth", "1", "--heldout-fraction", "0.4", "--out", str(heads_dir), "-q"]) == 0
     rc = main(["analyze", "--heads", str(heads_dir), "--data", str(TINYSTORIES), "--out", str(out),
                "--n-paths", "2", "--max-starts", "4", "--max-samples", "300", "--examples", "1", "-q"])
@@ -168,9 +169,9 @@ def test_choose_split_cases():
 def test_token_pieces_and_strict_json(stories_model):
     _, tok = stories_model
     ids = tok("Once upon a time, there was a cat.\nIt sat.")["input_ids"]
-    pieces = _token_pieces(tok, ids)
+    pieces = token_pieces(tok, ids, show_special=False)  # the report's token text (shared with the Space)
     assert len(pieces) == len(ids)
-    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
+    assert "".join(pieces) == tok.decode(ids, skip_special_tokens=True)
     out = _jsonable({"a": float("nan"), "b": [torch.tensor(1.5), math.inf], "c": {"d": 2}})
     assert out == {"a": None, "b": [1.5, None], "c": {"d": 2}}
 

@@ -1,0 +1,92 @@
+"""``hf-sde analyze``: write the analysis report (HTML, metrics.json, figures) for fitted heads."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from . import _model
+from ._output import atomic_output_dir
+
+HELP = "write the analysis report (HTML, metrics.json, figures) for fitted heads"
+SMOKE = {"limit": 8, "n_paths": 2, "max_starts": 4, "max_samples": 300, "examples": 1, "max_length": 64}
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--heads", required=True, help="folder or hub id of fitted SDE heads")
+    _model.add_model_args(p, from_heads=True)
+    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
+    p.add_argument("--data", required=True, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
+    p.add_argument("--template", default=None, help="row template, e.g. helpsteer or helpsteer-response")
+    p.add_argument("--text-column", default=None)
+    p.add_argument("--limit", type=int, default=None, help="use only the first N documents")
+    p.add_argument("--max-length", type=int, default=None, help="token truncation (default: as the heads were fitted)")
+    p.add_argument("--history", default=None, help="fit_history.json (default: the one next to the heads)")
+    p.add_argument("--heldout-fraction", type=float, default=0.2,
+                   help="held-out share when the fit's own split cannot be recovered")
+    p.add_argument("--n-paths", type=int, default=4, help="simulated paths per held-out start")
+    p.add_argument("--max-starts", type=int, default=64, help="held-out start states to simulate from")
+    p.add_argument("--method", default="euler", choices=["euler", "milstein", "srk"],
+                   help="simulation scheme (milstein/srk need pip install hf-sde[sde])")
+    p.add_argument("--examples", type=int, default=3, help="held-out texts shown with per-token z-scores")
+    p.add_argument("--max-samples", type=int, default=4000, help="data points for the theory checks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True,
+                   help="output folder for index.html, metrics.json and the figures (new or empty, else --overwrite)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
+    p.add_argument("--json", action="store_true", help="print a one-line JSON summary")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _load_history(heads_path: str, explicit: str | None):
+    """``fit_history.json`` beside the heads (folder or hub repo), if there is one (it is optional)."""
+    if explicit:
+        return explicit
+    local = os.path.join(heads_path, "fit_history.json")
+    if os.path.isfile(local):
+        return local
+    if os.path.isdir(heads_path):
+        return None
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return hf_hub_download(heads_path, "fit_history.json")
+    except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError):
+        return None
+
+
+def _check_out(args) -> None:
+    if os.path.isdir(args.heads) and os.path.exists(args.out) and os.path.samefile(args.heads, args.out):
+        raise ValueError(f"--out {args.out} is the --heads folder; write the report to another folder.")
+
+
+def run(args) -> int:
+    from ..heads import SDEHeads
+    from ..report import build_report, verdicts
+
+    _check_out(args)
+    heads = SDEHeads.from_pretrained(args.heads)
+    model, tokenizer = _model.load_model_from_args(args, heads.config)
+    history = _load_history(args.heads, args.history)
+    with atomic_output_dir(args.out, args.overwrite) as tmp:
+        metrics = build_report(
+            model, tokenizer, heads, args.data, str(tmp), template=args.template, max_length=args.max_length,
+            history=history, text_column=args.text_column, limit=args.limit,
+            heldout_fraction=args.heldout_fraction, seed=args.seed, n_paths=args.n_paths,
+            max_starts=args.max_starts, method=args.method, n_examples=args.examples,
+            max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
+        )
+    sim = metrics["simulation"]
+    said = verdicts(metrics)  # the same sentences as the HTML report
+    if args.json:
+        print(json.dumps({"out": args.out, "heldout_nll": metrics["heldout_nll"],
+                          "sliced_wasserstein": sim["sliced_wasserstein"],
+                          "neural_closer_than_ou": sim["neural_closer_than_ou"],
+                          "neural_ou_gap_within_noise": sim["neural_ou_gap_within_noise"],
+                          "verdicts": said}))
+    else:
+        print(f"Report written to {os.path.join(args.out, 'index.html')} ({metrics['runtime_s']:.1f} s).")
+        print(said["nll"])
+        print(said["simulation"])
+    return 0
