@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 from huggingface_hub import ModelCard, ModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -296,6 +296,7 @@ class SDEHeads(
             config = SDEHeadsConfig(**raw)
         except (ValueError, TypeError) as e:
             raise ValueError(f"{cfg_path} is not a valid SDEHeads config: {e}") from e
+        check_calibration(config, f"Refusing to load {model_id}: ")
         # Loading must not advance the global RNG (the random init is overwritten anyway), so that
         # seeding before generate(sde_control=...) gives the same tokens however the heads arrive.
         with torch.random.fork_rng(devices=[]):
@@ -313,13 +314,81 @@ class SDEHeads(
         for k, v in state.items():
             if v.shape != expected[k].shape:
                 raise ValueError(f"{weights}: {k} has shape {tuple(v.shape)}, config expects {tuple(expected[k].shape)}.")
+        check_finite_state(state, f"Refusing to load {model_id}: ")
         heads.load_state_dict(state, strict=True)
         return heads.to(map_location).eval()
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """``ModelHubMixin.save_pretrained``, refusing heads whose calibration or weights are not finite."""
+        check_calibration(self.config, f"Refusing to save to {save_directory}: ")
+        check_finite_state(self.state_dict(), f"Refusing to save to {save_directory}: ")
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SDEHeads:
-        if os.path.isdir(str(pretrained_model_name_or_path)) and not os.path.isfile(
-            os.path.join(str(pretrained_model_name_or_path), CONFIG_NAME)
-        ):
-            raise FileNotFoundError(f"{pretrained_model_name_or_path} has no {CONFIG_NAME}: not a saved SDEHeads folder.")
-        return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        """Load heads from a saved folder or a hub repo id (a missing folder is reported as one)."""
+        path = str(pretrained_model_name_or_path)
+        if os.path.isdir(path):
+            if not os.path.isfile(os.path.join(path, CONFIG_NAME)):
+                raise FileNotFoundError(f"{path} has no {CONFIG_NAME}: not a saved SDEHeads folder.")
+            return super().from_pretrained(path, **kwargs)
+        if os.path.exists(path):
+            raise FileNotFoundError(f"{path} is a file, not a saved SDEHeads folder.")
+        if looks_like_path(path):
+            raise FileNotFoundError(f"No SDE heads folder at {path}: it does not exist. Pass the folder that "
+                                    "`hf-sde fit --out` wrote, or a hub repo id such as user/heads.")
+        try:
+            return super().from_pretrained(path, **kwargs)
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError) as e:
+            if isinstance(e, FileNotFoundError) and "holds no SDE heads" in str(e):
+                raise
+            raise FileNotFoundError(f"{path}: there is no local folder of that name, and the hub repo could not "
+                                    f"be fetched ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+def looks_like_path(name: str) -> bool:
+    """A name that can only be meant as a local path (``x/``, ``./x``, ``/x``, ``~``, ``a/b/c``, not a repo id)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    if name.endswith(("/", os.sep)) or name.startswith((".", "/", "~", os.sep)) or os.path.isabs(name):
+        return True
+    if "\\" in name or name.count("/") > 1:
+        return True
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+_CALIBRATION = ("horizon", "log_diffusion_mean", "log_diffusion_std", "nll_mean", "nll_std", "sigma_floor")
+_POSITIVE = ("horizon", "log_diffusion_std", "nll_std")
+
+
+def check_calibration(config: SDEHeadsConfig, prefix: str = "") -> None:
+    """Raise ``ValueError`` unless the horizon and calibration statistics are finite (and scales positive).
+
+    Heads fitted on too little data (or a diverged fit) have NaN / inf calibration; their z-scores and
+    temperatures would be garbage, so they are never saved nor loaded.
+    """
+    bad = []
+    for name in _CALIBRATION:
+        value = getattr(config, name)
+        try:
+            x = float(value)
+        except (TypeError, ValueError):
+            bad.append(f"{name}={value!r}")
+            continue
+        if not math.isfinite(x) or (name in _POSITIVE and x <= 0):
+            bad.append(f"{name}={x}")
+    if bad:
+        raise ValueError(f"{prefix}these SDE heads have a non-finite or non-positive calibration ({', '.join(bad)}): "
+                         "the fit diverged or had too little data. Refit on more data.")
+
+
+def check_finite_state(state: dict, prefix: str = "") -> None:
+    """Raise ``ValueError`` if any weight or buffer holds NaN or inf."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{prefix}these SDE heads have non-finite values in {', '.join(sorted(bad))}: the fit "
+                         "diverged. Refit (more data, a lower learning rate).")

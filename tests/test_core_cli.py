@@ -96,3 +96,63 @@ def test_push_validates_the_folder_first(tmp_path, capsys, no_network):
     empty.mkdir()
     assert main(["push", str(empty), "someone/heads", "--token", "hf_not_a_real_token"]) == 2
     assert "not a saved SDEHeads folder" in capsys.readouterr().err
+
+
+def test_fit_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys, monkeypatch, stories_model):
+    """Before: `fit --out` into a folder of earlier heads silently overwrote them."""
+    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "notes.txt").write_text("earlier work")
+    args = ["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "-q", "--epochs", "1", "--out", str(out)]
+    assert main(args) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == ["notes.txt"]
+    assert main([*args, "--overwrite"]) == 0
+    assert "notes.txt" not in os.listdir(out) and "config.json" in os.listdir(out)
+    assert SDEHeads.from_pretrained(str(out)).config.base_model == STORIES_REPO
+    assert sorted(os.listdir(tmp_path)) == ["out"]  # no partial folder left beside it
+
+
+def test_an_interrupted_fit_leaves_nothing_that_loads(tmp_path, monkeypatch, stories_model):
+    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    real_save = SDEHeads._save_pretrained
+
+    def save_then_die(self, save_directory):
+        real_save(self, save_directory)
+        raise KeyboardInterrupt  # e.g. Ctrl-C after the weights, before fit_history.json
+
+    monkeypatch.setattr(SDEHeads, "_save_pretrained", save_then_die)
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt):
+        main(["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "-q", "--epochs", "1", "--out", str(out)])
+    assert os.listdir(tmp_path) == []
+
+
+def test_generate_with_a_missing_heads_folder_says_so(capsys):
+    """Before: "Repo id must use alphanumeric chars" or a Hub connection error."""
+    assert main(["generate", "--model", STORIES_REPO, "--heads", "does-not-exist/", "--prompt", "Hi"]) == 2
+    err = capsys.readouterr().err
+    assert "No SDE heads folder at does-not-exist/" in err and "does not exist" in err
+
+
+def test_generate_without_heads_needs_the_shipped_heads_or_says_what_to_pass(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "hf_sde.pretrained", None)  # as if the package shipped none
+    with pytest.raises(SystemExit, match="pass --heads"):
+        main(["generate", "--model", STORIES_REPO, "--prompt", "Hi"])
+
+
+def test_smoke_environment_variable_caps_the_work(monkeypatch, capsys):
+    from hf_sde.commands import build_parser
+    from hf_sde.commands._smoke import apply_smoke
+
+    args = build_parser().parse_args(["fit", "--data", "x.txt", "--out", "o", "--epochs", "60", "--limit", "3"])
+    monkeypatch.delenv("HF_SDE_SMOKE", raising=False)
+    assert apply_smoke(args, args.smoke) == {} and args.epochs == 60
+    monkeypatch.setenv("HF_SDE_SMOKE", "1")
+    changed = apply_smoke(args, args.smoke)
+    assert args.epochs == 2 and args.limit == 3 and "limit" not in changed  # already below the cap
+    assert "HF_SDE_SMOKE=1" in capsys.readouterr().err
+    assert "HF_SDE_SMOKE=1" in build_parser().format_help()  # documented in `hf-sde --help`

@@ -162,3 +162,51 @@ def test_projection_and_lift_are_consistent():
         heads.proj_basis.copy_(q)
     dz = torch.randn(3, 6)
     torch.testing.assert_close(heads.project(heads.proj_mean + heads.lift(dz)), dz, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["does-not-exist/", "./nope", "some/deep/path", "/abs/missing"])
+def test_a_missing_folder_is_reported_as_one(tmp_path, monkeypatch, name):
+    """Before: "Repo id must use alphanumeric chars" or a Hub connection error."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="No SDE heads folder at .* it does not exist"):
+        SDEHeads.from_pretrained(name)
+
+
+def test_an_unknown_repo_id_offline_says_there_is_no_such_folder_either(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no local folder of that name"):
+        SDEHeads.from_pretrained("someone/not-cached-heads")
+
+
+@pytest.mark.parametrize("field,value", [("log_diffusion_std", float("nan")), ("nll_std", 0.0),
+                                          ("nll_mean", float("inf")), ("log_diffusion_mean", float("-inf")),
+                                          ("horizon", -1.0)])
+def test_heads_with_a_non_finite_calibration_are_never_saved_nor_loaded(tmp_path, field, value):
+    bad = _heads()
+    setattr(bad.config, field, value)
+    with pytest.raises(ValueError, match=f"Refusing to save.*{field}"):
+        bad.save_pretrained(tmp_path / "bad")
+    assert not (tmp_path / "bad" / "model.safetensors").exists()
+    # A folder written by another tool (or an older version) is refused on load.
+    _heads().save_pretrained(tmp_path / "edited")
+    cfg_path = tmp_path / "edited" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match=f"Refusing to load.*{field}"):
+        SDEHeads.from_pretrained(str(tmp_path / "edited"))
+
+
+def test_heads_with_non_finite_weights_are_never_saved_nor_loaded(tmp_path):
+    bad = _heads()
+    with torch.no_grad():
+        bad.drift_net[0].weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="non-finite values in drift_net.0.weight"):
+        bad.save_pretrained(tmp_path / "bad")
+    _heads().save_pretrained(tmp_path / "edited")
+    weights = tmp_path / "edited" / "model.safetensors"
+    state = load_file(weights)
+    state["proj_scale"][0] = float("inf")
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="Refusing to load.*proj_scale"):
+        SDEHeads.from_pretrained(str(tmp_path / "edited"))

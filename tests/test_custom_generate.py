@@ -30,3 +30,14 @@ def test_exported_custom_generate_runs_sde_control(stories_model, stories_trajec
                          sde_control={"heads": str(heads_dir), "mode": "temperature", "beta": 2.0})
     tau = hot.sde_trace.temperature
     assert ((tau >= 0.3) & (tau <= 1.5)).all() and not torch.allclose(tau, torch.ones_like(tau))
+
+
+def test_export_refuses_a_heads_folder_unless_overwrite(stories_trajectories, tmp_path, capsys):
+    heads_dir = tmp_path / "heads"
+    fit_heads(stories_trajectories, proj_dim=4, epochs=1, progress=False).heads.save_pretrained(heads_dir)
+    before = sorted(p.name for p in heads_dir.iterdir())
+    assert main(["export-generate", str(heads_dir)]) == 2
+    assert "holds saved SDE heads" in capsys.readouterr().err
+    assert sorted(p.name for p in heads_dir.iterdir()) == before
+    assert main(["export-generate", str(heads_dir), "--overwrite"]) == 0
+    assert sorted(p.name for p in heads_dir.iterdir()) == ["README.md", "custom_generate"]

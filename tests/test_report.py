@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 import re
@@ -31,9 +33,12 @@ def analyzed(tmp_path_factory):
     heads_dir, out = root / "heads", root / "report"
     assert main(["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "--max-length", "128", "--epochs", "3", "--width", "32",
                  "--depth", "1", "--heldout-fraction", "0.4", "--out", str(heads_dir), "-q"]) == 0
-    rc = main(["analyze", "--heads", str(heads_dir), "--data", str(TINYSTORIES), "--out", str(out),
-               "--n-paths", "2", "--max-starts", "4", "--max-samples", "300", "--examples", "1", "-q"])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["analyze", "--heads", str(heads_dir), "--data", str(TINYSTORIES), "--out", str(out),
+                   "--n-paths", "2", "--max-starts", "4", "--max-samples", "300", "--examples", "1", "-q"])
     assert rc == 0
+    analyzed.printed = printed.getvalue()
     return heads_dir, out, json.loads((out / "metrics.json").read_text(), parse_constant=_reject)
 
 
@@ -52,8 +57,12 @@ def test_analyze_writes_html_metrics_and_figures(analyzed):
     assert srcs == FIGURES  # relative paths, nothing fetched from the network
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert page.count("<figcaption>") == len(FIGURES)
-    verdict = "closer to" if m["simulation"]["neural_closer_than_ou"] else "NOT closer to"
-    assert f"<b>{verdict}</b> the held-out paths than simulated OU paths" in page
+    said = verdicts(m, bold=lambda x: f"<b>{x}</b>")
+    assert said["nll"] in page and said["simulation"] in page
+    # The terminal says what the page says (same sentences, without the markup).
+    plain = verdicts(m)
+    assert plain["simulation"] in analyzed.printed and plain["nll"] in analyzed.printed
+    assert re.sub("</?b>", "", said["simulation"]) == plain["simulation"]
     assert "Theory checks" in page and "metrics.json" in page
     assert page.count("<span style=\"background:") == len(m["examples"][0]["tokens"])
 
@@ -181,3 +190,32 @@ def test_analyze_cli_errors(tmp_path, capsys):
     assert rc == 2
     assert "not a saved SDEHeads folder" in capsys.readouterr().err
     assert not Path(tmp_path / "r" / "index.html").exists()
+
+
+def _sim_metrics(neural: float, ou: float, floor: float, within: bool | None) -> dict:
+    return {"heldout_nll": {"neural": 1.0, "ou": 1.1, "brownian": 1.5}, "neural_beats_baselines": True,
+            "simulation": {"sliced_wasserstein": {"neural": neural, "ou": ou, "brownian": 0.3, "real_vs_real": floor},
+                           "neural_closer_than_ou": neural < ou, "neural_ou_gap_within_noise": within}}
+
+
+def test_a_gap_within_sampling_noise_is_a_tie_not_closer():
+    """Before: `hf-sde analyze` printed "closer than OU" for a 0.00003 gap its own HTML called noise."""
+    tie = verdicts(_sim_metrics(0.08698, 0.08701, 0.043, True))["simulation"]
+    assert "tie within sampling noise" in tie and "closer to" not in tie and "NOT" not in tie
+    real = verdicts(_sim_metrics(0.05, 0.2, 0.01, False))["simulation"]
+    assert "closer to the held-out paths than simulated OU paths" in real and "larger than sampling noise" in real
+    worse = verdicts(_sim_metrics(0.2, 0.05, 0.01, False))["simulation"]
+    assert "NOT closer to" in worse
+
+
+def test_analyze_refuses_to_write_into_a_non_empty_folder(analyzed, tmp_path, capsys):
+    heads_dir, _, _ = analyzed
+    before = sorted(p.name for p in heads_dir.iterdir())
+    for out in (heads_dir, tmp_path):  # the heads folder itself, any non-empty folder
+        (tmp_path / "keep.txt").write_text("x")
+        rc = main(["analyze", "--heads", str(heads_dir), "--data", str(TINYSTORIES), "--out", str(out), "-q"])
+        assert rc == 2
+        err = capsys.readouterr().err
+        assert "--overwrite" in err or "is the --heads folder" in err
+    assert sorted(p.name for p in heads_dir.iterdir()) == before
+    assert (tmp_path / "keep.txt").exists() and not (tmp_path / "index.html").exists()

@@ -6,7 +6,7 @@ import json
 import os
 
 from . import _model
-from ._output import atomic_output_dir
+from ._output import atomic_output_dir, check_output_dir
 
 HELP = "write the analysis report (HTML, metrics.json, figures) for fitted heads"
 SMOKE = {"limit": 8, "n_paths": 2, "max_starts": 4, "max_samples": 300, "examples": 1, "max_length": 64}
@@ -66,6 +66,7 @@ def run(args) -> int:
     from ..report import build_report, verdicts
 
     _check_out(args)
+    check_output_dir(args.out, args.overwrite)  # before the slow part
     heads = SDEHeads.from_pretrained(args.heads)
     model, tokenizer = _model.load_model_from_args(args, heads.config)
     history = _load_history(args.heads, args.history)
