@@ -143,6 +143,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device_map: str | dict | None = None,
     device: str | torch.device | None = None,
+    gguf_cache: bool | None = None,
     **kwargs,
 ):
     """Load ``(model, tokenizer)`` from a hub id, a local folder or a GGUF file inside either.
@@ -150,11 +151,40 @@ def load_model(
     Works offline with ``HF_HUB_OFFLINE=1`` and ``HF_HUB_CACHE`` pointing at a hub cache. GGUF files whose
     special-token ids lie outside the vocabulary are repaired, with a warning naming the fields.
 
+    GGUF weights are dequantized once and cached as safetensors (see :mod:`hf_sde.gguf_cache`, keyed by repo,
+    revision and the file's sha256, verified on every load, rebuilt when corrupt); later loads read the cache
+    through ``from_pretrained(folder)``. ``gguf_cache=False`` (or ``HF_SDE_GGUF_CACHE=0``) turns that off.
+
     Example:
         >>> model, tok = load_model("ggml-org/models-moved", gguf_file="tinyllamas/stories260K.gguf",
         ...                         revision="499bc8821c6b12b4e53c5bffcb21ec206f212d81")
     """
+    from . import gguf_cache as cache
+
     hub_kwargs = {k: kwargs.pop(k) for k in ("cache_dir", "token", "local_files_only") if k in kwargs}
+    loaded = None
+    if gguf_file is not None and cache.enabled(gguf_cache):
+        gguf_path = _resolve_file(name_or_path, gguf_file, revision, **hub_kwargs)
+        loaded = cache.load_cached(
+            name_or_path, gguf_file, revision, gguf_path,
+            build=lambda: _load_direct(name_or_path, gguf_file, revision, hub_kwargs),
+            dtype=dtype, device_map=device_map, **kwargs,
+        )
+    if loaded is None:
+        loaded = _load_direct(name_or_path, gguf_file, revision, hub_kwargs, dtype=dtype, device_map=device_map,
+                              **kwargs)
+    model, tokenizer, repaired = loaded
+    if repaired:
+        logger.warning(
+            "Repaired invalid special-token ids in %s%s (outside the vocabulary, set to None): %s",
+            name_or_path, f"/{gguf_file}" if gguf_file else "", ", ".join(repaired),
+        )
+    return _finish(model, tokenizer, name_or_path, gguf_file, revision, device, device_map)
+
+
+def _load_direct(name_or_path: str, gguf_file: str | None, revision: str | None, hub_kwargs: dict, *,
+                 dtype=None, device_map=None, **kwargs):
+    """``(model, tokenizer, repaired fields)`` through transformers' own loading (GGUF: dequantized here)."""
     common = dict(revision=revision, **hub_kwargs)
     if gguf_file is not None:
         common["gguf_file"] = gguf_file
@@ -171,11 +201,11 @@ def load_model(
         repaired += tok_repaired
     else:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, **common)
-    if repaired:
-        logger.warning(
-            "Repaired invalid special-token ids in %s%s (outside the vocabulary, set to None): %s",
-            name_or_path, f"/{gguf_file}" if gguf_file else "", ", ".join(repaired),
-        )
+    return model, tokenizer, repaired
+
+
+def _finish(model, tokenizer, name_or_path, gguf_file, revision, device, device_map):
+    """Pad token, left padding, device, eval mode and the source record, however the model was loaded."""
     if model.generation_config.pad_token_id is not None and _invalid_id(
         model.generation_config.pad_token_id, model.config.get_text_config().vocab_size
     ):

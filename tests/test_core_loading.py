@@ -138,3 +138,91 @@ def test_prepare_tokenizer_needs_some_special_token():
         prepare_tokenizer(tok)
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[X]")
     assert prepare_tokenizer(tok).pad_token == "[X]"
+
+
+# ----- the dequantized-weights cache (hf_sde.gguf_cache) ------------------------------------------------
+def _stories(**kwargs):
+    from hf_sde.loading import load_model
+
+    return load_model(STORIES_REPO, gguf_file=STORIES_GGUF, revision=STORIES_REVISION, **kwargs)
+
+
+def _logits(model, tok):
+    with torch.no_grad():
+        return model(**tok(["Once upon a time, there was a cat."], return_tensors="pt")).logits
+
+
+@pytest.fixture
+def gguf_cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_SDE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("HF_SDE_GGUF_CACHE", raising=False)
+    return tmp_path / "cache"
+
+
+def _entry(cache):
+    from hf_sde.gguf_cache import MANIFEST
+
+    entries = [p.parent for p in cache.rglob(MANIFEST)]
+    assert len(entries) == 1, entries
+    return entries[0]
+
+
+def test_gguf_cache_second_load_reads_the_cache_and_equals_a_direct_load(gguf_cache_dir, monkeypatch, caplog):
+    direct_model, direct_tok = _stories(gguf_cache=False)
+    model, tok = _stories()  # builds the entry
+    entry = _entry(gguf_cache_dir)
+    assert entry.parts[-3:] == ("ggml-org--models-moved", STORIES_REVISION,
+                                "270cba1bd5109f42d03350f60406024560464db173c0e387d91f0426d3bd256d")
+
+    def no_dequantizing(*args, **kwargs):
+        raise AssertionError("the second load dequantized the GGUF again")
+
+    monkeypatch.setattr("hf_sde.loading._load_direct", no_dequantizing)
+    with caplog.at_level(logging.WARNING, logger="hf_sde.loading"):
+        again, again_tok = _stories()
+    assert "padding_token_id=4294967295" in caplog.text  # the repair is still reported
+    assert torch.equal(_logits(again, again_tok), _logits(direct_model, direct_tok))
+    text = "Once upon a time, there was a cat.\nIt sat."
+    assert again_tok(text)["input_ids"] == direct_tok(text)["input_ids"]
+    assert (again_tok.pad_token, again_tok.padding_side) == (direct_tok.pad_token, "left")
+    assert again.hf_sde_source == direct_model.hf_sde_source and again.config.name_or_path == STORIES_REPO
+    assert again.config.to_diff_dict() == model.config.to_diff_dict()
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
+def test_a_corrupt_gguf_cache_entry_is_rebuilt_not_trusted(gguf_cache_dir, caplog, damage):
+    from hf_sde.gguf_cache import MANIFEST
+
+    reference = _logits(*_stories())
+    entry = _entry(gguf_cache_dir)
+    weights = entry / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    if damage == "truncate":
+        weights.write_bytes(data[: len(data) // 2])
+    elif damage == "flip":
+        data[len(data) // 2] ^= 0xFF  # same size, same header: only the checksum sees it
+        weights.write_bytes(data)
+    else:
+        (entry / MANIFEST).write_text("{not json")
+    with caplog.at_level(logging.WARNING, logger="hf_sde.gguf_cache"):
+        model, tok = _stories()
+    assert "is not valid" in caplog.text and "rebuilding it" in caplog.text
+    assert torch.equal(_logits(model, tok), reference)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_sde.gguf_cache"):
+        _stories()
+    assert "rebuilding" not in caplog.text  # the rebuilt entry verifies
+
+
+def test_an_unwritable_gguf_cache_loads_without_it_and_says_so_once(tmp_path, monkeypatch, caplog):
+    import hf_sde.gguf_cache as gc
+
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("HF_SDE_CACHE", str(blocker))  # mkdir under a file fails, also as root
+    monkeypatch.setattr(gc, "_warned_unwritable", False)
+    with caplog.at_level(logging.WARNING, logger="hf_sde.gguf_cache"):
+        model, tok = _stories()
+        _stories()
+    assert caplog.text.count("is not writable") == 1
+    assert model.config.hidden_size == 64 and blocker.read_text() == "not a folder"

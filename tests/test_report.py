@@ -25,6 +25,8 @@ FIGURES = ["loss_curves.png", "drift_vs_t.png", "drift_quiver.png", "diffusion_v
 TOP_KEYS = {"hf_sde_version", "heads", "data", "fit", "heldout_nll", "heldout_nll_parts", "neural_beats_baselines",
             "drift_diffusion", "process", "simulation", "theory", "examples", "figures", "runtime_s"}
 
+PRINTED: dict[str, str] = {}  # what `hf-sde analyze` printed in the fixture
+
 
 @pytest.fixture(scope="module")
 def analyzed(tmp_path_factory):
@@ -38,7 +40,7 @@ def analyzed(tmp_path_factory):
         rc = main(["analyze", "--heads", str(heads_dir), "--data", str(TINYSTORIES), "--out", str(out),
                    "--n-paths", "2", "--max-starts", "4", "--max-samples", "300", "--examples", "1", "-q"])
     assert rc == 0
-    analyzed.printed = printed.getvalue()
+    PRINTED["analyze"] = printed.getvalue()
     return heads_dir, out, json.loads((out / "metrics.json").read_text(), parse_constant=_reject)
 
 
@@ -61,7 +63,7 @@ def test_analyze_writes_html_metrics_and_figures(analyzed):
     assert said["nll"] in page and said["simulation"] in page
     # The terminal says what the page says (same sentences, without the markup).
     plain = verdicts(m)
-    assert plain["simulation"] in analyzed.printed and plain["nll"] in analyzed.printed
+    assert plain["simulation"] in PRINTED["analyze"] and plain["nll"] in PRINTED["analyze"]
     assert re.sub("</?b>", "", said["simulation"]) == plain["simulation"]
     assert "Theory checks" in page and "metrics.json" in page
     assert page.count("<span style=\"background:") == len(m["examples"][0]["tokens"])
