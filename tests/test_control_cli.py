@@ -102,3 +102,32 @@ def test_generate_uses_the_heads_model_and_reports_errors(cli_setup, capsys, tmp
     capsys.readouterr()
     assert main(["generate", "--heads", str(tmp_path / "missing"), "--prompt", "Hi"]) == 2
     assert "error" in capsys.readouterr().err
+
+
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:{% endif %}")
+
+
+def test_generate_formats_chat_prompts_for_response_heads(cli_setup, capsys, tmp_path):
+    """--chat defaults on when the tokenizer has a chat template and the heads model responses (prompt_end)."""
+    bundle, folder, _ = cli_setup
+    args = ["generate", "--prompt", "Tell a story", "--max-new-tokens", "3", "--json", "--greedy"]
+    # stories260K has no chat template: plain prompt, and --chat says why it cannot.
+    assert main([*args, "--heads", str(folder)]) == 0
+    assert _strict_json(capsys.readouterr().out)["chat"] is False
+    assert main([*args, "--heads", str(folder), "--chat"]) == 2
+    assert "chat template" in capsys.readouterr().err
+    bundle.tok.chat_template = CHAT_TEMPLATE
+    try:
+        assert main([*args, "--heads", str(folder)]) == 0  # heads fitted on whole sequences: still plain
+        assert _strict_json(capsys.readouterr().out)["chat"] is False
+        bundle.heads.config.time_origin = "prompt_end"
+        response_heads = tmp_path / "response-heads"
+        bundle.heads.save_pretrained(response_heads)
+        assert main([*args, "--heads", str(response_heads)]) == 0
+        data = _strict_json(capsys.readouterr().out)
+        assert data["chat"] is True and not data["text"].startswith("Tell a story")  # the answer alone
+        assert main([*args, "--heads", str(response_heads), "--no-chat"]) == 0
+        assert _strict_json(capsys.readouterr().out)["text"].startswith("Tell a story")
+    finally:
+        bundle.tok.chat_template = None
