@@ -115,7 +115,7 @@ def _iter_jsonl(path: str) -> Iterator[dict]:
                 if not line.strip():
                     continue
                 try:
-                    row = json.loads(line)
+                    row = json.loads(line.rstrip("\r\n"))
                 except json.JSONDecodeError as e:
                     raise ValueError(f"{path}, line {number}: not valid JSON ({e.msg} at column {e.colno}); "
                                      "each line of a .jsonl file must be one JSON object.") from None
@@ -127,8 +127,30 @@ def _iter_jsonl(path: str) -> Iterator[dict]:
         raise _not_utf8(path, e) from None
 
 
+def _json_rows(path: str, value) -> list[dict]:
+    """The rows of a parsed .json file, in the shapes ``datasets`` reads: a list of objects (or of strings,
+    each a ``text``), an object of equal-length column lists, or a single object (one row)."""
+    if isinstance(value, dict):
+        columns = list(value.values())
+        if columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1:
+            return [dict(zip(value, row, strict=True)) for row in zip(*columns, strict=True)]
+        return [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a list of rows: write "
+                         "[{\"text\": ...}, ...] (or one object per line in a .jsonl file).")
+    rows = []
+    for i, row in enumerate(value):
+        if isinstance(row, str):
+            row = {"text": row}
+        if not isinstance(row, dict):
+            raise ValueError(f"{path}: item {i} of the list is a JSON {type(row).__name__}, not a row object "
+                             "(or a string).")
+        rows.append(row)
+    return rows
+
+
 def _iter_json(path: str) -> Iterator[dict]:
-    """A .json file: a list of row objects (or JSON lines, as ``datasets`` also accepts)."""
+    """A .json file: rows as :func:`_json_rows` reads them (or JSON lines, as ``datasets`` also accepts)."""
     try:
         with open(path, encoding="utf-8") as f:
             rows = json.load(f)
@@ -139,13 +161,7 @@ def _iter_json(path: str) -> Iterator[dict]:
             yield from _iter_jsonl(path)
             return
         raise ValueError(f"{path}, line {e.lineno}: not valid JSON ({e.msg} at column {e.colno}).") from None
-    if not isinstance(rows, list):
-        raise ValueError(f"{path} holds a JSON {type(rows).__name__}, not a list of rows: write "
-                         "[{\"text\": ...}, ...] (or one object per line in a .jsonl file).")
-    for i, row in enumerate(rows):
-        if not isinstance(row, dict):
-            raise ValueError(f"{path}: item {i} of the list is a JSON {type(row).__name__}, not a row object.")
-        yield row
+    yield from _json_rows(path, rows)
 
 
 def _iter_csv(path: str) -> Iterator[dict]:
@@ -222,8 +238,8 @@ def _row_to_document(row: dict, name: str, template: str | None, text_column: st
     except KeyError as e:
         raise ValueError(f"Template {template!r} needs column {e.args[0]!r}, but {name!r} has "
                          f"{sorted(row)}.") from None
-    except ValueError as e:
-        raise ValueError(f"Template {template!r} cannot read a row of {name!r}: {e}.") from None
+    except (ValueError, AttributeError, TypeError) as e:  # e.g. a null prompt: say which row shape fails
+        raise ValueError(f"Template {template!r} cannot read a row of {name!r} ({e}); row: {str(row)[:200]}") from None
 
 
 def _is_blank(doc: Document) -> bool:
