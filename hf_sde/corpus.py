@@ -312,16 +312,9 @@ def iter_documents(
         yield doc, group
 
 
-def load_texts(
-    data: str | os.PathLike | Iterable,
-    *,
-    template: str | None = None,
-    text_column: str | None = None,
-    split: str = "train",
-    separator: str | None = None,
-    limit: int | None = None,
-    return_groups: bool = False,
-):
+def load_texts(data: str | os.PathLike | Iterable, *, template: str | None = None, text_column: str | None = None,
+               split: str = "train", separator: str | None = None, limit: int | None = None,
+               return_groups: bool = False):
     """Return the documents of a corpus as a list (see :func:`iter_documents` for what ``data`` may be).
 
     Documents are strings, or conversations for the chat templates (``CHAT_TEMPLATES``). A hub dataset is
