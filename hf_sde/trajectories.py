@@ -1,8 +1,13 @@
 """Hidden-state trajectories: the path ``H_0, H_1, ...`` of one text at one decoder layer.
 
-Extraction reads the block output with a single forward hook, batches texts of similar length with
-right padding (causal attention makes every real position independent of the padding, so each row
-equals its unbatched extraction), and stores everything as safetensors.
+Extraction reads block outputs with forward hooks (one per requested layer, all from one forward pass that
+stops after the deepest of them), batches texts of similar length with right padding (causal attention
+makes every real position independent of the padding, so each row equals its unbatched extraction), and
+stores everything as safetensors. The trajectory file format is read and written here only.
+
+Chat data (a conversation whose last message is the response) is modelled on the response: the model reads
+the whole conversation and the path runs from the last position before the first response token (the state
+that produced it, ``k = 0``) to the last response token (see :func:`tokenize_chats`).
 """
 
 from __future__ import annotations
@@ -14,18 +19,39 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from .layers import hidden_size, num_decoder_layers, register_block_hook, resolve_layer
 
 logger = logging.getLogger(__name__)
 
+_HEADER_KEY = "hf_sde_trajectories"
+
+
+def read_trajectory_header(path: str) -> tuple[dict, list[int]]:
+    """A trajectory file's header (layer, sizes, model, ``meta``) and per-sequence lengths, without its states."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No trajectory file at {path!r}.")
+    try:
+        with safe_open(path, "pt") as f:
+            metadata, keys = f.metadata() or {}, set(f.keys())
+            lengths = f.get_tensor("lengths").tolist() if "lengths" in keys else None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a readable safetensors trajectory file (corrupt or truncated?): {e}") from e
+    if _HEADER_KEY not in metadata or keys != {"states", "lengths"}:
+        raise ValueError(f"{path} is a safetensors file but not an hf-sde trajectory file (keys {sorted(keys)}).")
+    return json.loads(metadata[_HEADER_KEY]), lengths
+
 
 @dataclass
 class Trajectories:
-    """A list of per-sequence hidden paths ``(L_i, D)`` plus where they came from."""
+    """A list of per-sequence hidden paths ``(L_i, D)`` plus where they came from.
+
+    ``meta`` may hold per-sequence lists (``groups``, ``kept_indices``, ``path_start``: the absolute
+    position of each path's first state) and ``time_origin`` (``"prompt_end"`` for response paths).
+    """
 
     states: list[torch.Tensor]
     layer: int
@@ -48,41 +74,33 @@ class Trajectories:
 
     def subset(self, indices: Sequence[int]) -> Trajectories:
         meta = dict(self.meta)
-        for key in ("groups", "kept_indices"):
+        for key in ("groups", "kept_indices", "path_start", "doc_indices"):
             if key in meta:
                 meta[key] = [meta[key][i] for i in indices]
         return Trajectories([self.states[i] for i in indices], self.layer, self.hidden_size, self.num_layers,
                             self.model_id, 0, meta)
 
     def save(self, path: str) -> None:
-        """Save as one safetensors file (states concatenated, lengths alongside, metadata as JSON)."""
+        """Save as one safetensors file (states concatenated as float32, lengths alongside, metadata as JSON)."""
         flat = torch.cat([s.float() for s in self.states]) if self.states else torch.zeros(0, self.hidden_size)
         meta = {"layer": self.layer, "hidden_size": self.hidden_size, "num_layers": self.num_layers,
                 "model_id": self.model_id, "skipped": self.skipped, "meta": self.meta}
         save_file({"states": flat.contiguous(), "lengths": torch.tensor(self.lengths, dtype=torch.int64)},
-                  path, metadata={"hf_sde_trajectories": json.dumps(meta)})
+                  path, metadata={_HEADER_KEY: json.dumps(meta)})
 
     @classmethod
     def load(cls, path: str) -> Trajectories:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"No trajectory file at {path!r}.")
+        header, lengths = read_trajectory_header(path)
         try:
-            tensors = load_file(path)
-            from safetensors import safe_open
-
             with safe_open(path, "pt") as f:
-                metadata = f.metadata() or {}
+                flat = f.get_tensor("states")
         except (SafetensorError, OSError, ValueError) as e:
             raise ValueError(f"{path} is not a readable safetensors trajectory file (corrupt or truncated?): {e}") from e
-        if "hf_sde_trajectories" not in metadata or set(tensors) != {"states", "lengths"}:
-            raise ValueError(f"{path} is a safetensors file but not an hf-sde trajectory file (keys {sorted(tensors)}).")
-        meta = json.loads(metadata["hf_sde_trajectories"])
-        lengths = tensors["lengths"].tolist()
-        if sum(lengths) != tensors["states"].shape[0]:
-            raise ValueError(f"{path}: lengths sum to {sum(lengths)} but there are {tensors['states'].shape[0]} states.")
-        states = list(torch.split(tensors["states"], lengths)) if lengths else []
-        return cls(states, meta["layer"], meta["hidden_size"], meta.get("num_layers"), meta.get("model_id"),
-                   meta.get("skipped", 0), meta.get("meta", {}))
+        if sum(lengths) != flat.shape[0]:
+            raise ValueError(f"{path}: lengths sum to {sum(lengths)} but there are {flat.shape[0]} states.")
+        states = list(torch.split(flat, lengths)) if lengths else []
+        return cls(states, header["layer"], header["hidden_size"], header.get("num_layers"), header.get("model_id"),
+                   header.get("skipped", 0), header.get("meta", {}))
 
 
 def check_finite(states: Sequence[torch.Tensor], indices: Sequence[int] | None = None) -> None:
@@ -101,6 +119,7 @@ def check_finite(states: Sequence[torch.Tensor], indices: Sequence[int] | None =
             )
 
 
+# ----- tokenization -------------------------------------------------------------------------------------
 def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int | None = None) -> list[list[int]]:
     """Token ids for each text (special tokens as the tokenizer adds them), truncated to ``max_length``."""
     enc = tokenizer(list(texts), add_special_tokens=True, truncation=max_length is not None,
@@ -108,20 +127,190 @@ def tokenize_texts(tokenizer, texts: Sequence[str], max_length: int | None = Non
     return [list(ids) for ids in enc["input_ids"]]
 
 
+def _render(tokenizer, messages: list[dict], **kw) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+
+
+def _response_span(tokenizer, messages: list[dict]) -> tuple[list[int], int, int]:
+    """``(ids, first, end)``: the conversation's token ids and the response tokens ``ids[first:end]``.
+
+    The template's tokens before the response (role header) and after it (closing special tokens) lie
+    outside ``first:end``; found from the rendered text's character offsets, so BPE merges cannot shift it.
+    """
+    text = _render(tokenizer, messages)
+    context = _render(tokenizer, messages[:-1], add_generation_prompt=True)
+    if not text.startswith(context):
+        raise ValueError("the chat template does not render the conversation as its context (with the "
+                         "generation prompt) followed by the response, so the response cannot be located")
+    response = messages[-1]["content"]
+    at = text.find(response, len(context))
+    if at < 0:  # templates may trim the content
+        response = response.strip()
+        at = text.find(response, len(context))
+    if at < 0:
+        raise ValueError("the chat template does not reproduce the response text verbatim")
+    resp_end = at + len(response)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    offsets = enc["offset_mapping"]
+    first = next(i for i, (_, e) in enumerate(offsets) if e > at)
+    end = 1 + max(i for i, (s, _) in enumerate(offsets) if s < resp_end)
+    return list(enc["input_ids"]), first, end
+
+
+def model_name(model) -> str | None:
+    """Where the model came from (what ``load_model`` recorded, else its config's name)."""
+    source = getattr(model, "hf_sde_source", None) or {}
+    return source.get("name_or_path") or getattr(model.config, "_name_or_path", None)
+
+
+def check_chat_template(tokenizer, template: str | None = None, model=None) -> None:
+    """Raise, naming the corpus template and the model, when the tokenizer has no chat template."""
+    if getattr(tokenizer, "chat_template", None) is not None:
+        return
+    name = (model_name(model) if model is not None else None) or getattr(tokenizer, "name_or_path", None) or "?"
+    what = f"template={template!r}" if template else "Chat data"
+    raise ValueError(
+        f"{what} formats conversations with the tokenizer's chat template, but the tokenizer of {name!r} has "
+        "none (tokenizer.chat_template is None). Use a chat model (e.g. SmolLM2-135M-Instruct), set "
+        "tokenizer.chat_template, or a plain-text template ('helpsteer', 'helpsteer-response').")
+
+
+def tokenize_chats(
+    tokenizer, conversations: Sequence[list[dict]], max_length: int | None = None, max_context: int | None = None,
+    *, template: str | None = None,
+) -> tuple[list[list[int]], list[int]]:
+    """Token ids of each conversation through ``tokenizer.apply_chat_template``, and where its path starts.
+
+    A conversation is a list of ``{"role", "content"}`` messages; the last is the assistant's response.
+    Returns ``(ids, starts)``: ``ids`` runs from the conversation's start to the response's last token (the
+    template's closing tokens are cut: causal attention makes them irrelevant to earlier states), and the
+    modelled path is ``ids[start:]``: the last position before the first response token (the state that
+    produced it) through the response. ``max_length`` bounds the path (``len(ids) - start``), and so does
+    ``max_context - 1``; when the whole input exceeds ``max_context`` tokens its context is cut from the
+    left (the oldest prompt tokens go first; at least one context token always stays before the path, so
+    position 0, the attention sink of most models, never enters it). ``template`` names the corpus
+    template in errors.
+    """
+    check_chat_template(tokenizer, template)
+    caps = [x for x in (max_length, max_context - 1 if max_context is not None else None) if x is not None]
+    all_ids, starts = [], []
+    for n, messages in enumerate(conversations):
+        try:
+            ids, first, end = _response_span(tokenizer, messages)
+        except ValueError as e:
+            raise ValueError(f"Conversation {n}: {e}.") from None
+        start = first - 1
+        if start < 1:
+            raise ValueError(f"Conversation {n}: the chat template puts the response at position {first}; "
+                             "the path needs at least one context token before it.")
+        end = min([end] + [start + c for c in caps])
+        cut = max(0, end - max_context) if max_context is not None else 0
+        all_ids.append(ids[cut:end])
+        starts.append(start - cut)
+    return all_ids, starts
+
+
+def tokenize_documents(tokenizer, documents: Sequence, max_length: int | None = None,
+                       max_context: int | None = None, *,
+                       template: str | None = None) -> tuple[list[list[int]], list[int] | None]:
+    """``(ids, starts)`` for texts (:func:`tokenize_texts`, ``starts`` is ``None``) or conversations
+    (:func:`tokenize_chats`): what :func:`extract_from_ids` takes, whatever :func:`~hf_sde.corpus.load_texts`
+    returned."""
+    documents = list(documents)
+    if documents and all(isinstance(d, list) for d in documents):
+        return tokenize_chats(tokenizer, documents, max_length, max_context, template=template)
+    if any(isinstance(d, list) for d in documents):
+        raise ValueError("A corpus mixes texts and conversations; use one template for all of it.")
+    return tokenize_texts(tokenizer, documents, max_length), None
+
+
+# ----- extraction ---------------------------------------------------------------------------------------
+class _StopForward(Exception):
+    """Raised by the hook of the deepest requested layer: the blocks after it and the LM head are not needed."""
+
+
+def _batch(token_ids: Sequence[Sequence[int]], idx: list[int], starts: Sequence[int] | None):
+    """Right-padded ids, attention mask and the mask of the path positions to keep, for rows ``idx``."""
+    lengths = torch.tensor([len(token_ids[i]) for i in idx])
+    width = int(lengths.max())
+    input_ids = torch.tensor([list(token_ids[i]) + [0] * (width - len(token_ids[i])) for i in idx])
+    pos = torch.arange(width)
+    mask = pos < lengths[:, None]
+    first = torch.tensor([starts[i] for i in idx]) if starts is not None else torch.zeros(len(idx), dtype=torch.long)
+    return input_ids, mask.long(), mask & (pos >= first[:, None]), (lengths - first).tolist()
+
+
+def _capture(model, layers: list[int]):
+    """Hooks storing each requested block's output in a dict; the deepest one stops the forward."""
+    captured: dict[int, torch.Tensor] = {}
+    deepest = max(layers)
+
+    def make(layer: int):
+        def fn(h: torch.Tensor):
+            captured[layer] = h
+            if layer == deepest:
+                raise _StopForward
+        return fn
+
+    return captured, [register_block_hook(model, layer, make(layer)) for layer in layers]
+
+
+def _run_batches(model, token_ids, order: list[int], layers: list[int], starts, batch_size: int, dtype,
+                 progress: bool) -> dict[int, list[torch.Tensor]]:
+    """``{layer: paths}`` for the rows ``order`` (in that order), one forward per batch for all layers."""
+    device = next(model.parameters()).device
+    out: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    captured, handles = _capture(model, layers)
+    try:
+        bar = tqdm(total=len(order), desc=f"Extracting layer{'s' if len(layers) > 1 else ''} "
+                   f"{','.join(map(str, layers))}", disable=not progress, unit="seq")
+        for a in range(0, len(order), batch_size):
+            input_ids, mask, keep, path_lengths = _batch(token_ids, order[a:a + batch_size], starts)
+            captured.clear()
+            try:
+                model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
+            except _StopForward:
+                pass
+            keep = keep.to(device)
+            for layer in layers:
+                # One gather of the path rows, one copy to the CPU; the paths are views of it (no padding kept).
+                flat = captured[layer][keep].to("cpu", dtype)
+                out[layer].extend(flat.split(path_lengths))
+            bar.update(len(path_lengths))
+        bar.close()
+    finally:
+        for h in handles:
+            h.remove()
+    return out
+
+
 @torch.no_grad()
 def extract_from_ids(
     model,
     token_ids: Sequence[Sequence[int]],
-    layer: int = -1,
+    layer: int | Sequence[int] = -1,
     *,
     batch_size: int = 8,
     min_length: int = 2,
     progress: bool = True,
     dtype: torch.dtype = torch.float32,
-) -> Trajectories:
-    """Hidden paths at ``layer`` for already tokenized sequences (see :func:`extract_trajectories`)."""
-    layer_idx = resolve_layer(model, layer)
-    keep = [i for i, ids in enumerate(token_ids) if len(ids) >= min_length]
+    starts: Sequence[int] | None = None,
+) -> Trajectories | list[Trajectories]:
+    """Hidden paths at ``layer`` for already tokenized sequences (see :func:`extract_trajectories`).
+
+    ``layer`` may be a list of layers: then one :class:`Trajectories` per layer comes back (in that order),
+    all from one forward pass per batch (a layer sweep costs one extraction, not one per layer). ``starts``
+    (e.g. from :func:`tokenize_chats`) keeps only ``states[starts[i]:]`` of sequence ``i`` (the model still
+    reads the whole sequence) and records them as ``meta["path_start"]`` with
+    ``meta["time_origin"] = "prompt_end"``. Paths shorter than ``min_length`` states are skipped and counted.
+    """
+    layers = [resolve_layer(model, x) for x in ([layer] if isinstance(layer, int) else layer)]
+    if not layers:
+        raise ValueError("extract_from_ids needs at least one layer.")
+    if starts is not None and len(starts) != len(token_ids):
+        raise ValueError(f"starts has {len(starts)} entries for {len(token_ids)} sequences.")
+    first = starts if starts is not None else [0] * len(token_ids)
+    keep = [i for i, ids in enumerate(token_ids) if len(ids) - first[i] >= min_length]
     skipped = len(token_ids) - len(keep)
     if skipped:
         logger.warning("Skipped %d of %d texts shorter than %d tokens.", skipped, len(token_ids), min_length)
@@ -130,74 +319,67 @@ def extract_from_ids(
             f"No usable text: all {len(token_ids)} texts are shorter than {min_length} tokens "
             "(a trajectory needs at least one transition)."
         )
-    device = next(model.parameters()).device
     # Sort by length so batches waste little padding; results go back to corpus order.
     order = sorted(keep, key=lambda i: len(token_ids[i]))
-    out: dict[int, torch.Tensor] = {}
-    captured: list[torch.Tensor] = []
-    handle = register_block_hook(model, layer_idx, lambda h: captured.append(h.detach()))
-    try:
-        bar = tqdm(total=len(order), desc=f"Extracting layer {layer_idx}", disable=not progress, unit="seq")
-        for start in range(0, len(order), batch_size):
-            idx = order[start:start + batch_size]
-            lengths = [len(token_ids[i]) for i in idx]
-            width = max(lengths)
-            input_ids = torch.zeros(len(idx), width, dtype=torch.long)
-            mask = torch.zeros(len(idx), width, dtype=torch.long)
-            for r, i in enumerate(idx):
-                input_ids[r, : lengths[r]] = torch.tensor(token_ids[i])
-                mask[r, : lengths[r]] = 1
-            captured.clear()
-            model(input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False)
-            hidden = captured[-1].to("cpu", dtype)
-            for r, i in enumerate(idx):
-                out[i] = hidden[r, : lengths[r]].clone()
-            bar.update(len(idx))
-        bar.close()
-    finally:
-        handle.remove()
-    states = [out[i] for i in keep]
-    check_finite(states, keep)  # name the sequence by its index in token_ids, not among the kept ones
-    source = getattr(model, "hf_sde_source", None) or {}
-    return Trajectories(states, layer_idx, hidden_size(model), num_decoder_layers(model),
-                        source.get("name_or_path") or getattr(model.config, "_name_or_path", None), skipped,
-                        {"source": source, "kept_indices": keep})
+    paths = _run_batches(model, token_ids, order, sorted(set(layers)), starts, batch_size, dtype, progress)
+    rank = {i: r for r, i in enumerate(order)}
+    meta = {"source": getattr(model, "hf_sde_source", None) or {}, "kept_indices": keep}
+    if starts is not None:
+        meta.update(path_start=[int(starts[i]) for i in keep], time_origin="prompt_end")
+    result = []
+    for layer_idx in layers:
+        states = [paths[layer_idx][rank[i]] for i in keep]
+        check_finite(states, keep)  # name the sequence by its index in token_ids, not among the kept ones
+        result.append(Trajectories(states, layer_idx, hidden_size(model), num_decoder_layers(model),
+                                   model_name(model), skipped, dict(meta)))
+    return result[0] if isinstance(layer, int) else result
 
 
 def extract_trajectories(
     model,
     tokenizer,
-    data: str | os.PathLike | Iterable[str],
-    layer: int = -1,
+    data: str | os.PathLike | Iterable,
+    layer: int | Sequence[int] = -1,
     *,
     max_length: int | None = 512,
+    max_context: int | None = None,
     batch_size: int = 8,
     template: str | None = None,
     text_column: str | None = None,
     limit: int | None = None,
     progress: bool = True,
-) -> Trajectories:
-    """Hidden-state paths of a corpus at one decoder layer.
+) -> Trajectories | list[Trajectories]:
+    """Hidden-state paths of a corpus at one decoder layer (or a list of layers: one result per layer).
 
-    ``data`` is anything :func:`hf_sde.corpus.load_texts` reads (a path, a hub dataset id or a list of
-    strings). Texts shorter than two tokens are skipped and counted (``Trajectories.skipped``).
+    ``data`` is anything :func:`hf_sde.corpus.load_texts` reads (a path, a hub dataset id, a list of strings
+    or of row dicts). Texts shorter than two tokens are skipped and counted (``Trajectories.skipped``).
+    With a chat template (``template="helpsteer-chat"`` or ``"chat"``) the path is the response read in the
+    context of the prompt (see :func:`tokenize_chats`): ``max_length`` bounds the path, ``max_context``
+    (default: the model's ``max_position_embeddings``) the whole input, cut from the left of the prompt.
 
     Example:
         >>> traj = extract_trajectories(model, tok, "../shared/data/tinystories_sample.txt", layer=-1)
         >>> traj.states[0].shape   # (tokens, hidden_size)
     """
-    from .corpus import load_texts
+    from .corpus import CHAT_TEMPLATES, load_texts
 
-    texts, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
-    ids = tokenize_texts(tokenizer, texts, max_length)
-    traj = extract_from_ids(model, ids, layer, batch_size=batch_size, progress=progress)
-    if groups is not None:
-        traj.meta["groups"] = [groups[i] for i in traj.meta["kept_indices"]]
+    if template in CHAT_TEMPLATES:
+        check_chat_template(tokenizer, template, model)
+    docs, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
+    if max_context is None:
+        max_context = getattr(model.config, "max_position_embeddings", None)
+    ids, starts = tokenize_documents(tokenizer, docs, max_length, max_context, template=template)
+    result = extract_from_ids(model, ids, layer, batch_size=batch_size, progress=progress, starts=starts)
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
-    traj.meta.update({"data": data if isinstance(data, str) else "<list>", "template": template,
-                      "max_length": max_length, "num_texts": len(texts)})
-    return traj
+    for traj in [result] if isinstance(result, Trajectories) else result:
+        if groups is not None:
+            traj.meta["groups"] = [groups[i] for i in traj.meta["kept_indices"]]
+        traj.meta.update({"data": data if isinstance(data, str) else "<list>", "template": template,
+                          "max_length": max_length, "num_texts": len(docs)})
+        if starts is not None:
+            traj.meta["max_context"] = max_context
+    return result
 
 
 @torch.no_grad()

@@ -102,3 +102,48 @@ def test_extract_from_a_jsonl_template_keeps_groups(stories_model):
     from_path = extract_trajectories(model, tok, HELPSTEER, template="helpsteer-response", limit=6,
                                      max_length=24, progress=False)
     assert from_path.meta["data"] == str(HELPSTEER) and from_path.meta["groups"] == groups
+
+
+# ----- bad input is reported by file and line, never as a loader's traceback (issue 11) ------------------
+def _write(path, content: str | bytes):
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    else:
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("bad.jsonl", '{"text": "a"}\n\n{"text": "b"\n{"text": "c"}\n', r"bad\.jsonl, line 3: not valid JSON"),
+    ("list.jsonl", '{"text": "a"}\n["b"]\n', r"list\.jsonl, line 2: a JSON list, not an object"),
+    ("bad.csv", 'id,text\n1,hello\n2,hi,there\n', r"bad\.csv, line 3: 3 fields where the header has 2"),
+    ("short.csv", 'id,text\n1\n', r"short\.csv, line 2: 1 fields"),
+    ("scalar.json", '"hello"', r"scalar\.json holds a JSON str, not a list of rows"),
+    ("nums.json", '[1, 2]', r"nums\.json: item 0 of the list is a JSON int"),
+    ("broken.json", '[{"text": "a"},\n {"text": }]', r"broken\.json, line 2: not valid JSON"),
+    ("fake.parquet", 'not parquet at all', r"fake\.parquet is not a readable Parquet file"),
+    ("latin1.txt", b"good line\ncaf\xe9 au lait\n", r"latin1\.txt, line 2: not UTF-8 text"),
+    ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"latin1\.jsonl, line 2: not UTF-8 text"),
+])
+def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
+    from hf_sde.corpus import iter_documents
+
+    path = _write(tmp_path / name, content)
+    with pytest.raises(ValueError, match=message):
+        load_texts(path)
+    with pytest.raises(ValueError, match=message):  # the lazy reader says the same
+        list(iter_documents(path))
+
+
+def test_json_shapes_that_datasets_reads_still_read(tmp_path):
+    assert load_texts(_write(tmp_path / "rows.json", '[{"text": "a"}, {"text": "b"}]')) == ["a", "b"]
+    assert load_texts(_write(tmp_path / "strings.json", '["doc one", "doc two"]')) == ["doc one", "doc two"]
+    assert load_texts(_write(tmp_path / "columns.json", '{"text": ["a", "b"], "id": [1, 2]}')) == ["a", "b"]
+    assert load_texts(_write(tmp_path / "one.json", '{"text": "only"}')) == ["only"]
+    assert load_texts(_write(tmp_path / "lines.json", '{"text": "a"}\n{"text": "b"}\n')) == ["a", "b"]
+    # Rows given directly (e.g. already in memory) go through the same templates and columns.
+    assert load_texts([{"story": "x"}, {"story": " "}], text_column="story") == ["x"]
+    with pytest.raises(ValueError, match=r"Template 'helpsteer' cannot read a row"):
+        load_texts([{"prompt": None, "response": "r"}], template="helpsteer")
+    with pytest.raises(ValueError, match="is empty"):
+        load_texts(_write(tmp_path / "empty.jsonl", "\n\n"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -141,15 +142,19 @@ def test_hook_is_removed_even_if_forward_raises():
 
     def fail(*_):
         assert len(block._forward_hooks) == 1  # the extraction hook is in place during the forward
-        raise RuntimeError("boom in a later block")
+        raise RuntimeError("boom in the hooked block")
 
-    handle = decoder_layers(model)[2].register_forward_pre_hook(fail)
+    handle = block.register_forward_pre_hook(fail)
     with pytest.raises(RuntimeError, match="boom"):
         extract_from_ids(model, [[1, 2, 3]], 1, progress=False)
     handle.remove()
     assert not block._forward_hooks
+    # The forward stops after the deepest requested block: later blocks (and the LM head) never run.
+    later = []
+    handle = decoder_layers(model)[2].register_forward_pre_hook(lambda *_: later.append(1))
     extract_from_ids(model, [[1, 2, 3]], 1, progress=False)
-    assert not block._forward_hooks
+    handle.remove()
+    assert not block._forward_hooks and later == []
 
 
 def test_short_texts_are_skipped_and_counted(tiny_models, caplog):
@@ -293,3 +298,130 @@ def test_self_generate_returns_prompt_plus_sample_and_is_seeded(stories_model):
         self_generate(model, tok, [], 2, progress=False)
     with pytest.raises(ValueError, match="num_samples"):
         self_generate(model, tok, prompts, 0, progress=False)
+
+
+# ----- several layers from one forward ------------------------------------------------------------------
+def test_multi_layer_extraction_equals_single_layers(tiny_models):
+    model = tiny_models("llama")
+    ids = random_ids(LENGTHS)
+    starts = [0, 3, 0, 5, 1, 0]
+    calls = []
+    handle = decoder_layers(model)[0].register_forward_pre_hook(lambda *_: calls.append(1))
+    many = extract_from_ids(model, ids, [2, 0, -2], batch_size=4, progress=False, starts=starts)
+    handle.remove()
+    assert len(calls) == 2  # one forward per batch for all three layers
+    assert [t.layer for t in many] == [2, 0, 1]
+    for traj, layer in zip(many, (2, 0, -2), strict=True):
+        single = extract_from_ids(model, ids, layer, batch_size=1, progress=False, starts=starts)
+        assert _max_diff(traj, single) < 1e-5 and traj.meta == single.meta
+    assert isinstance(extract_from_ids(model, ids, [1], progress=False), list)
+
+
+# ----- chat data: the response path in the context of the prompt -----------------------------------------
+CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:\n{{ m['content'] }}</s>\n{% endfor %}"
+                 "{% if add_generation_prompt %}<s>assistant:\n{% endif %}")
+ROWS = [{"prompt": "Tell me about a cat.", "response": "Once upon a time there was a cat named Tom."},
+        {"prompt": "Tell me about a cat.", "response": "The cat sat on the mat and slept."},
+        {"prompt": "What did the dog do?", "response": "The dog ran to the park. He played with a ball all day."}]
+
+
+@pytest.fixture(scope="module")
+def chat_tok(stories_model):
+    import copy
+
+    tok = copy.deepcopy(stories_model[1])  # the session's tokenizer stays as it is
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def _template_ids(tok, messages, **kw) -> list[int]:
+    out = tok.apply_chat_template(messages, tokenize=True, **kw)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+def test_chat_path_starts_at_the_last_prompt_position(chat_tok):
+    from hf_sde.corpus import load_texts
+    from hf_sde.trajectories import tokenize_chats
+
+    convs = load_texts(ROWS, template="helpsteer-chat")
+    assert convs[0] == [{"role": "user", "content": ROWS[0]["prompt"]},
+                        {"role": "assistant", "content": ROWS[0]["response"]}]
+    ids, starts = tokenize_chats(chat_tok, convs)
+    for conv, seq, start in zip(convs, ids, starts, strict=True):
+        context = _template_ids(chat_tok, conv[:-1], add_generation_prompt=True)
+        full = _template_ids(chat_tok, conv)
+        assert start == len(context) - 1 and seq[:len(context)] == context
+        assert chat_tok.decode(seq[start + 1:]).strip() == conv[-1]["content"]  # the response, nothing else
+        assert full[:len(seq)] == seq and chat_tok.decode(full[len(seq):]).strip() == "</s>"  # closing tokens cut
+
+
+def test_chat_states_equal_the_full_conversation_forward(stories_model, chat_tok):
+    model, _ = stories_model
+    batched = extract_trajectories(model, chat_tok, ROWS, [2, -1], template="helpsteer-chat", batch_size=3,
+                                   progress=False)
+    single = extract_trajectories(model, chat_tok, ROWS, [2, -1], template="helpsteer-chat", batch_size=1,
+                                  progress=False)
+    from hf_sde.corpus import load_texts
+    from hf_sde.trajectories import tokenize_chats
+
+    ids, starts = tokenize_chats(chat_tok, load_texts(ROWS, template="helpsteer-chat"))
+    for b, s in zip(batched, single, strict=True):
+        assert _max_diff(b, s) < 1e-4
+        assert b.meta["path_start"] == starts and b.meta["time_origin"] == "prompt_end"
+        assert b.meta["groups"] == [r["prompt"] for r in ROWS] and b.meta["template"] == "helpsteer-chat"
+        assert b.lengths == [len(x) - st for x, st in zip(ids, starts, strict=True)]
+    for conv_ids, start, mid, last in zip(ids, starts, batched[0].states, batched[1].states, strict=True):
+        hs = _hidden_states(model, conv_ids)
+        torch.testing.assert_close(mid, hs[3][0, start:], atol=1e-4, rtol=1e-4)
+        with torch.no_grad():
+            torch.testing.assert_close(model.model.norm(last), hs[-1][0, start:], atol=1e-4, rtol=1e-4)
+
+
+def test_chat_truncation_groups_and_messages(stories_model, chat_tok):
+    from conftest import HELPSTEER
+
+    from hf_sde.corpus import load_texts
+    from hf_sde.trajectories import tokenize_chats
+
+    convs, groups = load_texts(HELPSTEER, template="helpsteer-chat", limit=8, return_groups=True)
+    assert groups == load_texts(HELPSTEER, template="helpsteer", limit=8, return_groups=True)[1]
+    ids, starts = tokenize_chats(chat_tok, convs)
+    short, short_starts = tokenize_chats(chat_tok, convs, max_length=6)
+    assert short_starts == starts and all(len(x) - st == 6 for x, st in zip(short, short_starts, strict=True))
+    assert all(a == b[:len(a)] for a, b in zip(short, ids, strict=True))
+    cut, cut_starts = tokenize_chats(chat_tok, convs, max_length=6, max_context=20)
+    for c, st, full, full_st in zip(cut, cut_starts, short, short_starts, strict=True):
+        assert len(c) <= 20 and c == full[len(full) - len(c):] and st == full_st - (len(full) - len(c)) >= 1
+    # The model's context bounds the default: HelpSteer conversations are longer than stories260K's 512.
+    model, _ = stories_model
+    traj = extract_trajectories(model, chat_tok, HELPSTEER, template="helpsteer-chat", limit=3, max_length=8,
+                                progress=False)
+    limit = model.config.max_position_embeddings
+    assert traj.lengths == [8, 8, 8] and traj.meta["max_context"] == limit
+    assert all(1 <= st <= limit - 8 for st in traj.meta["path_start"])
+
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+                {"role": "assistant", "content": "Hello there."}]
+    (conv,), chat_groups = load_texts([{"messages": messages}], template="chat", return_groups=True)
+    assert conv == messages and chat_groups == [json.dumps(messages[:-1], sort_keys=True)]
+    assert load_texts(ROWS[:1], template="chat") == load_texts(ROWS[:1], template="helpsteer-chat")
+    with pytest.raises(ValueError, match="last message must be the assistant"):
+        load_texts([{"messages": messages[:2]}], template="chat")
+    with pytest.raises(ValueError, match="needs column 'prompt'"):
+        load_texts([{"question": "q"}], template="chat")
+
+
+def test_chat_without_a_chat_template_names_template_and_model(stories_model):
+    model, tok = stories_model
+    assert tok.chat_template is None
+    with pytest.raises(ValueError, match=r"template='helpsteer-chat'.*chat template.*models-moved"):
+        extract_trajectories(model, tok, ROWS, template="helpsteer-chat", progress=False)
+
+
+def test_path_start_survives_save_and_subset(tmp_path, stories_model, chat_tok):
+    model, _ = stories_model
+    traj = extract_trajectories(model, chat_tok, ROWS, template="helpsteer-chat", progress=False)
+    traj.save(str(tmp_path / "t.safetensors"))
+    back = Trajectories.load(str(tmp_path / "t.safetensors"))
+    assert back.meta["path_start"] == traj.meta["path_start"] and back.meta["time_origin"] == "prompt_end"
+    assert back.subset([2, 0]).meta["path_start"] == [traj.meta["path_start"][2], traj.meta["path_start"][0]]

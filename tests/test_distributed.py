@@ -13,14 +13,9 @@ import torch
 from conftest import HELPSTEER, HUB_CACHE, REPO, TINYSTORIES, load_stories
 
 import hf_sde
-from hf_sde.corpus import load_texts
-from hf_sde.distributed import (
-    ShardedCorpus,
-    extract_to_shards,
-    fit_heads_distributed,
-    iter_documents,
-    load_shards,
-)
+from hf_sde.corpus import iter_documents, load_texts
+from hf_sde.distributed import fit_heads_distributed
+from hf_sde.shards import ShardedCorpus, extract_to_shards, load_shards
 
 CORPUS = dict(template="helpsteer-response", limit=24)
 MAX_LENGTH = 48
