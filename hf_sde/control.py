@@ -187,9 +187,9 @@ def _block_diag_t(a: torch.nn.Linear, b: torch.nn.Linear) -> tuple[torch.Tensor,
 class _FusedHeads:
     """The heads' step as a few dense calls, built once per ``generate`` call on the model's device.
 
-    ``project`` (``(h - m) @ P / s``), the drift net's and the diffusion net's first layers (their ``z`` part)
-    and the linear drift share one matmul; the time part of the first layers is a table over every time index
-    of the call; the remaining layers of the two nets run side by side as block-diagonal matrices. It equals
+    ``z = (h - m) @ (P / s)`` is one matmul; the ``z`` part of both nets' first layers and the linear drift
+    share a second one; the time part of the first layers is a table over every time index of the call; the
+    remaining layers of the two nets run side by side as block-diagonal matrices. It equals
     ``heads(heads.project(h), heads.times(k))`` up to float rounding (tests/test_control_fused.py).
     """
 
@@ -199,15 +199,12 @@ class _FusedHeads:
         f32 = dict(device=device, dtype=torch.float32)
         d = cfg.proj_dim
         drift, diff = _linears(heads.drift_net), _linears(heads.diffusion_net)
-        first_d, first_s = drift[0].weight.double(), diff[0].weight.double()
+        first_d, first_s = drift[0].weight, diff[0].weight
         self.d, self.width = d, first_d.shape[0] + first_s.shape[0]
-        basis = heads.proj_basis.double() / heads.proj_scale.double()  # (D, d): z = (h - m) @ basis
-        w_z = torch.cat([first_d[:, :d], first_s[:, :d]])              # (2w, d)
-        w_lin = heads.drift_linear.weight.double()                     # (d, d)
-        self.proj_w = torch.cat([basis, basis @ w_z.T, basis @ w_lin.T], 1).to(**f32)
-        self.proj_b = torch.cat([torch.zeros(d + self.width, dtype=torch.float64),
-                                 heads.drift_linear.bias.double()]).to(**f32)
         self.mean = heads.proj_mean.to(**f32)
+        self.basis = (heads.proj_basis.double() / heads.proj_scale.double()).to(**f32)  # (D, d)
+        # (d, 2w + d): [drift first layer | diffusion first layer | linear drift], z part only.
+        self.first = torch.cat([first_d[:, :d], first_s[:, :d], heads.drift_linear.weight]).T.contiguous().to(**f32)
         self.time_origin, self.horizon = time_origin, float(cfg.horizon)
         self._w_t = torch.cat([first_d[:, d:], first_s[:, d:]]).T.to(**f32)   # (1 + 2F, 2w)
         self._b1 = torch.cat([drift[0].bias, diff[0].bias]).to(**f32)
@@ -215,7 +212,9 @@ class _FusedHeads:
         self.table = self.time_table(n_times)
         self.hidden = [tuple(t.to(**f32) for t in _block_diag_t(a, b)) for a, b in zip(drift[1:-1], diff[1:-1],
                                                                                       strict=True)]
-        self.out_w, self.out_b = (t.to(**f32) for t in _block_diag_t(drift[-1], diff[-1]))
+        out_w, out_b = _block_diag_t(drift[-1], diff[-1])
+        self.out_w = out_w.to(**f32)
+        self.out_b = (out_b + torch.cat([heads.drift_linear.bias, torch.zeros_like(diff[-1].bias)])).to(**f32)
         self.lift = (heads.proj_basis * heads.proj_scale).T.contiguous().to(**f32)  # (d, D): v = dz @ lift
         self.sigma_floor = float(cfg.sigma_floor)
         # zscore = (log s - mean) / std with s = ||sigma|| / sqrt(d dt): fold the constants.
@@ -240,20 +239,20 @@ class _StepBuffers:
     z: torch.Tensor          # (capacity, batch, d): the states, for the surprise (computed at the end)
     out: torch.Tensor        # (capacity, batch, 2d): [mu dt | sigma sqrt(dt)] per step
     centered: torch.Tensor   # (batch, D)
-    proj: torch.Tensor       # (batch, d + 2w + d)
+    first: torch.Tensor      # (batch, 2w + d): first layers' z part and the linear drift
     act: tuple[torch.Tensor, torch.Tensor]  # (batch, 2w) ping-pong
     zero: torch.Tensor       # (batch, d) zeros, for softplus as logaddexp(x, 0)
 
     @classmethod
     def allocate(cls, fused: _FusedHeads, batch: int, hidden_size: int, capacity: int, base_temperature: float):
-        dev = fused.proj_w.device
+        dev = fused.basis.device
         e = functools.partial(torch.empty, device=dev, dtype=torch.float32)
         stats = torch.full((len(_STATS), capacity, batch), float("nan"), device=dev)
         stats[_STATS.index("temperature")] = base_temperature
         stats[_STATS.index("steer_norm")] = 0.0
         return cls(stats, torch.full((capacity, batch), -1, device=dev, dtype=torch.long),
                    e(capacity, batch, fused.d), e(capacity, batch, 2 * fused.d), e(batch, hidden_size),
-                   e(batch, fused.proj_w.shape[1]), (e(batch, fused.width), e(batch, fused.width)),
+                   e(batch, fused.first.shape[1]), (e(batch, fused.width), e(batch, fused.width)),
                    torch.zeros(batch, fused.d, device=dev))
 
     def grown(self) -> _StepBuffers:
@@ -266,7 +265,7 @@ class _StepBuffers:
         stats[_STATS.index("steer_norm"), cap:] = 0.0  # temperature keeps the base value of row 0 (if not set)
         return _StepBuffers(stats, torch.cat([self.positions, torch.full_like(self.positions, -1)]),
                             torch.cat([self.z, torch.zeros_like(self.z)]), torch.cat([self.out, torch.zeros_like(self.out)]),
-                            self.centered, self.proj, self.act, self.zero)
+                            self.centered, self.first, self.act, self.zero)
 
 
 class SDETemperatureLogitsProcessor(LogitsProcessor):
@@ -296,7 +295,7 @@ class _CallSetup:
     capacity: int            # steps to preallocate (grown if generate runs more)
     base_temperature: float
     eos_ids: list[int]
-    return_dict: bool
+    scores_private: bool = False  # no output_logits: the logits processor may divide the scores in place
 
 
 class _Runtime:
@@ -314,8 +313,8 @@ class _Runtime:
             )
         device = _model_device(model)
         self.origin = getattr(self.heads.config, "time_origin", "sequence")
-        n_times = setup.capacity + (setup.prompt_width if self.origin == "sequence" else 0) + 1
-        self.fused = _FusedHeads(self.heads, device, n_times, self.origin)
+        # One table row per position the call can reach (prompt_end needs fewer; positions are recorded anyway).
+        self.fused = _FusedHeads(self.heads, device, setup.capacity + setup.prompt_width + 1, self.origin)
         self.direction = self._fixed_direction(device)
         self.buf: _StepBuffers | None = None
         self.step = 0            # index of the next step to record
@@ -366,17 +365,15 @@ class _Runtime:
         d, w = f.d, f.width
         last = hidden[:, -1]
         torch.sub(last, f.mean, out=buf.centered)  # float32 whatever the model's dtype
-        proj = torch.addmm(f.proj_b, buf.centered, f.proj_w, out=buf.proj)
-        z = buf.z[k]
-        z.copy_(proj[:, :d])
+        z = torch.mm(buf.centered, f.basis, out=buf.z[k])
+        first = torch.mm(z, f.first, out=buf.first)
         act, spare = buf.act
-        pos = self._positions(k, hidden)
-        buf.positions[k].copy_(pos)
+        pos = torch.clamp(self._positions(k, hidden), 0, f.table.shape[0] - 1, out=buf.positions[k])
         if self.origin == "prompt_end":  # k tokens generated so far, the same for every row
-            torch.add(proj[:, d:d + w], f.table[k], out=act)
+            torch.add(first[:, :w], f.table[k], out=act)
         else:
-            torch.index_select(f.table, 0, pos.clamp(0, f.table.shape[0] - 1), out=act)
-            act.add_(proj[:, d:d + w])
+            torch.index_select(f.table, 0, pos, out=act)
+            act.add_(first[:, :w])
         torch.nn.functional.silu(act, inplace=True)
         for weight, bias in f.hidden:
             torch.addmm(bias, act, weight, out=spare)
@@ -384,7 +381,7 @@ class _Runtime:
             act, spare = spare, act
         out = torch.addmm(f.out_b, act, f.out_w, out=buf.out[k])
         mean, std = out[:, :d], out[:, d:]
-        mean.add_(proj[:, d + w:])                      # + the linear drift
+        mean.add_(first[:, w:])                         # + the linear drift (its bias is in out_b)
         torch.logaddexp(std, buf.zero, out=std)         # softplus
         std.add_(f.sigma_floor)
         self._record(buf, k, mean, std)
@@ -435,7 +432,9 @@ class _Runtime:
         ctl = self.control
         stats = self.buf.stats
         if ctl.controls_temperature:
-            scores = scores / stats[3, k].unsqueeze(-1).to(scores.dtype)
+            tau = stats[3, k].unsqueeze(-1).to(scores.dtype)
+            # In place when nothing else holds these scores (generate keeps raw logits only for output_logits).
+            scores = scores.div_(tau) if self.setup.scores_private else scores / tau
         if ctl.callback is not None:
             ctl.callback(SDEStep(k, *(stats[i, k] for i in range(len(_STATS))), self._surprise_previous(k)))
         self.current = -1
@@ -453,8 +452,7 @@ class _Runtime:
                                              self.setup.base_temperature)
         while k >= self.buf.stats.shape[1]:
             self.buf = self.buf.grown()
-            if self.origin == "sequence" or k >= self.fused.table.shape[0]:
-                self.fused.table = self.fused.time_table(self.buf.stats.shape[1] + self.setup.prompt_width + 1)
+            self.fused.table = self.fused.time_table(self.buf.stats.shape[1] + self.setup.prompt_width + 1)
         return self.buf
 
     def _surprise_previous(self, k: int) -> torch.Tensor | None:
@@ -521,7 +519,7 @@ def sde_hooks(model, control: SDEControl, setup: _CallSetup | None = None, *, pr
 
     ``sde_generate`` passes its resolved ``setup``; direct users give the prompt width and step budget.
     """
-    setup = setup or _CallSetup(prompt_width, prompt_width, max_new_tokens + 1, base_temperature, [], True)
+    setup = setup or _CallSetup(prompt_width, prompt_width, max_new_tokens + 1, base_temperature, [])
     runtime = _Runtime(control, model, setup)
     runtime.install()
     try:
@@ -634,8 +632,9 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
     eos_ids = [] if eos is None else [int(e) for e in (eos.tolist() if isinstance(eos, torch.Tensor) else
                                                        eos if isinstance(eos, (list, tuple)) else [eos])]
     _check_horizon(model, ctl.heads, prompt_width, steps + 1)
+    keeps_logits = bool(gc.return_dict_in_generate and gc.output_logits)
     return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids,
-                      bool(gc.return_dict_in_generate))
+                      scores_private=not keeps_logits and not kwargs.get("logits_processor"))
 
 
 def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=None, **kwargs):
