@@ -480,7 +480,15 @@ class _Runtime:
         """The statistics of the returned tokens, by field name; NaN (positions -1) after each row's EOS."""
         # transformers may run one more step than it returns (the deferred stop check undoes it, on MPS), so
         # keep only the steps whose tokens came back.
-        n = min(self.step, max(sequences.shape[1] - self.setup.returned_prompt, 0))
+        generated = max(sequences.shape[1] - self.setup.returned_prompt, 0)
+        if self.step < generated:
+            raise RuntimeError(
+                f"The SDE hooks saw {self.step} of {generated} decoding steps: the model's forward ran without them "
+                "(a torch.compile'd forward traced before they were installed does not call hooks added later). "
+                "Generate with SDE control on an uncompiled forward (generate's own compile_config is handled: that "
+                "call runs eagerly)."
+            )
+        n = min(self.step, generated)
         rows = sequences.shape[0] if self.buf is None else self.buf.stats.shape[2]
         if n == 0 or self.buf is None:
             empty = torch.zeros(rows, 0)
@@ -581,12 +589,36 @@ def _temperature_kwargs(model, gc, kwargs: dict, ctl: SDEControl) -> float:
         _warn_once("greedy", "SDE temperature control under greedy decoding (do_sample=False): temperatures do not "
                    "change the argmax, so the tokens are those of plain greedy decoding; the trace records the "
                    "temperatures the law would apply. Pass do_sample=True to sample with them.")
-    if kwargs.get("generation_config") is not None:
-        kwargs["generation_config"] = passed_gc = copy.deepcopy(kwargs["generation_config"])
-        passed_gc.temperature = 1.0
-    else:
-        kwargs["temperature"] = 1.0
+    _set_generation_option(kwargs, "temperature", 1.0)
     return 1.0
+
+
+def _set_generation_option(kwargs: dict, name: str, value) -> None:
+    """Set one option for this call, on the caller's generation_config (copied) if there is one."""
+    if kwargs.get("generation_config") is not None:
+        kwargs["generation_config"] = gc = copy.deepcopy(kwargs["generation_config"])
+        setattr(gc, name, value)
+    else:
+        kwargs[name] = value
+
+
+def _decline_compile(model, gc, kwargs: dict) -> None:
+    """Run this call's forward eagerly where generate would compile it (compile_config / static cache on GPU).
+
+    dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a forward
+    compiled before the SDE hooks were installed runs without them, so the trace would stop after the prefill
+    and temperature / steering would silently not apply. Eager forwards give the same tokens (bit for bit
+    where the compiled kernels are bitwise eager, e.g. backend="eager").
+    """
+    if gc.disable_compile:
+        return
+    static = gc.cache_implementation in ("static", "offloaded_static") or getattr(
+        kwargs.get("past_key_values"), "is_compileable", False)
+    all_devices = bool(getattr(gc.compile_config, "_compile_all_devices", False))
+    if static and (_model_device(model).type != "cpu" or all_devices):
+        _warn_once("compile", "SDE control runs generate's forward eagerly (disable_compile=True for this call): a "
+                   "compiled forward does not see the SDE hooks (dynamo skips module-hook guards).")
+    _set_generation_option(kwargs, "disable_compile", True)
 
 
 def _prompt_widths(args, kwargs: dict) -> tuple[int, int]:
@@ -623,6 +655,7 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
     gc = _resolve_generation_config(model, kwargs)
     _refuse_unsupported(gc, kwargs, ctl)
     base_temperature = _temperature_kwargs(model, gc, kwargs, ctl)
+    _decline_compile(model, gc, kwargs)
     prompt_width, returned = _prompt_widths(args, kwargs)
     if gc.max_new_tokens is not None:
         steps = gc.max_new_tokens
