@@ -105,3 +105,34 @@ def test_forward_compiled_without_the_hooks_is_an_error_not_a_short_trace():
     with pytest.raises(RuntimeError, match="saw 0 of 4 decoding steps"):
         sde_generate(model, sde_control=SDEControl(heads, mode="observe"), **kw)
     assert stock.shape[1] == 4 + NEW
+
+
+# The same class of defect on other paths: chunked prefill (with static caches and per-layer-type masks),
+# low precision, several samples per prompt, no cache.
+OTHER_PATHS = {
+    "chunked-prefill-static": dict(cache_implementation="static", prefill_chunk_size=2),
+    "chunked-prefill-dynamic": dict(prefill_chunk_size=2),
+    "num-return-sequences": dict(num_return_sequences=2),
+    "no-cache": dict(use_cache=False),
+}
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2"])
+@pytest.mark.parametrize("path", list(OTHER_PATHS))
+def test_observe_equals_stock_on_other_paths(family, path):
+    bundle = parity_bundle(family)
+    assert_parity(bundle, f"{family}/{path}", **OTHER_PATHS[path], **DECODING["sample"],
+                  **_inputs(bundle.model, "left-padded"))
+
+
+@pytest.mark.parametrize("family", ["qwen2", "gemma2"])
+def test_observe_equals_stock_in_bfloat16(family):
+    import copy
+
+    from control_fixtures import Bundle
+
+    src = parity_bundle(family)
+    bundle = Bundle(copy.deepcopy(src.model).to(torch.bfloat16), None, src.heads)
+    for cache in ("dynamic", "static"):
+        assert_parity(bundle, f"{family}/bf16/{cache}", cache_implementation=cache, **DECODING["sample"],
+                      **_inputs(bundle.model, "left-padded"))
