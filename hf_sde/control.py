@@ -8,8 +8,10 @@ tensor value on the host, so it never waits for the device. A logits processor (
 ``callback`` wants live steps) divides the logits by the step's temperature; a hook (the same one when the
 layers coincide) adds a steering vector to the newest position only, so positions already in the KV cache
 are never steered twice. Everything is installed for one ``generate`` call and removed afterwards, even when
-generation raises. Only this module (plus heads.py, layers.py, version.py) is copied by the custom_generate
-export, so it imports nothing else from hf_sde.
+generation raises. A forward that ``generate`` would compile (``compile_config``, static cache on GPU) runs
+eagerly for SDE calls, since dynamo does not call module hooks added after it traced a forward. Only this
+module (plus heads.py, layers.py, version.py) is copied by the custom_generate export, so it imports nothing
+else from hf_sde.
 """
 
 from __future__ import annotations
@@ -41,8 +43,10 @@ _STATS = ("diffusion", "zscore", "drift_norm", "temperature", "steer_norm")
 class SDETrace:
     """Per-step statistics, each ``(batch, new_tokens)``; NaN after a row's EOS.
 
-    Step ``k`` is the state that produced new token ``k``. ``surprise[:, k]`` is the standardized NLL of the
-    increment from step ``k`` to ``k + 1`` (so the last step has none).
+    Step ``k`` is the state that produced new token ``k``; ``positions[:, k]`` is that state's token position
+    (-1 after EOS). The heads' time is ``t = positions / T`` for ``time_origin="sequence"`` heads and ``t = k / T``
+    for ``"prompt_end"`` heads. ``surprise[:, k]`` is the standardized NLL of the increment from step ``k`` to
+    ``k + 1`` (so the last step has none).
     """
 
     diffusion: torch.Tensor
@@ -575,7 +579,7 @@ def _refuse_unsupported(gc, kwargs: dict, ctl: SDEControl) -> None:
         )
 
 
-def _temperature_kwargs(model, gc, kwargs: dict, ctl: SDEControl) -> float:
+def _temperature_kwargs(gc, kwargs: dict, ctl: SDEControl) -> float:
     """Switch the stock temperature off under SDE temperature control; return the temperature to record."""
     if not ctl.controls_temperature:
         return float(gc.temperature) if gc.temperature is not None else 1.0
@@ -654,7 +658,7 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
     """Resolve the generation config once, refuse what is not supported, fix the per-call sizes."""
     gc = _resolve_generation_config(model, kwargs)
     _refuse_unsupported(gc, kwargs, ctl)
-    base_temperature = _temperature_kwargs(model, gc, kwargs, ctl)
+    base_temperature = _temperature_kwargs(gc, kwargs, ctl)
     _decline_compile(model, gc, kwargs)
     prompt_width, returned = _prompt_widths(args, kwargs)
     if gc.max_new_tokens is not None:
