@@ -1,20 +1,29 @@
 """Decoding-time SDE control: ``model.generate(..., sde_control=SDEControl(heads, ...))``.
 
-Per decoding step, one forward hook at the heads' layer reads the hidden state of the newest position,
-projects it, and evaluates drift and diffusion. A logits processor turns the calibrated diffusion
-z-score into a temperature; a hook (the same one when the layers coincide) adds a steering vector to
-the newest position only, so positions already in the KV cache are never steered twice. Everything is
-installed for one ``generate`` call and removed afterwards, even when generation raises.
+Per decoding step, one forward hook at the heads' layer reads the hidden state of the newest position and
+runs the fused step (:class:`_FusedHeads`): one matmul for the projection (plus the first MLP layer and the
+linear drift), one block-diagonal MLP for drift and diffusion together, time features looked up in a table
+built once per call, statistics written into buffers preallocated per call. Nothing in the step path reads a
+tensor value on the host, so it never waits for the device. A logits processor (temperature mode, or when a
+``callback`` wants live steps) divides the logits by the step's temperature; a hook (the same one when the
+layers coincide) adds a steering vector to the newest position only, so positions already in the KV cache
+are never steered twice. Everything is installed for one ``generate`` call and removed afterwards, even when
+generation raises. A forward that ``generate`` would compile (``compile_config``, static cache on GPU) runs
+eagerly for SDE calls, since dynamo does not call module hooks added after it traced a forward. Only this
+module (plus heads.py, layers.py, version.py) is copied by the custom_generate export, so it imports nothing
+else from hf_sde.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import functools
 import math
 import types
+import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -25,14 +34,19 @@ from .layers import register_block_hook, resolve_layer
 
 MODES = ("observe", "temperature", "steer", "temperature+steer")
 GATES = ("always", "threshold", "sigmoid")
+TIME_ORIGINS = ("sequence", "prompt_end")
+# Rows of the per-call statistics buffer, in SDETrace's field order (surprise is computed once, at the end).
+_STATS = ("diffusion", "zscore", "drift_norm", "temperature", "steer_norm")
 
 
 @dataclass
 class SDETrace:
     """Per-step statistics, each ``(batch, new_tokens)``; NaN after a row's EOS.
 
-    Step ``k`` is the state that produced new token ``k``. ``surprise[:, k]`` is the standardized NLL of the
-    increment from step ``k`` to ``k + 1`` (so the last step has none).
+    Step ``k`` is the state that produced new token ``k``; ``positions[:, k]`` is that state's token position
+    (-1 after EOS). The heads' time is ``t = positions / T`` for ``time_origin="sequence"`` heads and ``t = k / T``
+    for ``"prompt_end"`` heads. ``surprise[:, k]`` is the standardized NLL of the increment from step ``k`` to
+    ``k + 1`` (so the last step has none).
     """
 
     diffusion: torch.Tensor
@@ -52,7 +66,7 @@ class SDETrace:
 
 @dataclass
 class SDEStep:
-    """What a streaming ``callback`` receives at every step (tensors of shape ``(batch,)``)."""
+    """What a streaming ``callback`` receives at every step (tensors of shape ``(batch,)``, on the model's device)."""
 
     index: int
     diffusion: torch.Tensor
@@ -72,13 +86,14 @@ class SDEGenerateOutput(GenerateDecoderOnlyOutput):
 
 @dataclass
 class SDEControl:
-    """How the SDE heads observe or control one ``generate`` call.
+    """How the SDE heads observe or control one ``generate`` call (a reusable setting: it keeps no results).
 
     Args:
         heads: fitted :class:`SDEHeads` (or a folder / hub id to load them from).
         mode: ``"observe"`` (trace only), ``"temperature"``, ``"steer"`` or ``"temperature+steer"``.
         beta: temperature law ``tau = clip(temperature * exp(-beta * z), min_temperature, max_temperature)``;
             ``beta > 0`` cools sampling where the path is locally noisy, ``beta = 0`` is plain sampling.
+            Under greedy decoding (``do_sample=False``) temperatures change nothing: a warning says so once.
         alpha: steering strength; ``h <- h + alpha * gate(z) * ||h|| * unit(v)`` at the newest position.
         direction: ``"drift"`` (``v = P mu``), ``"attractor"`` (``v = P (z* - z)``) or a hidden-size tensor.
         attractor: ``z*`` in SDE coordinates for ``direction="attractor"`` (default: the origin, i.e. the
@@ -87,6 +102,9 @@ class SDEControl:
             (``sigmoid(gate_sharpness * (z - gate_threshold))``).
         steer_layer: decoder layer to steer (default: the heads' layer; must not precede it).
         callback: called with an :class:`SDEStep` at every step (live stats while streaming).
+        on_trace: called with the finished :class:`SDETrace` at the end of every call; the way to get the
+            trace with ``return_dict_in_generate=False`` (e.g. ``traces = []; SDEControl(heads, on_trace=
+            traces.append)``). With ``return_dict_in_generate=True`` it is also ``out.sde_trace``.
 
     Example:
         >>> enable_sde_control(model)
@@ -109,7 +127,7 @@ class SDEControl:
     gate_sharpness: float = 4.0
     steer_layer: int | None = None
     callback: Callable[[SDEStep], None] | None = None
-    last_trace: SDETrace | None = field(default=None, init=False, repr=False)
+    on_trace: Callable[[SDETrace], None] | None = None
 
     def __post_init__(self):
         if isinstance(self.heads, str):
@@ -135,6 +153,9 @@ class SDEControl:
             raise ValueError(
                 f"a steering vector must have shape ({self.heads.config.hidden_size},), got {tuple(self.direction.shape)}"
             )
+        origin = getattr(self.heads.config, "time_origin", "sequence")
+        if origin not in TIME_ORIGINS:
+            raise ValueError(f"heads.config.time_origin={origin!r} is not one of {TIME_ORIGINS}")
 
     @property
     def controls_temperature(self) -> bool:
@@ -157,12 +178,106 @@ class SDEControl:
         return torch.sigmoid(self.gate_sharpness * (zscore - self.gate_threshold))
 
 
-class SDETemperatureLogitsProcessor(LogitsProcessor):
-    """Divides logits by the SDE temperature of the current step (and records the step's statistics).
+# ----- the fused step ----------------------------------------------------------------------------------
+def _linears(net: torch.nn.Module) -> list[torch.nn.Linear]:
+    return [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
 
-    Installed by ``generate(..., sde_control=...)``; it reads the state the forward hook saw for this
-    step. Runs after the other logits processors and before top-k / top-p / min-p, like the stock
-    temperature.
+
+def _block_diag_t(a: torch.nn.Linear, b: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(in_a + in_b, out_a + out_b)`` weight (transposed, for ``addmm``) and bias of two side-by-side layers."""
+    return torch.block_diag(a.weight, b.weight).T.contiguous(), torch.cat([a.bias, b.bias])
+
+
+class _FusedHeads:
+    """The heads' step as a few dense calls, built once per ``generate`` call on the model's device.
+
+    ``z = (h - m) @ (P / s)`` is one matmul; the ``z`` part of both nets' first layers and the linear drift
+    share a second one; the time part of the first layers is a table over every time index of the call; the
+    remaining layers of the two nets run side by side as block-diagonal matrices. It equals
+    ``heads(heads.project(h), heads.times(k))`` up to float rounding (tests/test_control_fused.py).
+    """
+
+    @torch.no_grad()
+    def __init__(self, heads, device: torch.device, n_times: int, time_origin: str):
+        cfg = heads.config
+        f32 = dict(device=device, dtype=torch.float32)
+        d = cfg.proj_dim
+        drift, diff = _linears(heads.drift_net), _linears(heads.diffusion_net)
+        first_d, first_s = drift[0].weight, diff[0].weight
+        self.d, self.width = d, first_d.shape[0] + first_s.shape[0]
+        self.mean = heads.proj_mean.to(**f32)
+        self.basis = (heads.proj_basis.double() / heads.proj_scale.double()).to(**f32)  # (D, d)
+        # (d, 2w + d): [drift first layer | diffusion first layer | linear drift], z part only.
+        self.first = torch.cat([first_d[:, :d], first_s[:, :d], heads.drift_linear.weight]).T.contiguous().to(**f32)
+        self.time_origin, self.horizon = time_origin, float(cfg.horizon)
+        self._w_t = torch.cat([first_d[:, d:], first_s[:, d:]]).T.to(**f32)   # (1 + 2F, 2w)
+        self._b1 = torch.cat([drift[0].bias, diff[0].bias]).to(**f32)
+        self._heads = heads
+        self.table = self.time_table(n_times)
+        self.hidden = [tuple(t.to(**f32) for t in _block_diag_t(a, b)) for a, b in zip(drift[1:-1], diff[1:-1],
+                                                                                      strict=True)]
+        out_w, out_b = _block_diag_t(drift[-1], diff[-1])
+        self.out_w = out_w.to(**f32)
+        self.out_b = (out_b + torch.cat([heads.drift_linear.bias, torch.zeros_like(diff[-1].bias)])).to(**f32)
+        self.lift = (heads.proj_basis * heads.proj_scale).T.contiguous().to(**f32)  # (d, D): v = dz @ lift
+        self.sigma_floor = float(cfg.sigma_floor)
+        # zscore = (log s - mean) / std with s = ||sigma|| / sqrt(d dt): fold the constants.
+        self.diffusion_scale = 1.0 / math.sqrt(d * cfg.dt)
+        self.z_shift, self.z_scale = float(cfg.log_diffusion_mean), 1.0 / float(cfg.log_diffusion_std)
+        self.inv_dt = 1.0 / cfg.dt
+
+    @torch.no_grad()
+    def time_table(self, n: int) -> torch.Tensor:
+        """``(n, 2w)``: the time part of the first layers (biases included) for time indices ``0..n-1``."""
+        k = torch.arange(n, device=self._b1.device)
+        feats = self._heads.time_features(k.to(torch.float32) / self.horizon)
+        return torch.addmm(self._b1, feats.to(self._b1), self._w_t)
+
+
+@dataclass
+class _StepBuffers:
+    """Preallocated per call (first read): the trace rows and the work tensors of one step."""
+
+    stats: torch.Tensor      # (5, capacity, batch): _STATS, step-major so a step's row is contiguous
+    positions: torch.Tensor  # (capacity, batch) long
+    z: torch.Tensor          # (capacity, batch, d): the states, for the surprise (computed at the end)
+    out: torch.Tensor        # (capacity, batch, 2d): [mu dt | sigma sqrt(dt)] per step
+    centered: torch.Tensor   # (batch, D)
+    first: torch.Tensor      # (batch, 2w + d): first layers' z part and the linear drift
+    act: tuple[torch.Tensor, torch.Tensor]  # (batch, 2w) ping-pong
+    zero: torch.Tensor       # (batch, d) zeros, for softplus as logaddexp(x, 0)
+
+    @classmethod
+    def allocate(cls, fused: _FusedHeads, batch: int, hidden_size: int, capacity: int, base_temperature: float):
+        dev = fused.basis.device
+        e = functools.partial(torch.empty, device=dev, dtype=torch.float32)
+        stats = torch.full((len(_STATS), capacity, batch), float("nan"), device=dev)
+        stats[_STATS.index("temperature")] = base_temperature
+        stats[_STATS.index("steer_norm")] = 0.0
+        return cls(stats, torch.full((capacity, batch), -1, device=dev, dtype=torch.long),
+                   e(capacity, batch, fused.d), e(capacity, batch, 2 * fused.d), e(batch, hidden_size),
+                   e(batch, fused.first.shape[1]), (e(batch, fused.width), e(batch, fused.width)),
+                   torch.zeros(batch, fused.d, device=dev))
+
+    def grown(self) -> _StepBuffers:
+        """Twice the capacity (generate ran more steps than max_new_tokens said; rare, never per step)."""
+        cap = self.stats.shape[1]
+        stats = torch.cat([self.stats, self.stats[:, :1].expand(-1, cap, -1)], 1)
+        stats[_STATS.index("diffusion"), cap:] = float("nan")
+        stats[_STATS.index("zscore"), cap:] = float("nan")
+        stats[_STATS.index("drift_norm"), cap:] = float("nan")
+        stats[_STATS.index("steer_norm"), cap:] = 0.0  # temperature keeps the base value of row 0 (if not set)
+        return _StepBuffers(stats, torch.cat([self.positions, torch.full_like(self.positions, -1)]),
+                            torch.cat([self.z, torch.zeros_like(self.z)]), torch.cat([self.out, torch.zeros_like(self.out)]),
+                            self.centered, self.first, self.act, self.zero)
+
+
+class SDETemperatureLogitsProcessor(LogitsProcessor):
+    """Divides logits by the SDE temperature of the current step (and calls the step ``callback``).
+
+    Installed by ``generate(..., sde_control=...)`` in temperature modes or when a callback is set; it reads
+    the temperature the forward hook computed for this step. Runs after the other logits processors and
+    before top-k / top-p / min-p, like the stock temperature.
 
     Example:
         >>> out = model.generate(**inputs, do_sample=True, top_p=0.9, sde_control=SDEControl(heads))
@@ -175,14 +290,24 @@ class SDETemperatureLogitsProcessor(LogitsProcessor):
         return self.runtime.on_logits(scores)
 
 
-class _Runtime:
-    """The per-call state shared by the hooks and the logits processor."""
+@dataclass
+class _CallSetup:
+    """What one ``generate`` call fixes before the first forward (from the resolved generation config)."""
 
-    def __init__(self, control: SDEControl, model, base_temperature: float, prompt_width: int | None = None):
-        self.control = control
+    prompt_width: int        # tokens of the prompt (1 for generation from BOS)
+    returned_prompt: int     # prompt tokens in the returned sequences (0 for inputs_embeds only)
+    capacity: int            # steps to preallocate (grown if generate runs more)
+    base_temperature: float
+    eos_ids: list[int]
+    scores_private: bool = False  # no output_logits: the logits processor may divide the scores in place
+
+
+class _Runtime:
+    """The per-call state shared by the hooks and the logits processor (lives for one ``generate`` call)."""
+
+    def __init__(self, control: SDEControl, model, setup: _CallSetup):
+        self.control, self.model, self.setup = control, model, setup
         self.heads = control.heads
-        self.model = model
-        self.base_temperature = base_temperature
         self.read_layer = self.heads.config.layer
         self.steer_layer = resolve_layer(model, control.steer_layer) if control.steer_layer is not None else self.read_layer
         if control.steers and self.steer_layer < self.read_layer:
@@ -190,76 +315,106 @@ class _Runtime:
                 f"steer_layer={self.steer_layer} precedes the heads' layer {self.read_layer}: the steering direction "
                 "is computed from the state at the heads' layer, so steer at that layer or a later one."
             )
-        self.step = 0
-        self.prompt_width = prompt_width
-        # True during a non-final chunk of a chunked prefill (generate(prefill_chunk_size=...)): that chunk's last
-        # position is not the newest one, so it is neither read nor steered.
+        device = _model_device(model)
+        self.origin = getattr(self.heads.config, "time_origin", "sequence")
+        # One table row per position the call can reach (prompt_end needs fewer; positions are recorded anyway).
+        self.fused = _FusedHeads(self.heads, device, setup.capacity + setup.prompt_width + 1, self.origin)
+        self.direction = self._fixed_direction(device)
+        self.buf: _StepBuffers | None = None
+        self.step = 0            # index of the next step to record
+        self.current = -1        # index of the step being computed (read -> steer -> logits)
+        self.consumed = 0        # prompt tokens forwarded so far (chunked prefill)
+        self.prefilled = False
         self.partial_prefill = False
         self.positions: torch.Tensor | None = None
-        self.prefill_len: int | None = None
-        self.records: dict[str, list[torch.Tensor]] = {k: [] for k in
-                                                       ("diffusion", "zscore", "drift_norm", "temperature",
-                                                        "steer_norm", "surprise", "positions")}
-        self.prev: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.current: dict[str, torch.Tensor] = {}
-        self.unit_direction: torch.Tensor | None = None
+        self.unit: torch.Tensor | None = None
         self.handles: list = []
 
-    # -- hooks ----------------------------------------------------------------------------------------
+    def _fixed_direction(self, device) -> torch.Tensor | None:
+        ctl = self.control
+        if isinstance(ctl.direction, torch.Tensor):
+            v = ctl.direction.to(device, torch.float32)
+            return v / v.norm().clamp_min(1e-12)
+        if ctl.direction == "attractor":
+            target = ctl.attractor if ctl.attractor is not None else torch.zeros(self.fused.d)
+            self.attractor = target.to(device, torch.float32)
+        return None
+
+    # -- hooks (no host sync below this line: tests/test_control_nosync.py) ------------------------------
     def on_forward_pre(self, _module, args, kwargs):
-        mask = kwargs.get("attention_mask")
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        width = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
+        # A non-final chunk of a chunked prefill (generate(prefill_chunk_size=...)) ends before the newest
+        # position, so it is neither read nor steered. Shapes only: no tensor value is read.
+        if not self.prefilled:
+            self.consumed += width
+            self.prefilled = self.consumed >= self.setup.prompt_width
+        self.partial_prefill = not self.prefilled
         position_ids = kwargs.get("position_ids")
-        input_ids = kwargs.get("input_ids", args[0] if args else None)
-        if mask is not None and mask.dim() == 2:
-            self.partial_prefill = (self.step == 0 and self.prompt_width is not None
-                                    and mask.shape[1] < self.prompt_width)
+        mask = kwargs.get("attention_mask")
         if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
-            # The positions the model itself uses (a static cache passes a 4D mask, whose sum means nothing).
-            self.positions = position_ids[:, -1]
-        elif mask is not None and mask.dim() == 2:
+            self.positions = position_ids[:, -1]  # what the model itself uses, whatever its mask looks like
+        elif isinstance(mask, torch.Tensor) and mask.dim() == 2:
             self.positions = mask.sum(-1) - 1
-        else:
-            ref = input_ids if input_ids is not None else kwargs.get("inputs_embeds")
-            if self.prefill_len is None:
-                self.prefill_len = ref.shape[1]
-            pos = self.prefill_len - 1 + self.step
-            self.positions = torch.full((ref.shape[0],), pos, device=ref.device, dtype=torch.long)
+        else:  # no position ids and a 4D / per-layer-type dict mask (or none): count
+            self.positions = None
 
     def on_read(self, hidden: torch.Tensor):
         if self.partial_prefill:
             return None
-        heads = self.heads
-        if heads.proj_basis.device != hidden.device:
-            heads.to(hidden.device)
-        last = hidden[:, -1].float()
-        z = heads.project(last)
-        positions = self.positions.to(hidden.device)
-        mean, std = heads(z, heads.times(positions))
-        magnitude = heads.diffusion_magnitude(std)
-        zscore = heads.zscore(magnitude)
-        drift = mean / heads.dt
-        cur = {"z": z, "mean": mean, "std": std, "diffusion": magnitude, "zscore": zscore,
-               "drift_norm": drift.norm(dim=-1), "positions": positions}
-        if self.prev is not None:
-            pz, pmean, pstd = self.prev
-            if pz.shape == z.shape:
-                cur["surprise_previous"] = heads.surprise(z - pz, pmean, pstd)
-        self.prev = (z, mean, std)
-        self.current = cur
-        ctl = self.control
-        if ctl.steers:
-            if isinstance(ctl.direction, torch.Tensor):
-                v = ctl.direction.to(hidden.device, torch.float32).expand_as(last)
-            elif ctl.direction == "drift":
-                v = heads.lift(mean)
-            else:
-                target = ctl.attractor.to(z) if ctl.attractor is not None else torch.zeros_like(z)
-                v = heads.lift(target - z)
-            unit = v / v.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-            self.unit_direction = ctl.alpha * ctl.gate_value(zscore).unsqueeze(-1) * unit
+        k = self.current = self.step
+        self.step += 1
+        buf = self._buffers(hidden, k)
+        f = self.fused
+        d, w = f.d, f.width
+        last = hidden[:, -1]
+        torch.sub(last, f.mean, out=buf.centered)  # float32 whatever the model's dtype
+        z = torch.mm(buf.centered, f.basis, out=buf.z[k])
+        first = torch.mm(z, f.first, out=buf.first)
+        act, spare = buf.act
+        pos = torch.clamp(self._positions(k, hidden), 0, f.table.shape[0] - 1, out=buf.positions[k])
+        if self.origin == "prompt_end":  # k tokens generated so far, the same for every row
+            torch.add(first[:, :w], f.table[k], out=act)
+        else:
+            torch.index_select(f.table, 0, pos, out=act)
+            act.add_(first[:, :w])
+        torch.nn.functional.silu(act, inplace=True)
+        for weight, bias in f.hidden:
+            torch.addmm(bias, act, weight, out=spare)
+            torch.nn.functional.silu(spare, inplace=True)
+            act, spare = spare, act
+        out = torch.addmm(f.out_b, act, f.out_w, out=buf.out[k])
+        mean, std = out[:, :d], out[:, d:]
+        mean.add_(first[:, w:])                         # + the linear drift (its bias is in out_b)
+        torch.logaddexp(std, buf.zero, out=std)         # softplus
+        std.add_(f.sigma_floor)
+        self._record(buf, k, mean, std)
+        if self.control.steers:
+            self._direction(buf, k, mean, z, hidden.device)
             if self.steer_layer == self.read_layer:
                 return self._steer(hidden)
         return None
+
+    def _record(self, buf: _StepBuffers, k: int, mean: torch.Tensor, std: torch.Tensor) -> None:
+        f, stats = self.fused, buf.stats
+        diffusion, zscore, drift_norm, temperature = stats[0, k], stats[1, k], stats[2, k], stats[3, k]
+        torch.linalg.vector_norm(std, dim=-1, out=diffusion).mul_(f.diffusion_scale)
+        torch.log(diffusion, out=zscore).sub_(f.z_shift).mul_(f.z_scale)
+        torch.linalg.vector_norm(mean, dim=-1, out=drift_norm).mul_(f.inv_dt)
+        ctl = self.control
+        if ctl.controls_temperature:  # the ops of SDEControl.temperature_law, in place
+            torch.mul(zscore, -ctl.beta, out=temperature).exp_().mul_(ctl.temperature)
+            temperature.clamp_(ctl.min_temperature, ctl.max_temperature)
+
+    def _direction(self, buf: _StepBuffers, k: int, mean: torch.Tensor, z: torch.Tensor, device) -> None:
+        ctl = self.control
+        if self.direction is not None:
+            unit = self.direction.expand(z.shape[0], -1)
+        else:
+            v = (mean if ctl.direction == "drift" else self.attractor - z) @ self.fused.lift
+            unit = v.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min_(1e-12))
+        scale = ctl.alpha if ctl.gate == "always" else ctl.alpha * ctl.gate_value(buf.stats[1, k]).unsqueeze(-1)
+        self.unit = unit * scale
 
     def on_steer(self, hidden: torch.Tensor):
         if self.partial_prefill:
@@ -267,87 +422,117 @@ class _Runtime:
         return self._steer(hidden)
 
     def _steer(self, hidden: torch.Tensor) -> torch.Tensor:
-        last = hidden[:, -1]
-        delta = last.float().norm(dim=-1, keepdim=True) * self.unit_direction
-        self.current["steer_norm"] = delta.norm(dim=-1)
+        last = hidden[:, -1].float()
+        delta = self.unit * torch.linalg.vector_norm(last, dim=-1, keepdim=True)
+        torch.linalg.vector_norm(delta, dim=-1, out=self.buf.stats[4, self.current])
         out = hidden.clone()
-        out[:, -1] = (last.float() + delta).to(hidden.dtype)
+        out[:, -1] = last + delta
         return out
 
     def on_logits(self, scores: torch.Tensor) -> torch.Tensor:
-        cur = self.current
-        if not cur:
+        k = self.current
+        if k < 0:
             raise RuntimeError("SDE control saw logits without a hidden state for this step (unsupported decoding).")
         ctl = self.control
+        stats = self.buf.stats
         if ctl.controls_temperature:
-            tau = ctl.temperature_law(cur["zscore"])
-            scores = scores / tau.to(scores.device, scores.dtype).unsqueeze(-1)
-        else:
-            tau = torch.full_like(cur["zscore"], self.base_temperature)
-        steer = cur.get("steer_norm", torch.zeros_like(tau))
-        rec = self.records
-        rec["diffusion"].append(cur["diffusion"])
-        rec["zscore"].append(cur["zscore"])
-        rec["drift_norm"].append(cur["drift_norm"])
-        rec["temperature"].append(tau)
-        rec["steer_norm"].append(steer)
-        rec["positions"].append(cur["positions"])
-        if "surprise_previous" in cur:
-            rec["surprise"].append(cur["surprise_previous"])
+            tau = stats[3, k].unsqueeze(-1).to(scores.dtype)
+            # In place when nothing else holds these scores (generate keeps raw logits only for output_logits).
+            scores = scores.div_(tau) if self.setup.scores_private else scores / tau
         if ctl.callback is not None:
-            ctl.callback(SDEStep(self.step, cur["diffusion"], cur["zscore"], cur["drift_norm"], tau, steer,
-                                 cur.get("surprise_previous")))
-        self.current = {}
-        self.step += 1
+            ctl.callback(SDEStep(k, *(stats[i, k] for i in range(len(_STATS))), self._surprise_previous(k)))
+        self.current = -1
         return scores
+
+    # -- helpers ----------------------------------------------------------------------------------------
+    def _positions(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
+        if self.positions is not None:
+            return self.positions
+        return self.buf.positions.new_full((hidden.shape[0],), self.setup.prompt_width - 1 + k)
+
+    def _buffers(self, hidden: torch.Tensor, k: int) -> _StepBuffers:
+        if self.buf is None:
+            self.buf = _StepBuffers.allocate(self.fused, hidden.shape[0], hidden.shape[-1], self.setup.capacity,
+                                             self.setup.base_temperature)
+        while k >= self.buf.stats.shape[1]:
+            self.buf = self.buf.grown()
+            self.fused.table = self.fused.time_table(self.buf.stats.shape[1] + self.setup.prompt_width + 1)
+        return self.buf
+
+    def _surprise_previous(self, k: int) -> torch.Tensor | None:
+        if k == 0:
+            return None
+        buf, d = self.buf, self.fused.d
+        prev = buf.out[k - 1]
+        return self.heads.surprise(buf.z[k] - buf.z[k - 1], prev[:, :d], prev[:, d:])
 
     # -- install / remove -----------------------------------------------------------------------------
     def install(self) -> None:
-        self.handles.append(self.model.register_forward_pre_hook(self.on_forward_pre, with_kwargs=True))
-        self.handles.append(register_block_hook(self.model, self.read_layer, self.on_read))
+        # Under a compiled forward (generate's compile_config, torch.compile) the hooks run eagerly between
+        # compiled pieces: they keep Python state that dynamo would otherwise specialize on at every step.
+        disable = torch.compiler.disable
+        self.handles.append(self.model.register_forward_pre_hook(disable(self.on_forward_pre), with_kwargs=True))
+        self.handles.append(register_block_hook(self.model, self.read_layer, disable(self.on_read)))
         if self.control.steers and self.steer_layer != self.read_layer:
-            self.handles.append(register_block_hook(self.model, self.steer_layer, self.on_steer))
+            self.handles.append(register_block_hook(self.model, self.steer_layer, disable(self.on_steer)))
 
     def remove(self) -> None:
         while self.handles:
             self.handles.pop().remove()
 
-    def trace(self, sequences: torch.Tensor, prompt_width: int, eos_ids: list[int]) -> SDETrace:
-        rec = self.records
-        # One record per logits call. transformers may run one more step than it returns (the deferred stop
-        # check undoes it, on MPS), so keep only the steps whose tokens came back.
-        n = min(len(rec["diffusion"]), max(sequences.shape[1] - prompt_width, 0))
-        rec = {k: v[: n - 1 if k == "surprise" else n] for k, v in rec.items()}
-        if n == 0:
-            empty = torch.zeros(sequences.shape[0], 0)
-            return SDETrace(*(empty.clone() for _ in range(6)), empty.long())
-        stacked = {k: torch.stack(v, dim=1).float() for k, v in rec.items() if k not in ("surprise", "positions") and v}
-        surprise = torch.full_like(stacked["diffusion"], float("nan"))
-        if rec["surprise"]:
-            s = torch.stack(rec["surprise"], dim=1).float()
-            surprise[:, : s.shape[1]] = s
-        new = sequences[:, prompt_width: prompt_width + n].to(surprise.device)
-        if eos_ids and new.numel():
-            is_eos = torch.isin(new, torch.tensor(eos_ids, device=new.device))
-            # Step k is valid if no EOS came before it (the EOS step itself is kept).
-            finished_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long() > 0
+    def trace(self, sequences: torch.Tensor) -> SDETrace:
+        """The statistics of the returned tokens, by field name; NaN (positions -1) after each row's EOS."""
+        # transformers may run one more step than it returns (the deferred stop check undoes it, on MPS), so
+        # keep only the steps whose tokens came back.
+        generated = max(sequences.shape[1] - self.setup.returned_prompt, 0)
+        if self.step < generated:
+            raise RuntimeError(
+                f"The SDE hooks saw {self.step} of {generated} decoding steps: the model's forward ran without them "
+                "(a torch.compile'd forward traced before they were installed does not call hooks added later). "
+                "Generate with SDE control on an uncompiled forward (generate's own compile_config is handled: that "
+                "call runs eagerly)."
+            )
+        n = min(self.step, generated)
+        rows = sequences.shape[0] if self.buf is None else self.buf.stats.shape[2]
+        if n == 0 or self.buf is None:
+            empty = torch.zeros(rows, 0)
+            return SDETrace(**{name: empty.clone() for name in (*_STATS, "surprise")}, positions=empty.long())
+        buf, d = self.buf, self.fused.d
+        stats = {name: buf.stats[i, :n].T.float().cpu() for i, name in enumerate(_STATS)}
+        surprise = torch.full((rows, n), float("nan"))
+        if n > 1:
+            out = buf.out[: n - 1]
+            surprise[:, : n - 1] = self.heads.surprise(buf.z[1:n] - buf.z[: n - 1], out[..., :d], out[..., d:]).T.cpu()
+        positions = buf.positions[:n].T.cpu()
+        new = sequences[:, self.setup.returned_prompt: self.setup.returned_prompt + n].cpu()
+        if self.setup.eos_ids:
+            is_eos = torch.isin(new, torch.tensor(self.setup.eos_ids)).long()
+            finished_at = torch.cumsum(is_eos, dim=1) > 0
+            finished_before = (torch.cumsum(is_eos, dim=1) - is_eos) > 0  # the EOS step itself is kept
         else:
-            finished_before = torch.zeros_like(surprise, dtype=torch.bool)
+            finished_at = finished_before = torch.zeros(rows, n, dtype=torch.bool)
+        stats = {k: v.masked_fill(finished_before, float("nan")) for k, v in stats.items()}
         # A step's surprise needs the next state, which does not exist at or after EOS.
-        finished_at = torch.cumsum(is_eos.long(), dim=1) > 0 if eos_ids and new.numel() else finished_before
-        out = {}
-        for k, v in stacked.items():
-            out[k] = v.masked_fill(finished_before, float("nan"))
-        surprise = surprise.masked_fill(finished_at, float("nan"))
-        positions = torch.stack(rec["positions"], dim=1).masked_fill(finished_before, -1)
-        return SDETrace(out["diffusion"], out["zscore"], out["drift_norm"], out["temperature"], out["steer_norm"],
-                        surprise, positions)
+        return SDETrace(**stats, surprise=surprise.masked_fill(finished_at, float("nan")),
+                        positions=positions.masked_fill(finished_before, -1))
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
 
 
 @contextlib.contextmanager
-def sde_hooks(model, control: SDEControl, base_temperature: float = 1.0, prompt_width: int | None = None):
-    """Install the SDE hooks for one generation; always removes them. Yields the runtime."""
-    runtime = _Runtime(control, model, base_temperature, prompt_width)
+def sde_hooks(model, control: SDEControl, setup: _CallSetup | None = None, *, prompt_width: int = 1,
+              max_new_tokens: int = 256, base_temperature: float = 1.0):
+    """Install the SDE hooks for one generation; always removes them. Yields the runtime.
+
+    ``sde_generate`` passes its resolved ``setup``; direct users give the prompt width and step budget.
+    """
+    setup = setup or _CallSetup(prompt_width, prompt_width, max_new_tokens + 1, base_temperature, [])
+    runtime = _Runtime(control, model, setup)
     runtime.install()
     try:
         yield runtime
@@ -355,18 +540,145 @@ def sde_hooks(model, control: SDEControl, base_temperature: float = 1.0, prompt_
         runtime.remove()
 
 
-def _eos_ids(model, kwargs) -> list[int]:
-    gc = kwargs.get("generation_config") or model.generation_config
-    eos = kwargs.get("eos_token_id", getattr(gc, "eos_token_id", None))
-    if eos is None:
-        return []
-    return [int(e) for e in (eos if isinstance(eos, (list, tuple)) else [eos])]
+# ----- generate ----------------------------------------------------------------------------------------
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _resolve_generation_config(model, kwargs: dict):
+    """The generation config ``generate`` will use (model defaults, ``generation_config``, kwargs), resolved once."""
+    passed = kwargs.get("generation_config")
+    rest = {k: v for k, v in kwargs.items() if k != "generation_config"}
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if prepare is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            return prepare(passed, **rest)[0]
+    gc = copy.deepcopy(passed or model.generation_config)
+    gc.update(**rest)
+    return gc
+
+
+def _refuse_unsupported(gc, kwargs: dict, ctl: SDEControl) -> None:
+    if (gc.num_beams or 1) > 1:
+        raise NotImplementedError("SDE control supports greedy decoding and sampling, not beam search (num_beams > 1).")
+    if kwargs.get("assistant_model") is not None or kwargs.get("assistant_early_exit"):
+        raise NotImplementedError("SDE control does not support assisted / speculative decoding (assistant_model).")
+    if getattr(gc, "prompt_lookup_num_tokens", None):
+        raise NotImplementedError(
+            "SDE control does not support prompt-lookup decoding (prompt_lookup_num_tokens): it verifies several "
+            "tokens per forward, while the heads read one state per token. Drop prompt_lookup_num_tokens."
+        )
+    if ctl.steers and gc.use_cache is False:
+        raise NotImplementedError(
+            "Steering with use_cache=False would re-run and un-steer past positions; generate with the KV cache."
+        )
+
+
+def _temperature_kwargs(gc, kwargs: dict, ctl: SDEControl) -> float:
+    """Switch the stock temperature off under SDE temperature control; return the temperature to record."""
+    if not ctl.controls_temperature:
+        return float(gc.temperature) if gc.temperature is not None else 1.0
+    passed = kwargs.get("temperature")
+    if passed is not None and passed != 1.0:
+        raise ValueError(
+            f"generate(temperature={passed}) conflicts with SDE temperature control: set the base temperature "
+            "with SDEControl(temperature=...) instead."
+        )
+    if not gc.do_sample:
+        _warn_once("greedy", "SDE temperature control under greedy decoding (do_sample=False): temperatures do not "
+                   "change the argmax, so the tokens are those of plain greedy decoding; the trace records the "
+                   "temperatures the law would apply. Pass do_sample=True to sample with them.")
+    _set_generation_option(kwargs, "temperature", 1.0)
+    return 1.0
+
+
+def _set_generation_option(kwargs: dict, name: str, value) -> None:
+    """Set one option for this call, on the caller's generation_config (copied) if there is one."""
+    if kwargs.get("generation_config") is not None:
+        kwargs["generation_config"] = gc = copy.deepcopy(kwargs["generation_config"])
+        setattr(gc, name, value)
+    else:
+        kwargs[name] = value
+
+
+def _decline_compile(model, gc, kwargs: dict) -> None:
+    """Run this call's forward eagerly where generate would compile it (compile_config / static cache on GPU).
+
+    dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a forward
+    compiled before the SDE hooks were installed runs without them, so the trace would stop after the prefill
+    and temperature / steering would silently not apply. Eager forwards give the same tokens (bit for bit
+    where the compiled kernels are bitwise eager, e.g. backend="eager").
+    """
+    if gc.disable_compile:
+        return
+    static = gc.cache_implementation in ("static", "offloaded_static") or getattr(
+        kwargs.get("past_key_values"), "is_compileable", False)
+    all_devices = bool(getattr(gc.compile_config, "_compile_all_devices", False))
+    if static and (_model_device(model).type != "cpu" or all_devices):
+        _warn_once("compile", "SDE control runs generate's forward eagerly (disable_compile=True for this call): a "
+                   "compiled forward does not see the SDE hooks (dynamo skips module-hook guards).")
+    _set_generation_option(kwargs, "disable_compile", True)
+
+
+def _prompt_widths(args, kwargs: dict) -> tuple[int, int]:
+    """(prompt width, prompt tokens in the returned sequences); no prompt means generation from BOS."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return ids.shape[1], ids.shape[1]
+    embeds = kwargs.get("inputs_embeds")
+    if embeds is not None:
+        return embeds.shape[1], 0
+    return 1, 1  # stock generate starts from the BOS token, which it returns
+
+
+def _check_horizon(model, heads, prompt_width: int, capacity: int) -> None:
+    cfg = heads.config
+    context = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                      "max_position_embeddings", None)
+    if context and prompt_width + capacity - 1 > context:
+        _warn_once(f"context-{id(model)}", (
+            f"prompt ({prompt_width} tokens) plus new tokens reach past the model's context ({context} positions): "
+            "the model's hidden states there are out of distribution, and so are the heads' statistics."))
+    origin = getattr(cfg, "time_origin", "sequence")
+    last = (prompt_width - 1 if origin == "sequence" else 0) + capacity - 1
+    if last > 2 * cfg.horizon:
+        counted = "positions in the text" if origin == "sequence" else "tokens generated after the prompt"
+        _warn_once(f"horizon-{id(heads)}-{origin}", (
+            f"these heads were fitted on paths of up to T={cfg.horizon:g} {counted}; this call reaches "
+            f"{last}, i.e. t = k/T up to {last / cfg.horizon:.1f}. Past t = 1 drift and diffusion are "
+            "extrapolated and z-scores are not calibrated there."))
+
+
+def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
+    """Resolve the generation config once, refuse what is not supported, fix the per-call sizes."""
+    gc = _resolve_generation_config(model, kwargs)
+    _refuse_unsupported(gc, kwargs, ctl)
+    base_temperature = _temperature_kwargs(gc, kwargs, ctl)
+    _decline_compile(model, gc, kwargs)
+    prompt_width, returned = _prompt_widths(args, kwargs)
+    if gc.max_new_tokens is not None:
+        steps = gc.max_new_tokens
+    else:
+        steps = max((gc.max_length or 20) - (prompt_width if returned else 0), 1)
+    eos = gc.eos_token_id
+    eos_ids = [] if eos is None else [int(e) for e in (eos.tolist() if isinstance(eos, torch.Tensor) else
+                                                       eos if isinstance(eos, (list, tuple)) else [eos])]
+    _check_horizon(model, ctl.heads, prompt_width, steps + 1)
+    keeps_logits = bool(gc.return_dict_in_generate and gc.output_logits)
+    return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids,
+                      scores_private=not keeps_logits and not kwargs.get("logits_processor"))
 
 
 def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=None, **kwargs):
     """``model.generate`` with optional SDE control (see :class:`SDEControl`).
 
-    With ``sde_control=None`` this is exactly the stock ``generate``.
+    With ``sde_control=None`` this is exactly the stock ``generate``. With ``return_dict_in_generate=True``
+    the output has ``sde_trace``; otherwise ``SDEControl(on_trace=...)`` receives it.
     """
     generate = _generate or functools.partial(type(model).generate, model)
     if sde_control is None:
@@ -375,54 +687,18 @@ def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=
         raise TypeError(f"sde_control must be an SDEControl, got {type(sde_control).__name__}")
     ctl = sde_control
     ctl.heads.check_compatible(model)
-    gc = kwargs.get("generation_config")
-    num_beams = kwargs.get("num_beams", getattr(gc or model.generation_config, "num_beams", None) or 1)
-    if num_beams and num_beams > 1:
-        raise NotImplementedError("SDE control supports greedy decoding and sampling, not beam search (num_beams > 1).")
-    if kwargs.get("assistant_model") is not None or kwargs.get("prompt_lookup_num_tokens"):
-        raise NotImplementedError("SDE control does not support assisted / speculative decoding.")
-    use_cache = kwargs.get("use_cache", getattr(gc or model.generation_config, "use_cache", True))
-    if ctl.steers and use_cache is False:
-        raise NotImplementedError(
-            "Steering with use_cache=False would re-run and un-steer past positions; generate with the KV cache."
-        )
-    base_temperature = 1.0
-    if ctl.controls_temperature:
-        passed = kwargs.get("temperature")
-        if passed is not None and passed != 1.0:
-            raise ValueError(
-                f"generate(temperature={passed}) conflicts with SDE temperature control: set the base temperature "
-                "with SDEControl(temperature=...) instead."
-            )
-        # The SDE law replaces the static temperature, so switch the stock one off.
-        if gc is not None:
-            import copy
-
-            kwargs["generation_config"] = gc = copy.deepcopy(gc)
-            gc.temperature = 1.0
-        else:
-            kwargs["temperature"] = 1.0
-    else:
-        temp = kwargs.get("temperature", getattr(gc or model.generation_config, "temperature", None))
-        base_temperature = float(temp) if temp is not None else 1.0
-    input_ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    if input_ids is None and kwargs.get("inputs_embeds") is None:
-        raise ValueError("generate(..., sde_control=...) needs input_ids (or inputs / inputs_embeds).")
-    prompt_width = input_ids.shape[1] if input_ids is not None else kwargs["inputs_embeds"].shape[1]
-    return_dict = kwargs.get("return_dict_in_generate", getattr(gc or model.generation_config,
-                                                                "return_dict_in_generate", False))
-    with sde_hooks(model, ctl, base_temperature, prompt_width) as runtime:
+    setup = _call_setup(model, args, kwargs, ctl)
+    with sde_hooks(model, ctl, setup) as runtime:
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        processors.append(SDETemperatureLogitsProcessor(runtime))
+        if ctl.controls_temperature or ctl.callback is not None:
+            processors.append(SDETemperatureLogitsProcessor(runtime))
         out = generate(*args, logits_processor=processors, **kwargs)
-    sequences = out.sequences if return_dict else out
-    if input_ids is None:  # inputs_embeds only: generate returns just the new tokens
-        prompt_width = 0
-    trace = runtime.trace(sequences, prompt_width, _eos_ids(model, kwargs))
-    ctl.last_trace = trace
+    return_dict = not isinstance(out, torch.Tensor)
+    trace = runtime.trace(out.sequences if return_dict else out)
+    if ctl.on_trace is not None:
+        ctl.on_trace(trace)
     if return_dict:
-        data = {k: v for k, v in out.items()}
-        return SDEGenerateOutput(**data, sde_trace=trace)
+        return SDEGenerateOutput(**dict(out.items()), sde_trace=trace)
     return out
 
 

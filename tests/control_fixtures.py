@@ -101,3 +101,50 @@ def all_hooks(model: torch.nn.Module) -> dict[str, int]:
         if n:
             out[name or "<root>"] = n
     return out
+
+
+# ----- the parity matrix (tests/test_control_parity.py) ------------------------------------------------
+PARITY_FAMILIES = ("llama", "gpt2", "gpt_neox", "qwen2", "qwen3", "mistral", "gemma", "gemma2")
+# Families whose configs take a sliding window (the cache then holds sliding layers).
+SLIDING_FAMILIES = ("mistral", "qwen2", "gemma2")
+
+
+def parity_config(family: str, sliding: bool = False):
+    """conftest's tiny config of ``family`` (Gemma2 added here), optionally with a 4-token sliding window."""
+    import transformers as tf
+    from conftest import TINY_VOCAB, tiny_config
+
+    if family == "gemma2":
+        cfg = tf.Gemma2Config(vocab_size=TINY_VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=128,
+                              bos_token_id=1, eos_token_id=2, pad_token_id=0, sliding_window=4 if sliding else 64)
+    else:
+        cfg = tiny_config(family)
+    if sliding and family == "mistral":
+        cfg.sliding_window = 4
+    if sliding and family == "qwen2":
+        cfg.use_sliding_window, cfg.sliding_window, cfg.max_window_layers = True, 4, 1
+        cfg.layer_types = ["full_attention"] + ["sliding_attention"] * (cfg.num_hidden_layers - 1)
+    return cfg
+
+
+@functools.cache
+def _parity_model(family: str, sliding: bool):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(parity_config(family, sliding), attn_implementation="eager").eval()
+    cfg = hf_sde.SDEHeadsConfig(hidden_size=32, proj_dim=4, layer=1, num_layers=3, horizon=64.0, width=16)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(1)
+        heads = hf_sde.SDEHeads(cfg)
+        with torch.no_grad():
+            for p in heads.parameters():
+                p.add_(0.1 * torch.randn_like(p))
+    return model, heads
+
+
+def parity_bundle(family: str, sliding: bool = False) -> Bundle:
+    """A tiny random model of ``family`` and random heads at layer 1 (built once per process; do not modify)."""
+    model, heads = _parity_model(family, sliding)
+    return Bundle(model, None, heads)

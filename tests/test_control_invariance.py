@@ -96,10 +96,12 @@ def test_constant_sde_temperature_equals_stock_temperature(sb):
     inputs = encode(sb.tok, PROMPTS)
     kw = dict(max_new_tokens=NEW, do_sample=True, top_k=0)
     ref = run(model.generate, inputs, 5, temperature=0.5, **kw)
-    ctl = SDEControl(sb.heads, mode="temperature", beta=2.0, min_temperature=0.5, max_temperature=0.5)
+    traces = []
+    ctl = SDEControl(sb.heads, mode="temperature", beta=2.0, min_temperature=0.5, max_temperature=0.5,
+                     on_trace=traces.append)
     out = run(model.generate, inputs, 5, sde_control=ctl, **kw)
     assert torch.equal(out, ref)
-    assert torch.equal(ctl.last_trace.temperature, torch.full((2, NEW), 0.5))
+    assert torch.equal(traces[-1].temperature, torch.full((2, NEW), 0.5))
     # ... and the static temperature must not be applied a second time on top of the SDE law.
     with pytest.raises(ValueError, match="temperature"):
         model.generate(**inputs, sde_control=ctl, temperature=0.5, **kw)
@@ -130,21 +132,26 @@ def test_batched_left_padding_matches_unbatched(sb, mode):
                                        msg=lambda m, name=name, prompt=prompt: f"{prompt!r} {name}: {m}")
 
 
-def test_return_dict_false_returns_tensor_and_last_trace(sb):
+def test_return_dict_false_returns_tensor_and_trace_through_on_trace(sb):
+    """Per-call results never live on the (reusable) SDEControl: the trace comes back in the output or through
+    ``on_trace``, one call at a time."""
     model = enable_sde_control(sb.model)
     inputs = encode(sb.tok, PROMPTS)
-    ctl = SDEControl(sb.heads, mode="temperature")
-    assert ctl.last_trace is None
+    traces = []
+    ctl = SDEControl(sb.heads, mode="temperature", on_trace=traces.append)
+    assert not hasattr(ctl, "last_trace")
     out = run(model.generate, inputs, 0, do_sample=True, max_new_tokens=NEW, sde_control=ctl,
               return_dict_in_generate=False)
     assert isinstance(out, torch.Tensor)
     assert out.shape == (2, inputs["input_ids"].shape[1] + NEW)
-    assert ctl.last_trace is not None and ctl.last_trace.zscore.shape == (2, NEW)
+    assert len(traces) == 1 and traces[0].zscore.shape == (2, NEW)
     out2 = run(model.generate, inputs, 0, do_sample=True, max_new_tokens=NEW, sde_control=ctl,
                return_dict_in_generate=True)
     assert isinstance(out2, SDEGenerateOutput)
     assert torch.equal(out2.sequences, out)
-    assert out2.sde_trace is ctl.last_trace
+    assert len(traces) == 2 and out2.sde_trace is traces[1]
+    torch.testing.assert_close(traces[0].zscore, traces[1].zscore, equal_nan=True)
+    assert vars(ctl) == vars(SDEControl(sb.heads, mode="temperature", on_trace=traces.append))
 
 
 def test_mixin_subclass_accepts_sde_control(tmp_path):

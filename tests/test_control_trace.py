@@ -215,14 +215,16 @@ def test_user_logits_processor_and_temperature_compose(sb):
 def test_temperature_control_changes_samples(sb):
     inputs = encode(sb.tok, PROMPTS)
     kw = dict(do_sample=True, top_k=0, max_new_tokens=NEW)
+    traces = []
     neutral = SDEControl(sb.heads, mode="temperature", beta=0.0)
-    strong = SDEControl(sb.heads, mode="temperature", beta=3.0, min_temperature=0.3, max_temperature=1.5)
+    strong = SDEControl(sb.heads, mode="temperature", beta=3.0, min_temperature=0.3, max_temperature=1.5,
+                        on_trace=traces.append)
     differ = 0
     for seed in range(3):
         a = run(sb.model.generate, inputs, seed, sde_control=neutral, **kw)
         b = run(sb.model.generate, inputs, seed, sde_control=strong, **kw)
         differ += int(not torch.equal(a, b))
-        assert (strong.last_trace.temperature != 1).any()
+        assert (traces[-1].temperature != 1).any()
     assert differ >= 2
 
 
@@ -322,8 +324,11 @@ def test_beam_search_and_assisted_decoding_rejected(sb, make_stories):
         sb.model.generate(**inputs, generation_config=GenerationConfig(num_beams=2, max_new_tokens=3), sde_control=ctl)
     with pytest.raises(NotImplementedError, match="assisted"):
         sb.model.generate(**inputs, assistant_model=make_stories().model, max_new_tokens=3, sde_control=ctl)
-    with pytest.raises(NotImplementedError, match="assisted"):
+    with pytest.raises(NotImplementedError, match="prompt-lookup"):
         sb.model.generate(**inputs, prompt_lookup_num_tokens=2, max_new_tokens=3, sde_control=ctl)
+    with pytest.raises(NotImplementedError, match="prompt-lookup"):
+        sb.model.generate(**inputs, generation_config=GenerationConfig(prompt_lookup_num_tokens=2, max_new_tokens=3),
+                          sde_control=ctl)
     assert all_hooks(sb.model) == {}
 
 

@@ -1,0 +1,145 @@
+"""The fused per-step path equals the heads' own modules, and never waits for the device.
+
+``_FusedHeads`` folds the projection, the first layers, the linear drift and both MLPs into a few dense calls;
+it must give ``heads(heads.project(h), heads.times(k))`` up to float rounding, for both time origins. The step
+path (hooks and logits processor) must not read tensor values on the host: run under a torch function mode
+that raises on ``.item()`` / ``.tolist()`` / ``bool`` / ``int`` / ``float`` / ``__index__`` of a tensor while
+inside the hf-sde callbacks (transformers' own loop syncs; that is not ours).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+
+import pytest
+import torch
+from control_fixtures import tiny_bundle
+from torch.overrides import TorchFunctionMode
+
+from hf_sde import SDEControl, enable_sde_control
+from hf_sde import control as control_module
+
+SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
+
+
+def _with_origin(heads, origin: str):
+    heads = copy.deepcopy(heads)
+    heads.config.time_origin = origin
+    return heads
+
+
+@pytest.mark.parametrize("origin", ["sequence", "prompt_end"])
+def test_fused_step_equals_heads(origin):
+    tb = tiny_bundle(layer=1)
+    heads = _with_origin(tb.heads, origin)
+    with torch.no_grad():  # make every part matter: non-trivial scale, mean and linear drift
+        heads.proj_scale.uniform_(0.5, 2.0)
+        heads.proj_mean.normal_()
+        heads.drift_linear.weight.normal_(0, 0.3)
+        heads.drift_linear.bias.normal_(0, 0.3)
+        for p in (*heads.drift_net.parameters(), *heads.diffusion_net.parameters()):
+            p.normal_(0, 0.3)
+    model = enable_sde_control(tb.model)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21], [0, 0, 1, 40, 41, 42]])
+    captured = []
+    handle = model.model.layers[1].register_forward_hook(lambda m, a, o: captured.append(
+        (o[0] if isinstance(o, tuple) else o)[:, -1].detach().clone()))
+    try:
+        out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False, max_new_tokens=6,
+                             eos_token_id=None, return_dict_in_generate=True,
+                             sde_control=SDEControl(heads, mode="observe"))
+    finally:
+        handle.remove()
+    tr = out.sde_trace
+    hidden = torch.stack(captured, 1)                      # (batch, steps, D)
+    z = heads.project(hidden)
+    k = tr.positions if origin == "sequence" else torch.arange(6).expand(2, 6)
+    assert tr.positions[:, 0].tolist() == [5, 3]
+    mean, std = heads(z, heads.times(k))
+    magnitude = heads.diffusion_magnitude(std)
+    torch.testing.assert_close(tr.diffusion, magnitude, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(tr.zscore, heads.zscore(magnitude), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tr.drift_norm, (mean / heads.dt).norm(dim=-1), rtol=1e-5, atol=1e-5)
+    surprise = heads.surprise(z[:, 1:] - z[:, :-1], mean[:, :-1], std[:, :-1])
+    torch.testing.assert_close(tr.surprise[:, :-1], surprise, rtol=1e-4, atol=1e-4)
+    # The two origins really differ (unless the time features had no weight).
+    other = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False, max_new_tokens=6,
+                           eos_token_id=None, return_dict_in_generate=True,
+                           sde_control=SDEControl(_with_origin(heads, "sequence" if origin == "prompt_end"
+                                                               else "prompt_end"), mode="observe"))
+    assert not torch.allclose(other.sde_trace.zscore, tr.zscore)
+
+
+class NoSync(TorchFunctionMode):
+    """Raises on host reads of tensor values while ``inside`` is set (by the wrapped SDE callbacks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inside = 0
+        self.checked = 0
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if self.inside:
+            self.checked += 1
+            if getattr(func, "__name__", "") in SYNCS:
+                raise AssertionError(f"device->host sync in the SDE step path: {func}")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def guarded_callbacks(mode: NoSync):
+    cls = control_module._Runtime
+    saved = {m: getattr(cls, m) for m in ("on_forward_pre", "on_read", "on_steer", "on_logits")}
+
+    def wrap(fn):
+        def inner(*a, **k):
+            mode.inside += 1
+            try:
+                return fn(*a, **k)
+            finally:
+                mode.inside -= 1
+        return inner
+
+    for name, fn in saved.items():
+        setattr(cls, name, wrap(fn))
+    try:
+        yield
+    finally:
+        for name, fn in saved.items():
+            setattr(cls, name, fn)
+
+
+def test_the_guard_catches_a_sync():
+    mode = NoSync()
+    with mode:
+        mode.inside = 1
+        with pytest.raises(AssertionError, match="sync"):
+            bool(torch.ones(1).sum() > 0)
+        with pytest.raises(AssertionError, match="sync"):
+            torch.ones(2).tolist()
+
+
+@pytest.mark.parametrize("origin", ["sequence", "prompt_end"])
+@pytest.mark.parametrize("ctl_kwargs", [
+    dict(mode="observe"), dict(mode="temperature", beta=1.0),
+    dict(mode="temperature+steer", alpha=0.2, steer_layer=2, gate="sigmoid", direction="attractor"),
+    dict(mode="steer", alpha=0.2, gate="threshold"),
+], ids=["observe", "temperature", "temperature+steer-later-layer", "steer-threshold"])
+def test_step_path_never_syncs(origin, ctl_kwargs):
+    tb = tiny_bundle(layer=1)
+    model = enable_sde_control(tb.model)
+    ids = torch.tensor([[1, 5, 9, 13, 17, 21], [0, 0, 1, 40, 41, 42]])
+    kw = dict(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=True, max_new_tokens=5, eos_token_id=None,
+              return_dict_in_generate=True)
+    steps = []
+    ctl = SDEControl(_with_origin(tb.heads, origin), **ctl_kwargs, callback=lambda s: steps.append(s.index))
+    mode = NoSync()
+    torch.manual_seed(0)
+    with guarded_callbacks(mode), mode:
+        out = model.generate(sde_control=ctl, **kw)
+    assert mode.checked > 50 and steps == list(range(5))  # the guard saw the callbacks run
+    torch.manual_seed(0)
+    again = model.generate(sde_control=ctl, **kw)  # unguarded: same result
+    assert torch.equal(out.sequences, again.sequences)
+    torch.testing.assert_close(out.sde_trace.zscore, again.sde_trace.zscore)
