@@ -48,8 +48,16 @@ def _unread(demo, request) -> int:
 
 
 def _lenient(cls):
-    """``cls`` with Gradio's preprocessing switched off: values reach our checks as sent."""
-    return type(f"Lenient{cls.__name__}", (cls,), {"preprocess": lambda self, payload: payload})
+    """A constructor for ``cls`` components whose preprocessing is off: values reach our checks as sent.
+
+    (An instance attribute, not a subclass: Gradio writes a ``.pyi`` file beside every component subclass.)
+    """
+    def make(*args, **kwargs):
+        component = cls(*args, **kwargs)
+        component.preprocess = lambda payload: payload
+        return component
+
+    return make
 
 
 def _stream(gr, demo, backend, model_choice, values, request):
@@ -156,11 +164,17 @@ def build_demo(backend: DemoBackend | None = None, *, allow_model_choice: bool =
                 plain_out, controlled_out, trace_plot, phase_plot, summary = _outputs(gr, initial)
         outputs = [plain_out, controlled_out, trace_plot, phase_plot, summary, info]
         if allow_model_choice:
-            def on_generate(model_choice, *values, request: gr.Request):
-                yield from _stream(gr, demo, backend, model_choice, values, request)
+            def on_generate(model, prompt, mode, beta, base_temperature, min_temperature, max_temperature, alpha,
+                            direction, seed, max_new_tokens, request: gr.Request):
+                values = (prompt, mode, beta, base_temperature, min_temperature, max_temperature, alpha, direction,
+                          seed, max_new_tokens)
+                yield from _stream(gr, demo, backend, model, values, request)
             inputs = [choice, *controls]
-        else:
-            def on_generate(*values, request: gr.Request):
+        else:  # the served model only: the API takes no model argument at all
+            def on_generate(prompt, mode, beta, base_temperature, min_temperature, max_temperature, alpha, direction,
+                            seed, max_new_tokens, request: gr.Request):
+                values = (prompt, mode, beta, base_temperature, min_temperature, max_temperature, alpha, direction,
+                          seed, max_new_tokens)
                 yield from _stream(gr, demo, backend, None, values, request)
             inputs = controls
         button.click(on_generate, inputs, outputs, concurrency_limit=concurrency_limit, api_name="generate")
@@ -170,8 +184,19 @@ def build_demo(backend: DemoBackend | None = None, *, allow_model_choice: bool =
     return demo
 
 
+def _log_to_stderr() -> None:
+    """One INFO line per rejected input or abandoned client on stderr, unless the host configured logging."""
+    demo_log = logging.getLogger("hf_sde.demo")
+    if not demo_log.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        demo_log.addHandler(handler)
+        demo_log.setLevel(logging.INFO)
+
+
 def launch(demo, **kwargs):
     """``demo.launch`` with the demo's defaults (readable errors in the page; ``kwargs`` win)."""
+    _log_to_stderr()
     kwargs.setdefault("show_error", True)
     return demo.launch(**kwargs)
 
