@@ -17,6 +17,7 @@ request each). Latency = submit to final result. Every user checks that its own 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import subprocess
@@ -71,7 +72,9 @@ def _start(variant: str, port: int, env: dict, heads: str | None, log: Path) -> 
     else:
         code = (f"import runpy, sys; sys.argv = ['app.py']; runpy.run_path({str(C.REPO / 'spaces' / 'app.py')!r}, "
                 "run_name='__main__')\n")
-    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    # cwd: the log's folder, so that ``python -c`` does not import the hf_sde of the current directory.
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            cwd=log.parent)
 
 
 def _request(client, variant: str, prompt: str, seed: int, max_new: int) -> tuple[float, bool]:
@@ -144,6 +147,8 @@ def main() -> int:
     ap.add_argument("--sequential", type=int, default=3, help="requests of the single user")
     ap.add_argument("--levels", type=int, nargs="+", default=list(LEVELS))
     ap.add_argument("--out", default=str(C.RESULTS))
+    ap.add_argument("--reuse-after", default=None, help="bench_space.json whose 'after' results to keep (rerun "
+                                                        "only 'before')")
     args = ap.parse_args()
     info = C.machine_info()
     work = Path(tempfile.mkdtemp(prefix="bench-space-"))
@@ -154,8 +159,13 @@ def main() -> int:
            "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": os.environ["HF_HUB_CACHE"]}
     after_env = {**env, "PYTHONPATH": str(C.REPO)}
     start = time.perf_counter()
-    after = run_variant("after", after_env, None, work, args)
-    heads = _heads_folder(work / "cache")
+    if args.reuse_after:
+        after = json.loads(Path(args.reuse_after).read_text())["after"]
+        env["HF_SDE_CACHE"] = after["cache"]
+    else:
+        after = run_variant("after", after_env, None, work, args)
+        after["cache"] = env["HF_SDE_CACHE"]
+    heads = _heads_folder(Path(env["HF_SDE_CACHE"]))
     before = run_variant("before", {**env, "PYTHONPATH": str(old)}, heads, work, args)
     payload = {"machine": info, "before_commit": BEFORE_COMMIT, "model": "SmolLM2-135M-Instruct (Q4_1 GGUF)",
                "max_new_tokens": args.max_new_tokens, "params": PARAMS, "heads": "shipped" if heads is None else

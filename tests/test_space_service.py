@@ -17,11 +17,12 @@ import uuid
 from pathlib import Path
 
 import pytest
-
 from conftest import HUB_CACHE, REPO, load_stories
 
 pytest.importorskip("gradio_client")
 
+#: Soak: bursts of 8 visitors (4 read, 2 cancel, 2 never read); the later bursts may add at most PLATEAU_MB of RSS.
+BURSTS, PLATEAU_MB = 6, 40
 PATH_PROBES = ("/etc", "/etc/passwd", "/nonexistent/hf-sde-probe")
 GOOD = dict(prompt="Once upon a time", mode="temperature+steer", beta=1.0, tau0=1.0, tmin=0.3, tmax=1.5, alpha=0.1,
             direction="drift", seed=3, max_new=12)
@@ -184,7 +185,7 @@ def _burst(url: str, fn_index: int, burst: int, readers: int, cancellers: int, s
     def reader(i: int) -> None:
         seed, prompt = 1000 * burst + i, f"Tom and cat number {burst}-{i}"
         out = Client(url, verbose=False).predict(*_args(prompt=prompt, seed=seed), api_name="/generate")
-        if f"seed {seed})" not in out[4] or prompt not in out[0] or prompt not in out[1]:
+        if not str(out[4]).endswith(f"seed {seed}") or prompt not in out[0] or prompt not in out[1]:
             problems.append(f"burst {burst} client {i}: got {out[4]!r}")
 
     def canceller(i: int) -> None:
@@ -207,11 +208,11 @@ def test_soak_memory_plateaus_and_no_request_is_lost_or_mixed(space):
     url, proc, _ = space
     fn_index = next(i for i, d in enumerate(_config(url)["dependencies"]) if d.get("api_name") == "generate")
     rss, problems = [], []
-    for burst in range(6):
-        problems += _burst(url, fn_index, burst, readers=6, cancellers=2, silent=2)
+    for burst in range(BURSTS):
+        problems += _burst(url, fn_index, burst, readers=4, cancellers=2, silent=2)
         time.sleep(1.0)
         rss.append(_rss_mb(proc.pid))
     print("server RSS after each burst (MB):", [round(x) for x in rss])
     assert not problems, problems
     # Bursts 1-2 warm up allocators and caches; after that resident memory must stop growing.
-    assert max(rss[3:]) - max(rss[:3]) < 40, rss
+    assert max(rss[3:]) - max(rss[:3]) < PLATEAU_MB, rss
