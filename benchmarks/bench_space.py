@@ -77,17 +77,16 @@ def _start(variant: str, port: int, env: dict, heads: str | None, log: Path) -> 
                             cwd=log.parent)
 
 
-def _request(client, variant: str, prompt: str, seed: int, max_new: int) -> tuple[float, bool]:
+def _request(client, prefix: list, prompt: str, seed: int, max_new: int) -> tuple[float, bool]:
     p = PARAMS
-    args = [prompt, p["mode"], p["beta"], p["tau0"], p["tmin"], p["tmax"], p["alpha"], p["direction"], seed, max_new]
-    if variant == "before":
-        args = [None, None, None, None, *args]  # model / GGUF / revision / heads boxes: the served defaults
+    args = [*prefix, prompt, p["mode"], p["beta"], p["tau0"], p["tmin"], p["tmax"], p["alpha"], p["direction"], seed,
+            max_new]
     start = time.perf_counter()
     out = client.predict(*args, api_name="/generate")
     return time.perf_counter() - start, f"seed {seed}" in str(out[4])
 
 
-def _level(url: str, variant: str, users: int, sequential: int, max_new: int) -> dict:
+def _level(url: str, prefix: list, users: int, sequential: int, max_new: int) -> dict:
     from gradio_client import Client
 
     clients = [Client(url, verbose=False) for _ in range(users)]
@@ -97,7 +96,7 @@ def _level(url: str, variant: str, users: int, sequential: int, max_new: int) ->
     def user(i: int) -> None:
         barrier.wait()
         for k in range(sequential if users == 1 else 1):
-            r = _request(clients[i], variant, PROMPTS[(i + k) % len(PROMPTS)], 100 + 17 * i + k, max_new)
+            r = _request(clients[i], prefix, PROMPTS[(i + k) % len(PROMPTS)], 100 + 17 * i + k, max_new)
             with lock:
                 results.append(r)
 
@@ -124,10 +123,14 @@ def run_variant(variant: str, env: dict, heads: str | None, work: Path, args) ->
         _wait_up(port, proc)
         startup = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}/"
-        _level(url, variant, 1, 1, args.max_new_tokens)  # warm-up
+        from hf_sde.loading import SMOLLM2 as S
+
+        # The old page's model / GGUF / revision / heads boxes come first in its API.
+        prefix = [S.name_or_path, S.gguf_file, S.revision, heads] if variant == "before" else []
+        _level(url, prefix, 1, 1, args.max_new_tokens)  # warm-up
         levels = []
         for users in args.levels:
-            levels.append({**_level(url, variant, users, args.sequential, args.max_new_tokens),
+            levels.append({**_level(url, prefix, users, args.sequential, args.max_new_tokens),
                            "server_rss_mb": _rss_mb(proc.pid)})
             print(variant, levels[-1], flush=True)
         return {"startup_s": startup, "levels": levels}
