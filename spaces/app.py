@@ -11,8 +11,16 @@ GRADIO_SERVER_NAME=0.0.0.0). Configuration (all optional):
   (16), ``HF_SDE_DEMO_MAX_QUEUE`` waiting requests (32); ``HF_SDE_CACHE`` moves the demo-heads cache.
 """
 
+import ctypes
 import os
 import sys
+
+# Few malloc arenas: Gradio runs handlers on a pool of up to 40 threads, and with one arena per thread the freed
+# memory of each request's figures and HTML stays spread over them (resident memory creeps up for a long time).
+try:
+    ctypes.CDLL("libc.so.6").mallopt(-8, int(os.environ.get("MALLOC_ARENA_MAX", 2)))  # M_ARENA_MAX
+except (OSError, AttributeError):
+    pass
 
 try:
     import hf_sde.demo as sde_demo
