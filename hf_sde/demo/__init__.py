@@ -26,16 +26,9 @@ from .rendering import phase_figure, render_tokens, trace_figure
 from .settings import MAX_NEW_TOKENS, InputError, validate_params
 
 
-def register_cli(sub) -> None:
-    """Add ``hf-sde demo`` to the legacy ``hf_sde.cli`` parser (the command layer calls :func:`add_arguments`)."""
-    p = sub.add_parser("demo", help="serve the Gradio demo: plain vs SDE-controlled sampling side by side")
-    add_arguments(p)
-    p.set_defaults(func=run_from_args)
-
-
 __all__ = [
     "DEMO_FIT", "DEMO_STORIES", "MAX_NEW_TOKENS", "Comparison", "DemoBackend", "InputError", "LoadedModel",
     "RunResult", "add_arguments", "build_demo", "demo_corpus", "demo_heads", "generate_comparison", "launch",
-    "phase_figure", "register_cli", "render_tokens", "run_from_args", "stream_comparison", "trace_figure",
+    "phase_figure", "render_tokens", "run_from_args", "stream_comparison", "trace_figure",
     "validate_params",
 ]
