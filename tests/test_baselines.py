@@ -1,4 +1,4 @@
-"""The EDT baseline logits processor (hf_sde.baselines)."""
+"""The EDT baseline logits processor (hf_sde.processors)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
 
-from hf_sde.baselines import EntropyDynamicTemperatureLogitsProcessor as EDT
+from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor as EDT
 
 
 def _scores_with_entropies(batch: int = 6, vocab: int = 50) -> torch.Tensor:
