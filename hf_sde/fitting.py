@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from .baselines import BrownianBaseline, OUBaseline, TransitionStats
 from .heads import SDEHeads, SDEHeadsConfig
 from .process_group import DistEnv, SingleProcess
-from .training import FusedSDE, train_heads
+from .training import HeadsOnInputs, train_heads
 from .trajectories import Trajectories, check_finite
 from .transitions import (
     MIN_GROUPS_FOR_SEQUENCE_STOPPING,
@@ -141,7 +141,7 @@ def _baselines(data, env) -> tuple[BrownianBaseline, OUBaseline]:
     return BrownianBaseline.from_stats(stats), OUBaseline.from_stats(stats)
 
 
-def _calibrate(heads: SDEHeads, model: FusedSDE, data, env) -> None:
+def _calibrate(heads: SDEHeads, model: HeadsOnInputs, data, env) -> None:
     """Mean and (unbiased) std of ``log s_k`` and of the transition NLL over the training transitions; the fit
     fails rather than save heads whose z-scores would be meaningless."""
     def pass_(center: torch.Tensor | None) -> torch.Tensor:
@@ -295,13 +295,12 @@ def _fit(source, env, mode: str, opts: _Options) -> FitResult:
         data = StreamData(plan, project, heads.time_features, d, opts.batch_size, env.world_size, env.rank)
     brownian, ou = _baselines(data, env)
     init_at_ou(heads, ou)
-    model = FusedSDE(heads)
+    model = HeadsOnInputs(heads)
     desc = "Fitting SDE heads" if env.world_size == 1 else f"Fitting SDE heads ({env.world_size} proc, {mode})"
     bar = tqdm(range(opts.epochs), desc=desc, disable=not opts.progress or not env.is_main, unit="epoch")
     history, best_epoch = train_heads(model, data, env, plan.has_es, bar, lr=opts.lr,
                                       weight_decay=opts.weight_decay, patience=opts.patience,
                                       evaluate=evaluate)
-    model.write_to(heads)
     _calibrate(heads, model, data, env)
     parts = {"neural": evaluate(model, data.chunks("heldout"), env),
              "ou": evaluate(_on_inputs(ou.predict, d), data.chunks("heldout"), env),
@@ -312,7 +311,7 @@ def _fit(source, env, mode: str, opts: _Options) -> FitResult:
     config.heldout_nll = dict(heldout_nll)
     config.data = {**config.data, "train_sequences": len(plan.train_idx), "heldout_sequences": len(plan.val_idx),
                    "train_transitions": plan.num_train_transitions,
-                   "heldout_transitions": plan.num_heldout_transitions}
+                   "heldout_transitions": plan.num_heldout_transitions, "early_stopping": plan.early_stopping}
     return FitResult(heads, history, heldout_nll, parts, plan.train_idx, plan.val_idx,
                      {"ou": ou, "brownian": brownian}, best_epoch, opts.seed, opts.heldout_fraction)
 
