@@ -385,11 +385,6 @@ def fit_heads_distributed(
     *,
     mode: str = "exact",
     env: DistEnv | None = None,
-    base_model: str | None = None,
-    base_model_revision: str | None = None,
-    gguf_file: str | None = None,
-    model_type: str | None = None,
-    data_description: dict | None = None,
     **kwargs,
 ) -> FitResult:
     """:func:`fit_heads` on trajectory shards, data-parallel over the current process group.
@@ -398,7 +393,7 @@ def fit_heads_distributed(
     result is the same on all; save it on rank 0). ``mode="exact"`` equals ``fit_heads(load_shards(shards),
     ...)`` up to float rounding (same plan, PCA, baselines, batches and early stopping); ``mode="stream"``
     keeps one shard in memory with its own batch order. ``batch_size`` is the *global* batch size; the other
-    keyword arguments are :func:`fit_heads`'s.
+    keyword arguments (``proj_dim``, ``epochs``, ..., ``base_model``, ``data_description``) are :func:`fit_heads`'s.
 
     Example (under ``accelerate launch --num_processes N``):
         >>> env = DistEnv.init()
@@ -413,8 +408,9 @@ def fit_heads_distributed(
     env = env or DistEnv()
     meta = dict(corpus.infos[0].header.get("meta") or {})
     meta["source"] = corpus.source
-    cfg = _config_fields(meta, corpus.layer, corpus.num_layers, corpus.model_id, base_model, base_model_revision,
-                         gguf_file, model_type, data_description)
+    provenance = [kwargs.pop(k, None) for k in ("base_model", "base_model_revision", "gguf_file", "model_type",
+                                                "data_description")]
+    cfg = _config_fields(meta, corpus.layer, corpus.num_layers, corpus.model_id, *provenance)
     opts = _Options(config=cfg, **kwargs)
     result = _fit(ShardSource(corpus, env), env, mode, opts)
     result.heads.config.data["fit"] = {"processes": env.world_size, "mode": mode, "shards": corpus.num_shards}
