@@ -21,20 +21,19 @@ Three pieces, each usable alone:
     *global* transition ids on every rank); each rank computes the gradient of its slice of each global
     batch as a *sum* of per-element losses, the flattened gradients are all-reduced (one call per step,
     with the slice sizes), divided by the global batch size, clipped and stepped identically everywhere.
-    Memory per rank: its own *projected* transitions (``(2 d + 1)`` floats each, e.g. 33 floats for
-    d = 16 instead of D for the hidden state) plus one int64 per global transition for the shared
+    Memory per rank: its own *projected* transitions with time features (``2 d + 1 + 2 F`` floats each,
+    e.g. 41 for d = 16 instead of D for the hidden state) plus one int64 per global transition for the shared
     permutation. The hidden states themselves are only ever read one shard at a time.
   - ``mode="stream"`` never holds more than one shard: the training batches come from an
-    :class:`ShardTransitions` ``IterableDataset`` (shards in a seeded per-epoch order, transitions shuffled
+    :class:`hf_sde.transitions.StreamData` (shards in a seeded per-epoch order, transitions shuffled
     within a shard, carried over between shards), every evaluation is a pass over the shards. Peak
     memory is flat in the corpus size. The gradient sync is the same weighted all-reduce, but the batch
     order (and the early-stopping slice, chosen per transition by a seeded hash of its document) differs
     from ``fit_heads``, so it matches the single-process fit statistically, not to rounding. The PCA,
     horizon, baselines and the held-out split are identical to ``mode="exact"``.
 
-Differences from ``fit_heads`` worth knowing: the PCA uses *all* training states (``fit_heads``
-subsamples 200 000 rows when there are more), and is computed from the covariance (``eigh``) rather than
-an SVD of the data (same basis up to rounding; signs fixed by the same rule).
+The fit itself is :mod:`hf_sde.fitting` (``fit_heads`` is its one-process case: the same early-stopping
+rule and PCA); :func:`fit_heads_distributed` is re-exported here.
 
 Command line: ``hf-sde fit-distributed`` (see :func:`register_cli`; ``python -m hf_sde.distributed
 fit-distributed`` works without the ``hf-sde`` wiring), e.g.::
