@@ -47,6 +47,10 @@ HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 #: them; d (d + 1) in all, each transition observing d increments): below this the least squares fit and
 #: its residual std are noise (two sentences gave OU held-out NLL 6.4e24).
 TRANSITIONS_PER_COEFFICIENT = 10
+#: Held-out transitions needed per drift coefficient of one dimension: the held-out NLL is a mean over n d
+#: increments, with a standard error of about (2 n d)^-1/2 nats/dim; at n = 2 (d + 1) that is ~0.03 for
+#: d = 16, the size of the gaps between the heads and the baselines it has to resolve.
+HELDOUT_PER_COEFFICIENT = 2
 
 
 def gaussian_nll_parts(dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -181,10 +185,10 @@ def check_data_size(plan: FitPlan, d: int) -> None:
                          f"{d * (d + 1)} coefficients, which needs at least {need} training transitions "
                          f"({TRANSITIONS_PER_COEFFICIENT} per coefficient of each dimension), but the "
                          f"{len(plan.train_idx)} training sequences have {got}. {fix}")
-    held = plan.num_heldout_transitions
-    if held < need:
+    held, need_held = plan.num_heldout_transitions, HELDOUT_PER_COEFFICIENT * (d + 1)
+    if held < need_held:
         raise ValueError(f"Too little held-out data to compare the heads with the baselines at proj_dim {d}: "
-                         f"the {len(plan.val_idx)} held-out sequences have {held} transitions, at least {need} "
+                         f"the {len(plan.val_idx)} held-out sequences have {held} transitions, at least {need_held} "
                          f"are needed. {fix}")
 
 

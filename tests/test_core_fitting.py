@@ -277,7 +277,7 @@ def test_too_little_heldout_data_is_refused():
     states = [None, None]
     states[train[0]], states[held[0]] = long, short
     traj = Trajectories(states, layer=0, hidden_size=2)
-    with pytest.raises(ValueError, match="held-out sequences have 2 transitions, at least 30"):
+    with pytest.raises(ValueError, match="held-out sequences have 2 transitions, at least 6"):
         fit_heads(traj, proj_dim=None, progress=False)
 
 
