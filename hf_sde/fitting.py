@@ -10,6 +10,7 @@ training data), and every fit refuses data too small to estimate what it fits.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -316,8 +317,17 @@ def _fit(source, env, mode: str, opts: _Options) -> FitResult:
     config.data = {**config.data, "train_sequences": len(plan.train_idx), "heldout_sequences": len(plan.val_idx),
                    "train_transitions": plan.num_train_transitions,
                    "heldout_transitions": plan.num_heldout_transitions, "early_stopping": plan.early_stopping}
+    if plan.source.groups is not None:
+        # Which groups (prompts) were held out, as short hashes: an evaluation of these heads can then stay on
+        # unseen prompts without the texts travelling in the config.
+        config.data["heldout_prompt_sha1"] = sorted({group_hash(plan.source.groups[i]) for i in plan.val_idx})
     return FitResult(heads, history, heldout_nll, parts, plan.train_idx, plan.val_idx,
                      {"ou": ou, "brownian": brownian}, best_epoch, opts.seed, opts.heldout_fraction)
+
+
+def group_hash(group) -> str:
+    """Short stable hash of a split group (a HelpSteer prompt, say): ``sha1(str(group).strip())[:12]``."""
+    return hashlib.sha1(str(group).strip().encode()).hexdigest()[:12]
 
 
 def _on_inputs(predict: Callable, d: int) -> Callable:

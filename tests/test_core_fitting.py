@@ -295,3 +295,23 @@ def test_time_origin_comes_from_the_trajectories():
     traj.meta["time_origin"] = "prompt_end"
     result = fit_heads(traj, proj_dim=None, epochs=0, width=8, progress=False)
     assert result.heads.config.time_origin == "prompt_end" and result.summary()["time_origin"] == "prompt_end"
+
+
+def test_heads_record_heldout_groups_as_hashes():
+    """The config names the held-out prompts (hashed), so an evaluation of saved heads stays on unseen prompts."""
+    import hashlib
+
+    import torch
+
+    import hf_sde
+    from hf_sde.fitting import group_hash
+
+    g = torch.Generator().manual_seed(0)
+    states = [torch.randn(40, 8, generator=g) for _ in range(12)]
+    groups = [f"prompt {i // 2}" for i in range(12)]
+    traj = hf_sde.Trajectories(states, 0, 8, 2, "toy", 0, {"groups": groups})
+    res = hf_sde.fit_heads(traj, proj_dim=4, epochs=1, progress=False)
+    recorded = set(res.heads.config.data["heldout_prompt_sha1"])
+    assert recorded == {group_hash(groups[i]) for i in res.heldout_indices}
+    assert not recorded & {group_hash(groups[i]) for i in res.train_indices}
+    assert group_hash(" prompt 0 ") == hashlib.sha1(b"prompt 0").hexdigest()[:12]
