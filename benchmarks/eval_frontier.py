@@ -19,7 +19,6 @@ response given the end of its prompt; distinct-2 (per prompt pool); 4-gram repet
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 
 import _common as C
@@ -44,7 +43,10 @@ MAX_PROMPT_TOKENS = 512
 
 
 def sha1(text: str) -> str:
-    return hashlib.sha1(text.strip().encode()).hexdigest()[:12]
+    """The hash ``fit_heads`` records for held-out prompts (``config.data["heldout_prompt_sha1"]``)."""
+    from hf_sde.fitting import group_hash
+
+    return group_hash(text)
 
 
 def chat_ids(tok, prompt: str) -> list[int]:
@@ -81,10 +83,10 @@ def sample_kwargs(method, value):
 def generate(model, tok, heads, prompt_ids, method, value, cfg, seed):
     """Responses (token ids cut at EOS) for one setting; the batch is left-padded chat prompts."""
     import torch
+    from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor
     from transformers import LogitsProcessorList
 
     import hf_sde
-    from hf_sde.baselines import EntropyDynamicTemperatureLogitsProcessor
 
     hf_sde.enable_sde_control(model)
     out_ids = []
@@ -120,9 +122,8 @@ def generate(model, tok, heads, prompt_ids, method, value, cfg, seed):
 def evaluate(texts, groups, prompts_of, judge, human, cfg, seed, boot=None):
     """Metrics of one setting's responses (``human``: features, groups of the human responses)."""
     import numpy as np
-    from eval_control import distinct, repetition
-
     from _quality import mauve, mauve_ci
+    from eval_control import distinct, repetition
 
     nll, feats = judge.score([prompts_of[g] for g in groups], texts)
     words = [t.split() for t in texts]
@@ -206,10 +207,10 @@ def main(argv=None):
     C.setup_env(args.threads)
     from pathlib import Path
 
+    from _quality import Judge
+
     import hf_sde
     from hf_sde.loading import SMOLLM2
-
-    from _quality import Judge
 
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]

@@ -7,29 +7,28 @@ the held-out prompts' responses: NLL in nats/dim and the neural - OU gap with a 
 held-out sequences. Also per layer: the largest path-state norm over the median norm, to show that no
 attention-sink position (orders of magnitude larger) is on the modelled path.
 
-One forward pass per batch extracts every layer (one hook per layer). ``--ship L --ship-out DIR`` saves the
-heads of layer L (with the held-out prompts recorded in ``config.data``) for shipping.
+One forward pass per batch extracts every layer (one hook per layer). The shipped heads read the layer with
+the largest gain among layers without norm outliers, fitted on the whole sample with ``hf-sde fit`` (see the
+README, "Results").
 
-    python benchmarks/sweep_layers.py [--smoke | --full] [--layers 0,4,8] [--ship L --ship-out DIR]
+    python benchmarks/sweep_layers.py [--smoke | --full] [--layers 0,4,8]
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
 
 import _common as C
 from eval_fit import compare
 
+#: A path whose largest state norm exceeds this multiple of the median holds outlier (sink-like) states.
+MAX_NORM_RATIO = 5.0
+
 SETTINGS = {
     "smoke": {"limit": 12, "max_response": 16, "epochs": 1, "boot": 20, "layers": [0, -1]},
-    "default": {"limit": None, "max_response": 256, "epochs": 40, "boot": 1000, "layers": list(range(0, 30, 2)) + [29]},
+    "default": {"limit": 250, "max_response": 256, "epochs": 40, "boot": 1000, "layers": list(range(0, 30, 2)) + [29]},
     "full": {"limit": None, "max_response": 256, "epochs": 60, "boot": 2000, "layers": list(range(30))},
 }
-
-
-def sha1(text: str) -> str:
-    return hashlib.sha1(text.strip().encode()).hexdigest()[:12]
 
 
 def fit_layer(traj, cfg, seed):
@@ -54,8 +53,6 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p)
     p.add_argument("--layers", default=None, help="comma-separated layers (default: the scale's list)")
-    p.add_argument("--ship", type=int, default=None, help="save the heads of this layer")
-    p.add_argument("--ship-out", default=None, help="folder for --ship")
     args = p.parse_args(argv)
     C.setup_env(args.threads)
     scale = C.scale_of(args)
@@ -80,12 +77,9 @@ def main(argv=None):
                      "yes" if cmp["neural_beats_both_ci"] else "no", f"{cmp['norm_max_over_median']:.2f}",
                      f"{res.best_epoch + 1}/{cmp['epochs_run']}"])
         print(" | ".join(rows[-1]), flush=True)
-        if args.ship is not None and layer == args.ship:
-            groups = traj.meta["groups"]
-            heads.config.time_origin = "prompt_end"
-            heads.config.data["heldout_prompt_sha1"] = sorted({sha1(groups[i]) for i in res.heldout_indices})
-            heads.save_pretrained(args.ship_out)
     best = min(results, key=lambda k: results[k]["neural_minus_ou"])
+    clean = [k for k in results if results[k]["norm_max_over_median"] < MAX_NORM_RATIO]
+    best_clean = min(clean, key=lambda k: results[k]["neural_minus_ou"]) if clean else None
     body = (f"SmolLM2-135M-Instruct, HelpSteer sample responses as chat (path from the last prompt position, "
             f"response <= {cfg['max_response']} tokens), PCA 16, 2x128 MLPs, up to {cfg['epochs']} epochs, split by "
             f"prompt (20% held out). NLL in nats/dim on the held-out prompts' responses; `neural - OU`: bootstrap "
@@ -93,8 +87,10 @@ def main(argv=None):
             f"over the median (an attention sink would be >> 10).\n\n"
             + C.md_table(["layer", "neural", "OU", "Brownian", "neural - OU [95% CI]", "beats both (CI)",
                           "max/median norm", "kept epoch/run"], rows)
-            + f"\n\nLargest gain over OU: layer {best} ({results[best]['neural_minus_ou']:+.4f} nats/dim).\n")
-    run.finish({"layers": results, "best_layer": best}, body)
+            + f"\n\nLargest gain over OU: layer {best} ({results[best]['neural_minus_ou']:+.4f} nats/dim). "
+            + (f"Largest among layers whose path has no norm outlier (max/median < {MAX_NORM_RATIO:g}): layer "
+               f"{best_clean} ({results[best_clean]['neural_minus_ou']:+.4f}).\n" if best_clean is not None else "\n"))
+    run.finish({"layers": results, "best_layer": best, "best_layer_without_outliers": best_clean}, body)
     print(body)
 
 
