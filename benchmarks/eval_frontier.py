@@ -26,11 +26,10 @@ import _common as C
 SETTINGS = {
     "smoke": {"tune_prompts": 2, "test_prompts": 2, "samples": 1, "new_tokens": 6, "batch": 8, "boot": 5,
               "sweeps": {"temperature": [1.0], "sde_temperature": [(1.0, 1.0)]}},
-    "default": {"tune_prompts": 16, "test_prompts": 28, "samples": 2, "new_tokens": 80, "batch": 16, "boot": 100,
-                "sweeps": {"temperature": [0.6, 0.8, 1.0], "top_p": [0.8, 0.9, 0.95], "min_p": [0.05, 0.1, 0.2],
-                           "typical_p": [0.5, 0.8, 0.95], "eta_cutoff": [3e-4, 1e-3, 3e-3],
-                           "edt": [0.25, 0.5, 1.0],
-                           "sde_temperature": [(1.0, 0.5), (1.0, 1.0), (0.8, 1.0), (1.0, -0.5)]}},
+    "default": {"tune_prompts": 12, "test_prompts": 28, "samples": 2, "new_tokens": 80, "batch": 12, "boot": 100,
+                "sweeps": {"temperature": [0.7, 1.0], "top_p": [0.9, 0.95], "min_p": [0.05, 0.1],
+                           "typical_p": [0.8, 0.95], "eta_cutoff": [3e-4, 1e-3], "edt": [0.5, 1.0],
+                           "sde_temperature": [(1.0, 0.5), (1.0, 1.0), (0.8, 1.0)]}},
     "full": {"tune_prompts": 32, "test_prompts": 28, "samples": 4, "new_tokens": 128, "batch": 16, "boot": 200,
              "sweeps": {"temperature": [0.4, 0.6, 0.7, 0.8, 0.9, 1.0], "top_p": [0.7, 0.8, 0.9, 0.95],
                         "min_p": [0.02, 0.05, 0.1, 0.2, 0.3], "typical_p": [0.3, 0.5, 0.8, 0.95],
@@ -83,10 +82,10 @@ def sample_kwargs(method, value):
 def generate(model, tok, heads, prompt_ids, method, value, cfg, seed):
     """Responses (token ids cut at EOS) for one setting; the batch is left-padded chat prompts."""
     import torch
-    from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor
     from transformers import LogitsProcessorList
 
     import hf_sde
+    from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor
 
     hf_sde.enable_sde_control(model)
     out_ids = []

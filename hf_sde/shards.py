@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from .corpus import CHAT_TEMPLATES, iter_documents
 from .trajectories import (
+    DEFAULT_MAX_LENGTH,
     Trajectories,
     check_chat_template,
     extract_from_ids,
@@ -114,7 +115,7 @@ def extract_to_shards(
     template: str | None = None,
     text_column: str | None = None,
     limit: int | None = None,
-    max_length: int | None = 512,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
     max_context: int | None = None,
     batch_size: int = 8,
     progress: bool = True,

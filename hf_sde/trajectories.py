@@ -27,6 +27,9 @@ from .layers import hidden_size, num_decoder_layers, register_block_hook, resolv
 
 logger = logging.getLogger(__name__)
 
+#: Default token cap of an extracted path (the CLI's --max-length too: one set of defaults).
+DEFAULT_MAX_LENGTH = 256
+
 _HEADER_KEY = "hf_sde_trajectories"
 
 
@@ -341,7 +344,7 @@ def extract_trajectories(
     data: str | os.PathLike | Iterable,
     layer: int | Sequence[int] = -1,
     *,
-    max_length: int | None = 512,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
     max_context: int | None = None,
     batch_size: int = 8,
     template: str | None = None,

