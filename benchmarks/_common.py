@@ -590,3 +590,41 @@ def gpt2_heads(model, size: str, layer: int = -1, n_seq: int = 16, length: int =
         return res, {}
 
     return cached_fit(f"gpt2-{size}-L{layer}", key, build)
+
+
+# ----- SmolLM2-135M-Instruct ------------------------------------------------------------------------------
+_SMOLLM2: list = []
+
+
+def load_smollm2():
+    """SmolLM2-135M-Instruct and its tokenizer (loaded once per process)."""
+    from hf_sde.loading import SMOLLM2
+
+    if not _SMOLLM2:
+        _SMOLLM2.append(SMOLLM2.load())
+    return _SMOLLM2[0]
+
+
+def default_heads():
+    """The heads shipped with the package for SmolLM2."""
+    from hf_sde.pretrained import DEFAULT_HEADS
+
+    return DEFAULT_HEADS
+
+
+def smollm2_response_trajectories(layers: list[int], max_response: int, limit: int | None = None) -> dict:
+    """Response-path Trajectories of SmolLM2 on the HelpSteer sample (``template="helpsteer-chat"``) for several
+    layers from one extraction (one forward per batch, one hook per layer), cached in ``benchmarks/.cache``."""
+    import hf_sde
+
+    key = cache_key(model="smollm2", max_response=max_response, limit=limit, v=2)
+    paths = {layer: CACHE / f"smollm2-chat-{key}-L{layer}.safetensors" for layer in layers}
+    missing = [layer for layer, p in paths.items() if not p.is_file()]
+    if missing:
+        model, tok = load_smollm2()
+        trajs = hf_sde.extract_trajectories(model, tok, str(HELPSTEER), layer=missing, template="helpsteer-chat",
+                                            max_length=max_response, limit=limit, progress=True)
+        CACHE.mkdir(parents=True, exist_ok=True)
+        for layer, traj in zip(missing, trajs, strict=True):
+            traj.save(str(paths[layer]))
+    return {layer: hf_sde.Trajectories.load(str(p)) for layer, p in paths.items()}
