@@ -1,6 +1,7 @@
 """Point the hub cache at the repository's ../shared assets when they exist (offline use).
 
-Examples import this first; with your own HF_HUB_CACHE / network, it changes nothing.
+Examples import this first (before anything imports huggingface_hub); with your own HF_HUB_CACHE / network, it
+changes nothing. The models themselves are named in :mod:`hf_sde.loading` (``DEFAULT_MODEL``, ``STORIES260K``).
 """
 
 import os
@@ -13,6 +14,3 @@ HELPSTEER = os.path.join(SHARED, "data", "helpsteer_sample_500.jsonl")
 if os.path.isdir(os.path.join(SHARED, "hf-cache", "hub")):
     os.environ.setdefault("HF_HUB_CACHE", os.path.join(SHARED, "hf-cache", "hub"))
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
-MODEL = dict(name_or_path="ggml-org/models-moved", gguf_file="tinyllamas/stories260K.gguf",
-             revision="499bc8821c6b12b4e53c5bffcb21ec206f212d81")

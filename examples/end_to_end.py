@@ -1,14 +1,17 @@
-"""The main job: fit SDE heads on a small corpus, generate with and without control, show per-token diffusion.
+"""The main job: SmolLM2-135M-Instruct with the shipped SDE heads, a chat prompt answered twice with the same seed
+(plain sampling, observed; SDE temperature control), and per-token diffusion for both. No fitting step.
 
-    python examples/end_to_end.py [--epochs 60] [--max-new-tokens 40] [--refit]
+    python examples/end_to_end.py [--prompt "..."] [--max-new-tokens 48] [--beta 1.0] [--seed 0]
+        [--heads FOLDER_OR_REPO_ID] [--model HUB_ID]
 
-Heads are cached in .hf-sde-cache/tinystories-heads (delete it or pass --refit to fit again).
+The heads (hf_sde.pretrained.DEFAULT_HEADS) were fitted on HelpSteer responses to chat prompts; fit your own
+with examples/fit_helpsteer.py. `diff z` is the diffusion z-score of each step (how locally noisy the
+hidden-state path is against the fit's calibration), `temp` the sampling temperature the control used.
 """
 
 import argparse
-import os
 
-import _offline  # noqa: F401  (sets HF_HUB_CACHE/HF_HUB_OFFLINE for the shared assets)
+import _helpers
 import torch
 
 import hf_sde
@@ -16,49 +19,38 @@ from hf_sde.generate_cli import format_table, token_table
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--data", default=_offline.TINYSTORIES)
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--max-new-tokens", type=int, default=40)
-    p.add_argument("--prompt", default="Once upon a time, there was a little dog")
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--cache", default=os.path.join(_offline.REPO, ".hf-sde-cache", "tinystories-heads"))
-    p.add_argument("--refit", action="store_true")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    _helpers.add_model_arguments(p)
+    _helpers.add_heads_argument(p)
+    p.add_argument("--prompt", default=_helpers.CHAT_PROMPT)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--beta", type=float, default=1.0, help="temperature law tau = exp(-beta * z), clipped")
     p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
+    args = _helpers.parse(p, argv)
 
-    model, tok = hf_sde.load_model(**_offline.MODEL)
-    print(f"Model: {_offline.MODEL['name_or_path']}/{_offline.MODEL['gguf_file']} "
-          f"({sum(p.numel() for p in model.parameters()):,} parameters)")
+    heads, where = _helpers.load_heads(args.heads)
+    model, tok = _helpers.load_model(_helpers.model_spec(args))
+    heads.check_compatible(model)
+    print(_helpers.describe_heads(heads, where))
 
-    if os.path.isfile(os.path.join(args.cache, "model.safetensors")) and not args.refit:
-        heads = hf_sde.SDEHeads.from_pretrained(args.cache)
-        print(f"Reusing heads from {args.cache} (pass --refit to fit again)")
-    else:
-        traj = hf_sde.extract_trajectories(model, tok, args.data, layer=-1, max_length=256)
-        result = hf_sde.fit_heads(traj, proj_dim=16, epochs=args.epochs, base_model=_offline.MODEL["name_or_path"],
-                                  base_model_revision=_offline.MODEL["revision"], gguf_file=_offline.MODEL["gguf_file"],
-                                  model_type=model.config.model_type,
-                                  data_description={"corpus": os.path.basename(args.data)})
-        heads = result.heads
-        heads.save_pretrained(args.cache)
-        print("Held-out transition NLL (nats/dim):",
-              ", ".join(f"{k} {v:.4f}" for k, v in result.heldout_nll.items()))
-    print(f"Held-out NLL recorded with the heads: {heads.config.heldout_nll}")
+    chat = _helpers.use_chat(args.chat, tok, heads)
+    enc = _helpers.encode(tok, [args.prompt], chat)
+    n_prompt = enc["input_ids"].shape[1]
+    print(f"Prompt ({'chat template, user turn' if chat else 'plain text'}): {args.prompt}")
 
     hf_sde.enable_sde_control(model)
-    enc = tok([args.prompt], return_tensors="pt")
     runs = {
         "plain sampling (observed)": hf_sde.SDEControl(heads, mode="observe"),
         f"SDE temperature control (beta={args.beta})": hf_sde.SDEControl(heads, mode="temperature", beta=args.beta),
     }
     for name, ctl in runs.items():
-        torch.manual_seed(args.seed)
+        torch.manual_seed(args.seed)  # same seed: the two answers differ only through the control
         out = model.generate(**enc, do_sample=True, top_k=0, max_new_tokens=args.max_new_tokens, sde_control=ctl,
-                             return_dict_in_generate=True)
-        new = out.sequences[0, enc["input_ids"].shape[1]:].tolist()
+                             pad_token_id=tok.pad_token_id, return_dict_in_generate=True)
+        new = out.sequences[0, n_prompt:].tolist()
         print(f"\n=== {name} ===")
-        print(tok.decode(out.sequences[0], skip_special_tokens=True))
+        # Chat: the answer alone (the template's markup is not the user's text); plain text: prompt + continuation.
+        print(tok.decode(new if chat else out.sequences[0], skip_special_tokens=True).strip())
         print(format_table(token_table(tok, new, out.sde_trace)))
     return 0
 
