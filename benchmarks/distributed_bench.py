@@ -32,11 +32,12 @@ def extract(args) -> None:
     import torch
 
     import hf_sde
+    import hf_sde.loading
     from hf_sde.process_group import DistEnv
     from hf_sde.shards import clear_shards, extract_to_shards
 
     env = DistEnv.init(cpu=True)
-    model, tok = hf_sde.load_model(**_offline.MODEL)
+    model, tok = hf_sde.loading.STORIES260K.load()
     out = args.out or tempfile.mkdtemp()
     if env.is_main:
         clear_shards(out)
