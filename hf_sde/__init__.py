@@ -1,11 +1,24 @@
 """hf-sde: text generation as an SDE on a transformers model's hidden-state path.
 
 Fit drift and diffusion heads on a model's hidden trajectories, analyse them, and use them to
-observe and control decoding.
+observe and control decoding. The main entry points, in the order of the data path:
+
+- models: :func:`load_model`, :class:`ModelSpec` (``DEFAULT_MODEL``, ``SMOLLM2``, ``STORIES260K``);
+- corpora: :func:`load_texts`, :func:`iter_documents` (``TEMPLATES``, ``CHAT_TEMPLATES``);
+- trajectories: :func:`extract_trajectories`, :func:`extract_from_ids`, :func:`self_generate`,
+  :class:`Trajectories`; sharded: :func:`extract_to_shards`, :func:`load_shards`;
+- fitting: :func:`fit_heads`, :func:`fit_heads_distributed` -> :class:`FitResult` with :class:`SDEHeads`
+  (:class:`SDEHeadsConfig`) and the :class:`OUBaseline` / :class:`BrownianBaseline` baselines;
+  shipped heads: ``DEFAULT_HEADS``;
+- control: :class:`SDEControl` with :func:`sde_generate` or :func:`enable_sde_control` (then
+  ``model.generate(..., sde_control=...)``), giving :class:`SDEGenerateOutput` and an :class:`SDETrace`;
+- analysis: :func:`simulate`, :func:`build_report`; display: :func:`token_pieces`.
+
+The ``hf-sde`` command line (:mod:`hf_sde.commands`) sits on top of these; the library never imports it.
 """
 
-from .baselines import BrownianBaseline, OUBaseline  # noqa: E402
-from .control import (  # noqa: E402
+from .baselines import BrownianBaseline, OUBaseline
+from .control import (
     SDEControl,
     SDEGenerateOutput,
     SDEGenerationMixin,
@@ -17,21 +30,33 @@ from .control import (  # noqa: E402
     sde_generate,
     sde_hooks,
 )
-from .corpus import TEMPLATES, load_texts  # noqa: E402
-from .fitting import FitResult, fit_heads, fit_projection  # noqa: E402
-from .heads import SDEHeads, SDEHeadsConfig  # noqa: E402
-from .layers import decoder_layers, resolve_layer  # noqa: E402
-from .loading import load_model  # noqa: E402
-from .report import build_report  # noqa: E402
-from .simulate import BaselineSDE, simulate  # noqa: E402
-from .trajectories import Trajectories, extract_from_ids, extract_trajectories, self_generate  # noqa: E402
+from .corpus import CHAT_TEMPLATES, TEMPLATES, iter_documents, load_texts
+from .display import token_pieces
+from .fitting import FitResult, fit_heads, fit_heads_distributed, fit_projection
+from .heads import SDEHeads, SDEHeadsConfig
+from .layers import decoder_layers, resolve_layer
+from .loading import DEFAULT_MODEL, SMOLLM2, STORIES260K, ModelSpec, load_model
+from .pretrained import DEFAULT_HEADS
+from .report import build_report
+from .shards import extract_to_shards, load_shards
+from .simulate import BaselineSDE, simulate
+from .trajectories import Trajectories, extract_from_ids, extract_trajectories, self_generate
 from .version import __version__
 
 __all__ = [
-    "BaselineSDE", "build_report", "simulate",
+    # models and corpora
+    "DEFAULT_MODEL", "SMOLLM2", "STORIES260K", "ModelSpec", "load_model",
+    "CHAT_TEMPLATES", "TEMPLATES", "iter_documents", "load_texts",
+    # trajectories
+    "Trajectories", "decoder_layers", "extract_from_ids", "extract_to_shards", "extract_trajectories",
+    "load_shards", "resolve_layer", "self_generate",
+    # fitting and heads
+    "BrownianBaseline", "DEFAULT_HEADS", "FitResult", "OUBaseline", "SDEHeads", "SDEHeadsConfig",
+    "fit_heads", "fit_heads_distributed", "fit_projection",
+    # decoding-time control
     "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep", "SDETemperatureLogitsProcessor", "SDETrace",
     "disable_sde_control", "enable_sde_control", "sde_generate", "sde_hooks",
-    "BrownianBaseline", "FitResult", "OUBaseline", "SDEHeads", "SDEHeadsConfig", "TEMPLATES", "Trajectories",
-    "__version__", "decoder_layers", "extract_from_ids", "extract_trajectories", "fit_heads", "fit_projection",
-    "load_model", "load_texts", "resolve_layer", "self_generate",
+    # analysis and display
+    "BaselineSDE", "build_report", "simulate", "token_pieces",
+    "__version__",
 ]

@@ -23,6 +23,7 @@ when the split is recorded or verified), so neural and baselines are judged on t
 from __future__ import annotations
 
 import html
+import inspect
 import json
 import logging
 import math
@@ -503,7 +504,12 @@ def _phase_groups(a: Analysis) -> tuple:
 
 
 def fig_loss_curves(a: Analysis, hist: dict | None, summary: dict | None):
-    """Loss curves."""
+    """Loss curves.
+
+    Training (solid) and held-out (dashed) NLL per epoch with its drift and diffusion parts; the neural
+    curve should end below the dotted OU and Brownian lines, and val rising while train falls means
+    overfitting.
+    """
     if not hist:
         return None
     fig = _new_fig(11, 3.4)
@@ -520,13 +526,15 @@ def fig_loss_curves(a: Analysis, hist: dict | None, summary: dict | None):
             if k in summary["heldout_nll"]:
                 axes[0].axhline(summary["heldout_nll"][k], color=COLORS[k], ls=":", label=f"{k} held-out")
     axes[0].legend(fontsize=8)
-    return (fig, "loss_curves.png", "Loss curves",
-         "Training (solid) and held-out (dashed) NLL per epoch with its drift and diffusion parts; the neural "
-         "curve should end below the dotted OU and Brownian lines, and val rising while train falls means overfitting.")
+    return fig
 
 
 def fig_drift_vs_t(a: Analysis, hist: dict | None, summary: dict | None):
-    """Drift norm vs t."""
+    """Drift norm over time.
+
+    Mean drift norm on held-out states per time bin (band: quartiles), neural vs OU; a falling curve means
+    the deterministic pull weakens as the text goes on.
+    """
     profiles = a.profiles
     fig = _new_fig()
     ax = fig.subplots()
@@ -537,41 +545,60 @@ def fig_drift_vs_t(a: Analysis, hist: dict | None, summary: dict | None):
     ax.set_xlabel("t = position / T")
     ax.set_ylabel("||mu(Z_t, t)|| (time units)")
     ax.legend()
-    return (fig, "drift_vs_t.png", "Drift norm over time",
-         "Mean drift norm on held-out states per time bin (band: quartiles), neural vs OU; a falling curve means "
-         "the deterministic pull weakens as the text goes on.")
+    return fig
+
+
+def _plane_figure(plane: dict):
+    """``(fig, ax, x, y)`` for a field drawn on the PC1-PC2 phase plane (``x``, ``y``: the grid axes)."""
+    fig = _new_fig(6.5, 5.5, right=0.9)
+    ax = fig.subplots()
+    ax.set_xlabel("PC1")
+    ax.set_ylabel("PC2")
+    return fig, ax, np.asarray(plane["x"]), np.asarray(plane["y"])
+
+
+def _draw_held_paths(ax, held_paths, *, color: str | None = None, raw: int = 0, arrow: bool = False, **style):
+    """Draw up to four held-out paths on the plane as running means (``_smooth``) with ``style``.
+
+    ``color``: one colour for all (default: ``C1``, ``C2``, ...); ``raw``: also draw the first ``raw`` paths
+    themselves, thin; ``arrow``: an arrowhead at each running mean's end.
+    """
+    for j, p in enumerate(held_paths[:4]):
+        c = color or f"C{j + 1}"
+        if j < raw:
+            ax.plot(p[:, 0], p[:, 1], lw=0.4, alpha=0.2, color=c)
+        sm = _smooth(p)
+        ax.plot(sm[:, 0], sm[:, 1], color=c, **style)
+        if arrow:
+            ax.plot(sm[-1, 0], sm[-1, 1], ">", color=c, ms=6)
 
 
 def fig_drift_quiver(a: Analysis, hist: dict | None, summary: dict | None):
-    """Drift quiver on the phase plane with real trajectories."""
-    plane, held_paths = a.plane, a.held_paths
-    x, y = np.asarray(plane["x"]), np.asarray(plane["y"])
-    fig = _new_fig(6.5, 5.5, right=0.9)
-    ax = fig.subplots()
+    """Drift field on the PCA phase plane.
+
+    Drift direction (arrows; colour = strength) on the PC1-PC2 plane at t = {a.plane[t]:.2f}, other
+    coordinates at the training mean, with two held-out paths (thin) and four paths' 16-token running
+    means (bold, arrowhead at the end): the running means should flow along the arrows.
+    """
+    plane = a.plane
+    fig, ax, x, y = _plane_figure(plane)
     u, v = np.asarray(plane["u"]), np.asarray(plane["v"])
     speed = np.hypot(u, v)
     q = ax.quiver(x, y, u / (speed + 1e-12), v / (speed + 1e-12), speed, cmap="viridis", angles="xy",
                   pivot="mid", scale=30)
     fig.colorbar(q, ax=ax, label="|drift| in the plane")
-    for j, p in enumerate(held_paths[:4]):
-        c = f"C{j + 1}"
-        if j < 2:
-            ax.plot(p[:, 0], p[:, 1], lw=0.4, alpha=0.2, color=c)
-        sm = _smooth(p)
-        ax.plot(sm[:, 0], sm[:, 1], lw=2, color=c)
-        ax.plot(sm[-1, 0], sm[-1, 1], ">", color=c, ms=6)
+    _draw_held_paths(ax, a.held_paths, raw=2, arrow=True, lw=2)
     ax.set_xlim(x[0], x[-1])
     ax.set_ylim(y[0], y[-1])
-    ax.set_xlabel("PC1")
-    ax.set_ylabel("PC2")
-    return (fig, "drift_quiver.png", "Drift field on the PCA phase plane",
-         f"Drift direction (arrows; colour = strength) on the PC1-PC2 plane at t = {plane['t']:.2f}, other "
-         "coordinates at the training mean, with two held-out paths (thin) and four paths' 16-token running means (bold, "
-         "arrowhead at the end): the running means should flow along the arrows.")
+    return fig
 
 
 def fig_diffusion_vs_t(a: Analysis, hist: dict | None, summary: dict | None):
-    """Diffusion vs t."""
+    """Diffusion over time.
+
+    Model diffusion magnitude per time bin (band: quartiles) against the realized residual size (dashed):
+    the red curve should track the dashed one; OU is constant by construction.
+    """
     profiles = a.profiles
     fig = _new_fig()
     ax = fig.subplots()
@@ -583,32 +610,30 @@ def fig_diffusion_vs_t(a: Analysis, hist: dict | None, summary: dict | None):
     ax.set_xlabel("t = position / T")
     ax.set_ylabel("diffusion magnitude s (time units)")
     ax.legend(fontsize=8)
-    return (fig, "diffusion_vs_t.png", "Diffusion over time",
-         "Model diffusion magnitude per time bin (band: quartiles) against the realized residual size (dashed): "
-         "the red curve should track the dashed one; OU is constant by construction.")
+    return fig
 
 
 def fig_diffusion_plane(a: Analysis, hist: dict | None, summary: dict | None):
-    """Diffusion over the phase plane."""
-    plane, held_paths = a.plane, a.held_paths
-    x, y = np.asarray(plane["x"]), np.asarray(plane["y"])
-    fig = _new_fig(6.5, 5.5, right=0.9)
-    ax = fig.subplots()
+    """Diffusion on the PCA phase plane.
+
+    Diffusion magnitude over the PC1-PC2 plane at t = {a.plane[t]:.2f} with running means of held-out
+    paths (white): bright regions are where the model expects the path to be noisy.
+    """
+    plane = a.plane
+    fig, ax, x, y = _plane_figure(plane)
     cs = ax.contourf(x, y, np.asarray(plane["s"]), levels=20, cmap="magma")
     fig.colorbar(cs, ax=ax, label="diffusion magnitude s")
-    for p in held_paths[:4]:
-        sm = _smooth(p)
-        ax.plot(sm[:, 0], sm[:, 1], "w-", lw=1.5, alpha=0.9)
-    ax.set_xlabel("PC1")
-    ax.set_ylabel("PC2")
-    return (fig, "diffusion_plane.png", "Diffusion on the PCA phase plane",
-         f"Diffusion magnitude over the PC1-PC2 plane at t = {plane['t']:.2f} with running means of held-out paths "
-         "(white): bright "
-         "regions are where the model expects the path to be noisy.")
+    _draw_held_paths(ax, a.held_paths, color="w", lw=1.5, alpha=0.9)
+    return fig
 
 
 def fig_sim_moments(a: Analysis, hist: dict | None, summary: dict | None):
-    """Simulation vs reality: mean and variance curves."""
+    """Simulation vs reality: mean and variance.
+
+    Mean and variance curves of held-out paths (black) and of paths simulated from the same starts (axes
+    follow the real curves): the closer a model's curves to black (and the lower its sliced Wasserstein,
+    SW), the better.
+    """
     curves, sw, T = a.sim["curves"], a.sim["sw"], a.horizon
     fig = _new_fig(11, 3.4)
     axes = fig.subplots(1, 3)
@@ -633,13 +658,16 @@ def fig_sim_moments(a: Analysis, hist: dict | None, summary: dict | None):
     for ax in axes:
         ax.set_xlabel("t")
     axes[0].legend(fontsize=7)
-    return (fig, "sim_moments.png", "Simulation vs reality: mean and variance",
-         "Mean and variance curves of held-out paths (black) and of paths simulated from the same starts (axes follow "
-         "the real curves): the closer a model's curves to black (and the lower its sliced Wasserstein, SW), the better.")
+    return fig
 
 
 def fig_process(a: Analysis, hist: dict | None, summary: dict | None):
-    """Process properties: ACF, QQ, QV."""
+    """Stochastic-process properties.
+
+    Left: residual autocorrelation inside the grey white-noise band means the Markov/independent-increment
+    assumption holds; middle: points on the diagonal mean Gaussian residuals; right: realized QV on the
+    integrated sigma^2 means calibrated diffusion.
+    """
     pr = a.process
     acf_resid, acf_inc, qq, gauss, qv = (pr["acf_residuals"], pr["acf_increments"], pr["qq"], pr["gaussianity"],
                                          pr["quadratic_variation"])
@@ -665,14 +693,15 @@ def fig_process(a: Analysis, hist: dict | None, summary: dict | None):
     ax.set_xlabel("t")
     ax.set_title(f"quadratic variation (ratio {qv['ratio']:.2f})")
     ax.legend(fontsize=7)
-    return (fig, "process.png", "Stochastic-process properties",
-         "Left: residual autocorrelation inside the grey white-noise band means the Markov/independent-increment "
-         "assumption holds; middle: points on the diagonal mean Gaussian residuals; right: realized QV on the "
-         "integrated sigma^2 means calibrated diffusion.")
+    return fig
 
 
 def fig_phase_2d(a: Analysis, hist: dict | None, summary: dict | None):
-    """Phase space 2-D: real vs simulated. Token-level paths jump, so states are drawn as a point cloud and."""
+    """Phase space (2-D).
+
+    States of held-out and simulated paths on PC1-PC2 (same axes; lines: 16-token running means of three
+    paths): a good model fills the same region with the same shape and drifts the same way.
+    """
     real = a.sim["real"]
     groups = _phase_groups(a)
     # the paths as their running means (one start's paths in each panel, same start for all three).
@@ -693,13 +722,15 @@ def fig_phase_2d(a: Analysis, hist: dict | None, summary: dict | None):
     pad = 0.2 * (hi - lo)
     axes[0].set_xlim(float(lo[0] - pad[0]), float(hi[0] + pad[0]))
     axes[0].set_ylim(float(lo[1] - pad[1]), float(hi[1] + pad[1]))
-    return (fig, "phase_2d.png", "Phase space (2-D)",
-         "States of held-out and simulated paths on PC1-PC2 (same axes; lines: 16-token running means of three "
-         "paths): a good model fills the same region with the same shape and drifts the same way.")
+    return fig
 
 
 def fig_phase_3d(a: Analysis, hist: dict | None, summary: dict | None):
-    """Phase space 3-D."""
+    """Phase space (3-D).
+
+    Held-out (left) and neural-simulated (right) states in the first three PCA coordinates (same axes;
+    lines: running means of three paths): compare the shape and extent of the two clouds.
+    """
     real = a.sim["real"]
     groups = _phase_groups(a)
     fig = _new_fig(10, 4.6, left=0.02, right=0.96, bottom=0.04, top=0.92, wspace=0.15)
@@ -721,13 +752,16 @@ def fig_phase_3d(a: Analysis, hist: dict | None, summary: dict | None):
             ax.set_xlim(*lims[0])
             ax.set_ylim(*lims[1])
             ax.set_zlim(*lims[2])
-    return (fig, "phase_3d.png", "Phase space (3-D)",
-         "Held-out (left) and neural-simulated (right) states in the first three PCA coordinates (same axes; lines: "
-         "running means of three paths): compare the shape and extent of the two clouds.")
+    return fig
 
 
 def fig_theory(a: Analysis, hist: dict | None, summary: dict | None):
-    """Theory: Lyapunov and Ito moments."""
+    """Theory checks: Lyapunov and Ito moments.
+
+    Left: LV < 0 (blue) beyond the dashed ball means the attractor pulls paths back; middle and right:
+    dashed Ito-integrated moments on the black empirical ones mean drift and diffusion explain the moment
+    dynamics (dotted: with the Euler-Maruyama E||mu dt||^2 term; axes follow the data).
+    """
     th = a.theory
     lv, lv_dist, lyap, ito_real, ito_sim = th["lv"], th["lv_dist"], th["lyapunov"], th["ito_real"], th["ito_sim"]
     fig = _new_fig(11, 3.4)
@@ -764,25 +798,36 @@ def fig_theory(a: Analysis, hist: dict | None, summary: dict | None):
     ax.set_xlabel("t")
     ax.set_title("Ito: d E||Z||^2/dt (held-out)")
     ax.legend(fontsize=7)
-    return (fig, "theory.png", "Theory checks: Lyapunov and Ito moments",
-         "Left: LV < 0 (blue) beyond the dashed ball means the attractor pulls paths back; middle and right: "
-         "dashed Ito-integrated moments on the black empirical ones mean drift and diffusion explain the moment "
-         "dynamics (dotted: with the Euler-Maruyama E||mu dt||^2 term; axes follow the data).")
+    return fig
 
 
-FIGURES = (fig_loss_curves, fig_drift_vs_t, fig_drift_quiver, fig_diffusion_vs_t, fig_diffusion_plane, fig_sim_moments, fig_process, fig_phase_2d, fig_phase_3d, fig_theory)
+#: the report's figures, in page order: each ``fig_NAME(a, hist, summary)`` returns a Figure (or None to skip)
+#: and documents itself (see :func:`figure_text`)
+FIGURES = (fig_loss_curves, fig_drift_vs_t, fig_drift_quiver, fig_diffusion_vs_t, fig_diffusion_plane,
+           fig_sim_moments, fig_process, fig_phase_2d, fig_phase_3d, fig_theory)
+
+
+def figure_text(make, a: Analysis) -> dict:
+    """A figure function's file (``fig_NAME`` draws ``NAME.png``), title and caption (from its docstring).
+
+    The docstring's first line is the title; the paragraph after it is the caption, formatted with the
+    analysis as ``a`` (e.g. ``{a.plane[t]:.2f}``).
+    """
+    title, _, caption = inspect.cleandoc(make.__doc__).partition("\n")
+    return {"file": make.__name__.removeprefix("fig_") + ".png", "title": title.rstrip("."),
+            "caption": " ".join(caption.split()).format(a=a)}
 
 
 def draw_figures(out: Path, a: Analysis, hist: dict | None, summary: dict | None) -> list[dict]:
     """Step 8: every figure of :data:`FIGURES` saved as a PNG in ``out``; their file, title and caption."""
     figs = []
     for make in FIGURES:
-        made = make(a, hist, summary)
-        if made is None:
+        fig = make(a, hist, summary)
+        if fig is None:
             continue
-        fig, name, title, caption = made
-        fig.savefig(out / name)
-        figs.append({"file": name, "title": title, "caption": caption})
+        text = figure_text(make, a)
+        fig.savefig(out / text["file"])
+        figs.append(text)
     return figs
 
 

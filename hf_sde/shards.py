@@ -109,12 +109,9 @@ def extract_to_shards(
     layer: int = -1,
     *,
     shard_size: int = 256,
-    rank: int | None = None,
-    world_size: int | None = None,
+    rank: int | None = None, world_size: int | None = None,  # this process's share of the documents
     prefix: str = SHARD_PREFIX,
-    template: str | None = None,
-    text_column: str | None = None,
-    limit: int | None = None,
+    template: str | None = None, text_column: str | None = None, limit: int | None = None,  # as iter_documents
     max_length: int | None = DEFAULT_MAX_LENGTH,
     max_context: int | None = None,
     batch_size: int = 8,

@@ -141,6 +141,15 @@ def simulate(
         steps = int(round(1.0 / h))
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
+    z = _start_states(sde, z0, n_paths)
+    gen = _generator(generator, seed)
+    if method == "euler":
+        return _euler_maruyama(sde, z, steps, t0, step, h, gen)
+    return _torchsde_paths(sde, z, steps, t0, step, method, seed, gen)
+
+
+def _start_states(sde, z0, n_paths: int) -> torch.Tensor:
+    """``z0`` as ``(B * n_paths, d)`` on the SDE's device and floating dtype (float32 without parameters)."""
     z0 = torch.as_tensor(z0)
     if z0.dim() == 1:
         z0 = z0.unsqueeze(0)
@@ -149,22 +158,27 @@ def simulate(
     params = list(sde.parameters()) if isinstance(sde, nn.Module) else []
     dtype = params[0].dtype if params and params[0].is_floating_point() else torch.float32
     device = params[0].device if params else z0.device
-    z = z0.to(device=device, dtype=dtype).repeat_interleave(n_paths, dim=0)
-    gen = _generator(generator, seed)
+    return z0.to(device=device, dtype=dtype).repeat_interleave(n_paths, dim=0)
 
-    if method == "euler":
-        scale_mean, scale_std = step / h, math.sqrt(step / h)
-        out = torch.empty(z.shape[0], steps + 1, z.shape[1], dtype=dtype, device=device)
-        out[:, 0] = z
-        with torch.no_grad():
-            for k in range(steps):
-                mean, std = sde(z, t0 + k * step)
-                noise = torch.randn(z.shape, generator=gen, dtype=dtype).to(device)
-                z = z + mean * scale_mean + std * scale_std * noise
-                out[:, k + 1] = z
-        return out
 
+def _euler_maruyama(sde, z: torch.Tensor, steps: int, t0: float, step: float, h: float, gen) -> torch.Tensor:
+    """Euler-Maruyama paths ``(N, steps + 1, d)``: the fitted transition ``(mean, std)`` per ``h``, rescaled to ``step``."""
+    scale_mean, scale_std = step / h, math.sqrt(step / h)
+    out = torch.empty(z.shape[0], steps + 1, z.shape[1], dtype=z.dtype, device=z.device)
+    out[:, 0] = z
+    with torch.no_grad():
+        for k in range(steps):
+            mean, std = sde(z, t0 + k * step)
+            noise = torch.randn(z.shape, generator=gen, dtype=z.dtype).to(z.device)
+            z = z + mean * scale_mean + std * scale_std * noise
+            out[:, k + 1] = z
+    return out
+
+
+def _torchsde_paths(sde, z: torch.Tensor, steps: int, t0: float, step: float, method: str, seed, gen) -> torch.Tensor:
+    """torchsde (``milstein`` / ``srk``, Ito) paths ``(N, steps + 1, d)`` on a seeded Brownian interval."""
     torchsde = _torchsde()
+    dtype, device = z.dtype, z.device
     ts = torch.tensor([t0 + k * step for k in range(steps + 1)], dtype=dtype, device=device)
     if steps == 0:
         return z.unsqueeze(1).detach()

@@ -13,16 +13,11 @@ HELP = "extract hidden trajectories and fit SDE heads"
 SMOKE = {"limit": 8, "epochs": 2, "max_length": 64, "self_generate": 4, "max_new_tokens": 16}
 
 
-def add_arguments(p) -> None:
-    _model.add_model_args(p)
-    p.add_argument("--data", help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
+def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
+    """The corpus-reading and fitting hyperparameters that ``fit`` and ``fit-distributed`` share."""
     p.add_argument("--template", default=None, help="row template, e.g. helpsteer or helpsteer-response")
     p.add_argument("--text-column", default=None)
     p.add_argument("--limit", type=int, default=None, help="use only the first N documents")
-    p.add_argument("--self-generate", type=int, default=0, metavar="N",
-                   help="use N of the model's own samples as the corpus (needs --prompts)")
-    p.add_argument("--prompts", default=None, help="file of prompts, one per line, for --self-generate")
-    p.add_argument("--max-new-tokens", type=int, default=128)
     p.add_argument("--layer", type=int, default=-1, help="decoder layer (negative counts from the end)")
     p.add_argument("--proj-dim", type=int, default=16, help="PCA dimensions (0: no projection)")
     p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
@@ -31,12 +26,22 @@ def add_arguments(p) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--fit-batch-size", type=int, default=512)
+    p.add_argument("--fit-batch-size", type=int, default=512, help=fit_batch_size_help)
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def add_arguments(p) -> None:
+    _model.add_model_args(p)
+    p.add_argument("--data", help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
+    p.add_argument("--self-generate", type=int, default=0, metavar="N",
+                   help="use N of the model's own samples as the corpus (needs --prompts)")
+    p.add_argument("--prompts", default=None, help="file of prompts, one per line, for --self-generate")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    add_fit_arguments(p)
     p.add_argument("--early-stopping", choices=("auto", "sequences", "transitions"), default="auto",
                    help="watch held-back training sequences (auto: from 10 groups up) or a transition slice")
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--save-trajectories", action="store_true", help="also save trajectories.safetensors")
     p.add_argument("--out", required=True, help="output folder for the heads (new or empty, else --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")

@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import os
 
-from ..trajectories import DEFAULT_MAX_LENGTH
 from . import _model
 from ._output import check_output_dir, partial_dir, partial_path, publish
+from .fit import add_fit_arguments
 
 HELP = "sharded extraction + data-parallel fit (run under accelerate launch / torchrun)"
 SMOKE = {"limit": 8, "epochs": 2, "max_length": 64}
@@ -38,21 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="documents per trajectory shard")
     p.add_argument("--mode", choices=("exact", "stream"), default="exact",
                    help="exact: equals the single-process fit; stream: one shard in memory at a time")
-    p.add_argument("--template", default=None)
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--limit", type=int, default=None)
-    p.add_argument("--layer", type=int, default=-1)
-    p.add_argument("--proj-dim", type=int, default=16)
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
-    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--fit-batch-size", type=int, default=512, help="global batch size (all processes together)")
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--heldout-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    add_fit_arguments(p, fit_batch_size_help="global batch size (all processes together)")
     p.add_argument("--out", required=True, help="output folder for the heads (written by rank 0; new or empty, "
                                                  "else --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
