@@ -492,7 +492,8 @@ class Run:
 HEADS_SCALE = {
     # corpus sizes and epochs per scale: (helpsteer rows, helpsteer max_length, self-generated stories,
     # new tokens per story, epochs)
-    "smoke": {"helpsteer_limit": 12, "max_length": 32, "selfgen": 8, "selfgen_tokens": 24, "epochs": 1},
+    # smoke: just enough text for proj_dim 16 (fits refuse fewer than 10 (d + 1) training transitions)
+    "smoke": {"helpsteer_limit": 12, "max_length": 64, "selfgen": 8, "selfgen_tokens": 48, "epochs": 1},
     "default": {"helpsteer_limit": None, "max_length": 256, "selfgen": 256, "selfgen_tokens": 192, "epochs": 40},
     "full": {"helpsteer_limit": None, "max_length": 256, "selfgen": 1024, "selfgen_tokens": 256, "epochs": 60},
 }

@@ -16,6 +16,7 @@ least-squares slopes of log(cost) on log(size).
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import random
@@ -26,7 +27,8 @@ from pathlib import Path
 import _common as C
 
 SETTINGS = {
-    "smoke": {"max_length": 32, "limit": 12, "sizes": [6, 12], "dims": [8, 16], "epochs": 1, "reps": 1,
+    # Smoke: enough text for proj_dim 16 (fits refuse < 10 (d + 1) training or held-out transitions).
+    "smoke": {"max_length": 64, "limit": 48, "sizes": [24, 48], "dims": [8, 16], "epochs": 1, "reps": 1,
               "subprocess": False},
     "default": {"max_length": 256, "limit": None, "sizes": [100, 200, 400], "dims": [8, 16, 32, 64], "epochs": 3,
                 "reps": 2, "subprocess": True},
@@ -34,6 +36,7 @@ SETTINGS = {
              "reps": 3, "subprocess": True},
 }
 REF_DIM = 16
+HEADLINE_DIM = 32  # issue 13's figure: transitions/s/epoch at d = 32, 2x128 MLPs
 
 
 def trajectories(scale: str):
@@ -52,12 +55,14 @@ def trajectories(scale: str):
     return traj
 
 
-def measure(scale: str, n: int, dim: int, epochs: int) -> dict:
+def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = None) -> dict:
     import hf_sde
 
     traj = trajectories(scale)
     sub = traj.subset(list(range(min(n, len(traj)))))
     kw = dict(proj_dim=dim, progress=False, seed=0, patience=epochs + 1)
+    if batch_size:
+        kw["batch_size"] = batch_size
     # Memory first, in the fresh process: once a fit has freed its tensors, malloc hands the same memory to
     # the next fit without the resident size growing, which would hide that fit's peak.
     with C.PeakRSS() as mem:
@@ -74,7 +79,8 @@ def measure(scale: str, n: int, dim: int, epochs: int) -> dict:
     return {"n_sequences": len(sub), "proj_dim": dim, "epochs": ran, "train_transitions": n_train,
             "setup_s": setup, "total_s": total, "per_epoch_s": per_epoch,
             "transitions_per_s": n_train / per_epoch,
-            "peak_mb": mem.peak_mb, "memory_method": mem.method}
+            "peak_mb": mem.peak_mb, "memory_method": mem.method,
+            "batch_size": batch_size or inspect.signature(hf_sde.fit_heads).parameters["batch_size"].default}
 
 
 def slope(xs, ys) -> float:
@@ -88,12 +94,13 @@ def slope(xs, ys) -> float:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p)
+    p.add_argument("--batch-size", type=int, default=None, help="fit batch size (default: fit_heads' default)")
     p.add_argument("--probe", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     C.setup_env(args.threads)
     if args.probe:
         spec = json.loads(args.probe)
-        print(json.dumps(measure(spec["scale"], spec["n"], spec["dim"], spec["epochs"])))
+        print(json.dumps(measure(spec["scale"], spec["n"], spec["dim"], spec["epochs"], spec.get("batch_size"))))
         return None
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]
@@ -109,8 +116,9 @@ def main(argv=None):
         order = configs[:]
         rng.shuffle(order)
         for n, d in order:
-            spec = {"scale": scale, "n": n, "dim": d, "epochs": cfg["epochs"]}
-            r = C.run_probe(script, spec, args.threads) if cfg["subprocess"] else measure(scale, n, d, cfg["epochs"])
+            spec = {"scale": scale, "n": n, "dim": d, "epochs": cfg["epochs"], "batch_size": args.batch_size}
+            r = (C.run_probe(script, spec, args.threads) if cfg["subprocess"]
+                 else measure(scale, n, d, cfg["epochs"], args.batch_size))
             raw.setdefault(f"n{n}/d{d}", []).append(r)
             print(f"fit n={n} d={d} rep{rep}: {r['per_epoch_s']:.2f} s/epoch, {r['peak_mb']:.1f} MiB", file=sys.stderr)
     table = {}
@@ -138,8 +146,14 @@ def main(argv=None):
         "per_epoch_time_vs_proj_dim": slope(cfg["dims"], [t["per_epoch_s"]["median"] for t in by_d]),
         "peak_memory_vs_proj_dim": slope(cfg["dims"], [max(t["peak_mb"]["median"], 1e-3) for t in by_d]),
     }
-    results = {"configs": table, "raw": raw, "growth_exponents": growth, "reference": f"n{sizes[0]}/d{REF_DIM}"}
-    body = (f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, batch 512, "
+    batch = next(iter(raw.values()))[0]["batch_size"]
+    head_key = f"n{n_max}/d{HEADLINE_DIM}"
+    headline = table[head_key]["transitions_per_s"]["median"] if head_key in table else None
+    results = {"configs": table, "raw": raw, "growth_exponents": growth, "reference": f"n{sizes[0]}/d{REF_DIM}",
+               "batch_size": batch, "headline": {"config": head_key, "transitions_per_s_per_epoch": headline}}
+    lead = (f"**d = {HEADLINE_DIM}, {table[head_key]['train_transitions']} training transitions: "
+            f"{headline:,.0f} transitions/s/epoch** (batch {batch}, {args.threads} thread(s)).\n\n" if headline else "")
+    body = (lead + f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, batch {batch}, "
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration. Ratios against "
             f"n={sizes[0]}, d={REF_DIM}.\n\n"
             + C.md_table(["sequences", "proj_dim", "train transitions", "s/epoch", "transitions/s", "epoch ratio",

@@ -55,7 +55,7 @@ def prepare(name: str, scale: str, seed: int):
         size = name.split("-", 1)[1]
         model = C.build_gpt2(size, seed)
         heads, _ = C.gpt2_heads(model, size, -2, n_seq=6 if size == "tiny" else 16,
-                                length=16 if size == "tiny" else 144, epochs=1 if size == "tiny" else 3)
+                                length=48 if size == "tiny" else 144, epochs=1 if size == "tiny" else 3)
     return model, heads
 
 

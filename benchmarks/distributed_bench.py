@@ -1,4 +1,4 @@
-"""Scale-out measurements for hf_sde.distributed (see docs/scale-out.md).
+"""Scale-out measurements for sharded extraction and the distributed fit (see docs/scale-out.md).
 
 Extraction throughput with N processes (run under a launcher; rank 0 prints one JSON line)::
 
@@ -32,7 +32,8 @@ def extract(args) -> None:
     import torch
 
     import hf_sde
-    from hf_sde.distributed import DistEnv, clear_shards, extract_to_shards
+    from hf_sde.process_group import DistEnv
+    from hf_sde.shards import clear_shards, extract_to_shards
 
     env = DistEnv.init(cpu=True)
     model, tok = hf_sde.load_model(**_offline.MODEL)
@@ -88,8 +89,8 @@ def fit_child(args) -> None:
     """
     import torch
 
-    from hf_sde.distributed import fit_heads_distributed, load_shards
-    from hf_sde.fitting import fit_heads
+    from hf_sde.fitting import fit_heads, fit_heads_distributed
+    from hf_sde.shards import load_shards
 
     torch.set_num_threads(1)
     base = _vm("VmRSS")

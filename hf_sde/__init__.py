@@ -4,6 +4,7 @@ Fit drift and diffusion heads on a model's hidden trajectories, analyse them, an
 observe and control decoding.
 """
 
+from .baselines import BrownianBaseline, OUBaseline  # noqa: E402
 from .control import (  # noqa: E402
     SDEControl,
     SDEGenerateOutput,
@@ -17,7 +18,7 @@ from .control import (  # noqa: E402
     sde_hooks,
 )
 from .corpus import TEMPLATES, load_texts  # noqa: E402
-from .fitting import BrownianBaseline, FitResult, OUBaseline, fit_heads, fit_projection  # noqa: E402
+from .fitting import FitResult, fit_heads, fit_projection  # noqa: E402
 from .heads import SDEHeads, SDEHeadsConfig  # noqa: E402
 from .layers import decoder_layers, resolve_layer  # noqa: E402
 from .loading import load_model  # noqa: E402

@@ -1,88 +1,114 @@
-"""Decoding baselines that SDE control is compared against.
+"""The SDE baselines every fit reports: Brownian motion and Ornstein-Uhlenbeck, fitted by maximum likelihood.
 
-:class:`EntropyDynamicTemperatureLogitsProcessor` is entropy-based dynamic temperature (EDT; Zhang et al.,
-"EDT: Improving Large Language Models' Generation by Entropy-based Dynamic Temperature Sampling",
-arXiv:2403.14541): at every step the temperature is ``T = T0 * N ** (theta / H)`` with ``H`` the entropy of
-the step's next-token distribution. With a base ``0 < N < 1`` (the paper uses 0.8), confident steps
-(small ``H``) are cooled towards 0 and uncertain ones approach ``T0``.
+Both are built from summed sufficient statistics of the training transitions (:class:`TransitionStats`:
+count, sums of ``dz`` and ``dz^2``, ``X^T X`` and ``X^T dz`` with ``X = [z, 1]``). Sums add across chunks and
+across processes, so one process and N processes (or one pass over shards) produce the same baselines.
+(The decoding baselines, e.g. EDT, are logits processors: :mod:`hf_sde.processors`.)
 """
 
 from __future__ import annotations
 
-import math
+from dataclasses import dataclass
 
 import torch
-from transformers import LogitsProcessor
+
+#: The smallest per-dimension std a baseline reports (a constant dimension would give -inf NLL).
+MIN_STD = 1e-6
 
 
-class EntropyDynamicTemperatureLogitsProcessor(LogitsProcessor):
-    r"""Entropy-based dynamic temperature (EDT): divide the logits by ``T = T0 * N ** (theta / H)``.
+@dataclass
+class TransitionStats:
+    """Sufficient statistics of transitions ``(z, dz)`` for both baselines, in float64; ``a + b`` pools them."""
 
-    ``H`` is the Shannon entropy (nats) of ``softmax(scores)`` for each row, computed on the scores this
-    processor receives (so after the processors before it, e.g. repetition penalties). The temperature is
-    clipped to ``[min_temperature, max_temperature]`` (``max_temperature`` defaults to ``T0``, which EDT
-    never exceeds for ``N < 1``); ``min_temperature`` keeps near-deterministic steps finite.
+    n: torch.Tensor        # () count
+    sum_dz: torch.Tensor   # (d,)
+    sum_dz2: torch.Tensor  # (d,)
+    xtx: torch.Tensor      # (d + 1, d + 1), X = [z, 1]
+    xtdz: torch.Tensor     # (d + 1, d)
 
-    Args:
-        temperature: ``T0``, the temperature approached when the distribution is flat.
-        base: ``N`` in ``(0, 1)`` for the paper's behaviour (0.8 by default).
-        theta: ``theta > 0``; larger values cool more.
-        min_temperature: lower clip (default 0.05).
-        max_temperature: upper clip (default ``T0``).
+    @classmethod
+    def zeros(cls, d: int) -> TransitionStats:
+        f = torch.float64
+        return cls(torch.zeros((), dtype=f), torch.zeros(d, dtype=f), torch.zeros(d, dtype=f),
+                   torch.zeros(d + 1, d + 1, dtype=f), torch.zeros(d + 1, d, dtype=f))
 
-    The temperature of the last call is kept in ``last_temperature`` (shape ``(batch,)``) and, if
-    ``record=True``, every step's in ``temperatures``.
+    @classmethod
+    def of(cls, z: torch.Tensor, dz: torch.Tensor) -> TransitionStats:
+        x = torch.cat([z, torch.ones(z.shape[0], 1, dtype=z.dtype)], dim=1).double()
+        dz = dz.double()
+        return cls(torch.tensor(float(z.shape[0]), dtype=torch.float64), dz.sum(0), dz.pow(2).sum(0), x.T @ x,
+                   x.T @ dz)
 
-    Example:
-        >>> from transformers import LogitsProcessorList
-        >>> from hf_sde.baselines import EntropyDynamicTemperatureLogitsProcessor
-        >>> edt = EntropyDynamicTemperatureLogitsProcessor(temperature=1.0, base=0.8, theta=0.5)
-        >>> out = model.generate(**inputs, do_sample=True, top_k=0,
-        ...                      logits_processor=LogitsProcessorList([edt]))
-        >>> edt.last_temperature    # the temperature of each row at the last step
+    def __add__(self, other: TransitionStats) -> TransitionStats:
+        return TransitionStats(*(a + b for a, b in zip(self._fields(), other._fields(), strict=True)))
 
-    Pass it through ``logits_processor``: transformers runs custom processors before its own temperature,
-    top-k, top-p and min-p warpers, so EDT composes with them like a temperature (leave ``temperature``
-    at 1.0).
-    """
+    def _fields(self) -> tuple[torch.Tensor, ...]:
+        return self.n, self.sum_dz, self.sum_dz2, self.xtx, self.xtdz
 
-    def __init__(self, temperature: float = 1.0, base: float = 0.8, theta: float = 1.0,
-                 min_temperature: float = 0.05, max_temperature: float | None = None, record: bool = False):
-        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
-            raise ValueError(f"temperature (T0) must be a positive finite number, got {temperature!r}")
-        if not (isinstance(base, (int, float)) and base > 0 and math.isfinite(base)):
-            raise ValueError(f"base (N) must be a positive finite number, got {base!r}")
-        if not (isinstance(theta, (int, float)) and math.isfinite(theta)):
-            raise ValueError(f"theta must be a finite number, got {theta!r}")
-        max_temperature = float(temperature) if max_temperature is None else float(max_temperature)
-        if not 0 < min_temperature <= max_temperature:
-            raise ValueError(f"need 0 < min_temperature <= max_temperature, got {min_temperature}, {max_temperature}")
-        self.temperature = float(temperature)
-        self.base = float(base)
-        self.theta = float(theta)
-        self.min_temperature = float(min_temperature)
-        self.max_temperature = max_temperature
-        self.record = record
-        self.last_temperature: torch.Tensor | None = None
-        self.temperatures: list[torch.Tensor] = []
+    def all_reduce(self, env) -> TransitionStats:
+        """The statistics summed over every process of ``env`` (one collective call)."""
+        flat = env.all_reduce_(torch.cat([f.flatten() for f in self._fields()]))
+        out, off = [], 0
+        for f in self._fields():
+            out.append(flat[off:off + f.numel()].view_as(f))
+            off += f.numel()
+        return TransitionStats(*out)
 
-    @staticmethod
-    def entropy(scores: torch.Tensor) -> torch.Tensor:
-        """Entropy in nats of ``softmax(scores)`` per row; ``-inf`` scores (masked tokens) contribute 0."""
-        logp = torch.log_softmax(scores.float(), dim=-1)
-        p = logp.exp()
-        return -torch.where(p > 0, p * logp, torch.zeros_like(p)).sum(-1)
 
-    def temperature_for(self, entropy: torch.Tensor) -> torch.Tensor:
-        """``clip(T0 * N ** (theta / H))``; ``H = 0`` gives the limit (0 for ``N < 1``), then the clip."""
-        exponent = self.theta / entropy.clamp_min(1e-12)
-        tau = self.temperature * torch.exp(exponent * math.log(self.base))
-        return torch.nan_to_num(tau, nan=self.min_temperature, posinf=self.max_temperature).clamp(
-            self.min_temperature, self.max_temperature)
+@dataclass
+class BrownianBaseline:
+    """Brownian motion with constant drift and per-dimension sigma (maximum likelihood)."""
 
-    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
-        tau = self.temperature_for(self.entropy(scores))
-        self.last_temperature = tau
-        if self.record:
-            self.temperatures.append(tau)
-        return scores / tau.to(scores.dtype).unsqueeze(-1)
+    mean: torch.Tensor
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, tr) -> BrownianBaseline:
+        """Fit on transitions (anything with ``z`` and ``dz``)."""
+        return cls.from_stats(TransitionStats.of(tr.z, tr.dz))
+
+    @classmethod
+    def from_stats(cls, s: TransitionStats) -> BrownianBaseline:
+        mean = s.sum_dz / s.n
+        var = (s.sum_dz2 / s.n - mean.pow(2)).clamp_min(0)
+        return cls(mean.float(), var.sqrt().float().clamp_min(MIN_STD))
+
+    def predict(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.mean.expand_as(z), self.std.expand_as(z)
+
+
+@dataclass
+class OUBaseline:
+    """Ornstein-Uhlenbeck: linear drift ``A z + b`` by least squares, constant per-dimension sigma."""
+
+    weight: torch.Tensor  # (d + 1, d): [A^T; b]
+    std: torch.Tensor
+
+    @classmethod
+    def fit(cls, tr, ridge: float = 1e-6) -> OUBaseline:
+        """Fit on transitions (anything with ``z`` and ``dz``)."""
+        return cls.from_stats(TransitionStats.of(tr.z, tr.dz), ridge)
+
+    @classmethod
+    def from_stats(cls, s: TransitionStats, ridge: float = 1e-6) -> OUBaseline:
+        """Normal equations, then the residual moments expanded in the same sums (no second pass)."""
+        eye = torch.eye(s.xtx.shape[0], dtype=torch.float64)
+        w = torch.linalg.solve(s.xtx + ridge * s.n * eye, s.xtdz)
+        # sum_k r_kj^2 = sum dz_j^2 - 2 w_j . (X^T dz)_j + w_j^T X^T X w_j, and sum_k r_kj = sum dz_j - w_j . sum x.
+        ssr = s.sum_dz2 - 2 * (w * s.xtdz).sum(0) + (w * (s.xtx @ w)).sum(0)
+        r_mean = (s.sum_dz - w.T @ s.xtx[-1]) / s.n
+        var = (ssr / s.n - r_mean.pow(2)).clamp_min(0)
+        return cls(w.float(), var.sqrt().float().clamp_min(MIN_STD))
+
+    def predict(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = z @ self.weight[:-1] + self.weight[-1]
+        return mean, self.std.expand_as(mean)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        """``A`` in increment units (``dz ~ A z + b``)."""
+        return self.weight[:-1].T
+
+    @property
+    def bias(self) -> torch.Tensor:
+        return self.weight[-1]

@@ -1,61 +1,56 @@
 """Fitting SDE heads by the exact Euler-Maruyama Gaussian likelihood, against Brownian and OU baselines.
 
-``fit_heads`` splits sequences into train / held-out, fits the PCA projection on training states,
-trains drift and diffusion with AdamW (early stopping on a slice of training transitions, so the
-held-out sequences are never used to choose anything), and reports held-out NLL in nats per dimension
-for the neural SDE, Brownian motion and Ornstein-Uhlenbeck, all on the same split.
+One fitting core, run in a process-group environment (:mod:`hf_sde.process_group`): the split and
+early-stopping plan, the PCA and both baselines from summed statistics, one evaluation, one training loop
+and the calibration all-reduce their sums, which are no-ops in one process. :func:`fit_heads` is the
+one-process case; :func:`fit_heads_distributed` runs the same functions over trajectory shards on every
+rank of ``torch.distributed``. Held-out sequences never choose anything (early stopping watches held-back
+training data), and every fit refuses data too small to estimate what it fits.
 """
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
+from .baselines import BrownianBaseline, OUBaseline, TransitionStats
 from .heads import SDEHeads, SDEHeadsConfig
+from .process_group import DistEnv, SingleProcess
+from .training import HeadsOnInputs, train_heads
 from .trajectories import Trajectories, check_finite
+from .transitions import (
+    MIN_GROUPS_FOR_SEQUENCE_STOPPING,
+    Chunk,
+    ExactData,
+    FitPlan,
+    MemorySource,
+    ShardSource,
+    StreamData,
+    Transitions,
+    make_transitions,
+    split_sequences,
+)
+
+__all__ = ["BrownianBaseline", "FitResult", "MIN_GROUPS_FOR_SEQUENCE_STOPPING", "OUBaseline", "Transitions",
+           "evaluate", "fit_heads", "fit_heads_distributed", "fit_projection", "gaussian_nll_parts",
+           "make_transitions", "split_sequences"]
 
 logger = logging.getLogger(__name__)
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
-#: From this many training sequences (groups) up, early stopping watches held-back sequences.
-MIN_GROUPS_FOR_SEQUENCE_STOPPING = 10
-
-
-@dataclass
-class Transitions:
-    """Flattened transitions ``(z_k, t_k, dz_k)`` of a set of sequences, plus which sequence each is from."""
-
-    z: torch.Tensor
-    t: torch.Tensor
-    dz: torch.Tensor
-    seq: torch.Tensor
-
-    def __len__(self) -> int:
-        return self.z.shape[0]
-
-    def index(self, idx: torch.Tensor) -> Transitions:
-        return Transitions(self.z[idx], self.t[idx], self.dz[idx], self.seq[idx])
-
-
-def make_transitions(paths: list[torch.Tensor], horizon: float) -> Transitions:
-    """Transitions of projected paths ``(L_i, d)``: ``t_k = k / T`` and ``dz_k = z_{k+1} - z_k``."""
-    zs, ts, dzs, seqs = [], [], [], []
-    for i, z in enumerate(paths):
-        n = z.shape[0] - 1
-        if n < 1:
-            continue
-        zs.append(z[:-1])
-        dzs.append(z[1:] - z[:-1])
-        ts.append(torch.arange(n, dtype=z.dtype) / horizon)
-        seqs.append(torch.full((n,), i, dtype=torch.long))
-    if not zs:
-        raise ValueError("No transitions: every sequence has fewer than two states.")
-    return Transitions(torch.cat(zs), torch.cat(ts), torch.cat(dzs), torch.cat(seqs))
+#: Training transitions needed per coefficient of one dimension's linear (OU) drift ``A z + b`` (d + 1 of
+#: them; d (d + 1) in all, each transition observing d increments): below this the least squares fit and
+#: its residual std are noise (two sentences gave OU held-out NLL 6.4e24).
+TRANSITIONS_PER_COEFFICIENT = 10
+#: Held-out transitions needed per drift coefficient of one dimension: the held-out NLL is a mean over n d
+#: increments, with a standard error of about (2 n d)^-1/2 nats/dim; at n = 2 (d + 1) that is ~0.03 for
+#: d = 16, the size of the gaps between the heads and the baselines it has to resolve.
+HELDOUT_PER_COEFFICIENT = 2
 
 
 def gaussian_nll_parts(dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -66,78 +61,138 @@ def gaussian_nll_parts(dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) 
             "drift_mse": (dz - mean).pow(2).mean()}
 
 
-# ----- baselines --------------------------------------------------------------------------------------
-@dataclass
-class BrownianBaseline:
-    """Brownian motion with constant drift and per-dimension sigma (maximum likelihood)."""
-
-    mean: torch.Tensor
-    std: torch.Tensor
-
-    @classmethod
-    def fit(cls, tr: Transitions) -> BrownianBaseline:
-        return cls(tr.dz.mean(0), tr.dz.std(0, unbiased=False).clamp_min(1e-6))
-
-    def predict(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.mean.expand_as(z), self.std.expand_as(z)
-
-
-@dataclass
-class OUBaseline:
-    """Ornstein-Uhlenbeck: linear drift ``A z + b`` by least squares, constant per-dimension sigma."""
-
-    weight: torch.Tensor  # (d + 1, d): [A^T; b]
-    std: torch.Tensor
-
-    @classmethod
-    def fit(cls, tr: Transitions, ridge: float = 1e-6) -> OUBaseline:
-        x = torch.cat([tr.z, torch.ones(len(tr), 1, dtype=tr.z.dtype)], dim=1).double()
-        gram = x.T @ x + ridge * len(tr) * torch.eye(x.shape[1], dtype=x.dtype)
-        w = torch.linalg.solve(gram, x.T @ tr.dz.double()).to(tr.z.dtype)
-        resid = tr.dz - x.to(tr.z.dtype) @ w
-        return cls(w, resid.std(0, unbiased=False).clamp_min(1e-6))
-
-    def predict(self, z: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean = z @ self.weight[:-1] + self.weight[-1]
-        return mean, self.std.expand_as(mean)
-
-    @property
-    def matrix(self) -> torch.Tensor:
-        """``A`` in increment units (``dz ~ A z + b``)."""
-        return self.weight[:-1].T
-
-    @property
-    def bias(self) -> torch.Tensor:
-        return self.weight[-1]
-
-
 # ----- projection -------------------------------------------------------------------------------------
-def fit_projection(states: torch.Tensor, proj_dim: int | None, standardize: bool = True,
-                   max_rows: int = 200_000, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PCA basis ``P`` (D, d), mean ``m`` (D,) and per-component scale ``s`` (d,) of hidden states."""
-    n, D = states.shape
-    d = D if proj_dim is None or proj_dim <= 0 else proj_dim
-    if d > D:
-        raise ValueError(f"proj_dim={d} exceeds the hidden size {D}; use proj_dim <= {D} (or 0 for no projection).")
-    if n > max_rows:
-        g = torch.Generator().manual_seed(seed)
-        states = states[torch.randperm(n, generator=g)[:max_rows]]
-    x = states.double()
-    mean = x.mean(0)
-    if d == D:
-        basis = torch.eye(D, dtype=torch.float64)
+def projection_from_sequences(sequences: Callable[[], Iterable[torch.Tensor]], hidden: int, proj_dim: int | None,
+                              standardize: bool = True, env=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA from all-reduced first and centred second moments (two passes over ``sequences()``), so one
+    process and N processes give the same basis; signs fixed so the basis is deterministic."""
+    env = env or SingleProcess()
+    d = hidden if proj_dim is None or proj_dim <= 0 else proj_dim
+    if d > hidden:
+        raise ValueError(f"proj_dim={d} exceeds the hidden size {hidden}; use proj_dim <= {hidden} "
+                         "(or 0 for no projection).")
+    first = torch.zeros(hidden + 1, dtype=torch.float64)
+    for x in sequences():
+        first[:hidden] += x.double().sum(0)
+        first[hidden] += x.shape[0]
+    env.all_reduce_(first)
+    n = float(first[hidden])
+    if n <= d:
+        raise ValueError(f"The PCA to {d} dimensions needs more than {d} training states, got {int(n)}. "
+                         "Use more text or a smaller proj_dim (--proj-dim).")
+    mean = first[:hidden] / n
+    scatter = torch.zeros(hidden, hidden, dtype=torch.float64)
+    for x in sequences():
+        xc = x.double() - mean
+        scatter += xc.T @ xc
+    cov = env.all_reduce_(scatter) / (n - 1)
+    if d == hidden:
+        basis = torch.eye(hidden, dtype=torch.float64)
     else:
-        _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
-        basis = vh[:d].T
-        # Fix the sign of each component so the basis is deterministic.
-        signs = torch.sign(basis[basis.abs().argmax(0), torch.arange(d)])
-        basis = basis * signs
-    proj = (x - mean) @ basis
-    scale = proj.std(0).clamp_min(1e-8) if standardize else torch.ones(d, dtype=torch.float64)
+        evals, evecs = torch.linalg.eigh(cov)
+        basis = evecs[:, torch.argsort(evals, descending=True)[:d]]
+        basis = basis * torch.sign(basis[basis.abs().argmax(0), torch.arange(d)])
+    scale = (torch.einsum("ij,jk,ki->i", basis.T, cov, basis).clamp_min(0).sqrt().clamp_min(1e-8)
+             if standardize else torch.ones(d, dtype=torch.float64))
     return basis.float(), mean.float(), scale.float()
 
 
-# ----- fitting ----------------------------------------------------------------------------------------
+def fit_projection(states: torch.Tensor, proj_dim: int | None, standardize: bool = True,
+                   max_rows: int | None = None, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PCA basis ``P`` (D, d), mean ``m`` (D,) and per-component scale ``s`` (d,) of hidden states ``(n, D)``.
+
+    All rows are used (the moments are summed in chunks, memory ``D^2``); ``max_rows`` subsamples (seeded).
+    """
+    if max_rows is not None and states.shape[0] > max_rows:
+        states = states[torch.randperm(states.shape[0], generator=torch.Generator().manual_seed(seed))[:max_rows]]
+    return projection_from_sequences(lambda: torch.split(states, 65536), states.shape[1], proj_dim, standardize)
+
+
+# ----- evaluation ---------------------------------------------------------------------------------------
+def evaluate(fn: Callable, chunks: Iterable[Chunk], env=None) -> dict[str, float]:
+    """Per-dimension NLL parts of ``fn(x) -> (mean, std)`` over all processes' chunks, summed in float64."""
+    acc = torch.zeros(5, dtype=torch.float64)
+    with torch.no_grad():
+        for c in chunks:
+            mean, std = fn(c.x)
+            err = c.dz - mean
+            acc += torch.stack([(0.5 * (err / std).pow(2)).double().sum(), std.log().double().sum(),
+                                err.pow(2).double().sum(), torch.tensor(float(c.dz.numel()), dtype=torch.float64),
+                                torch.tensor(float(len(c)), dtype=torch.float64)])
+    (env or SingleProcess()).all_reduce_(acc)
+    m = max(float(acc[3]), 1.0)
+    drift, diffusion = float(acc[0]) / m, float(acc[1]) / m + HALF_LOG_2PI
+    return {"total": drift + diffusion, "drift": drift, "diffusion": diffusion, "drift_mse": float(acc[2]) / m,
+            "count": float(acc[4])}
+
+
+def _evaluate(fn: Callable, tr: Transitions, batch: int = 65536) -> dict[str, float]:
+    """:func:`evaluate` of ``fn(z, t)`` on :class:`Transitions` (the report's signature)."""
+    d = tr.z.shape[1]
+    chunks = (Chunk(torch.cat([tr.z[a:a + batch], tr.t[a:a + batch, None]], 1), tr.dz[a:a + batch])
+              for a in range(0, len(tr), batch))
+    out = evaluate(lambda x: fn(x[:, :d], x[:, d]), chunks)
+    out.pop("count")
+    return out
+
+
+def _baselines(data, env) -> tuple[BrownianBaseline, OUBaseline]:
+    """Both baselines from the training transitions' statistics, summed over chunks and processes."""
+    stats = TransitionStats.zeros(data.d)
+    for c in data.chunks("train"):
+        stats = stats + TransitionStats.of(c.x[:, :data.d], c.dz)
+    stats = stats.all_reduce(env)
+    return BrownianBaseline.from_stats(stats), OUBaseline.from_stats(stats)
+
+
+def _calibrate(heads: SDEHeads, model: HeadsOnInputs, data, env) -> None:
+    """Mean and (unbiased) std of ``log s_k`` and of the transition NLL over the training transitions; the fit
+    fails rather than save heads whose z-scores would be meaningless."""
+    def pass_(center: torch.Tensor | None) -> torch.Tensor:
+        acc = torch.zeros(3, dtype=torch.float64)
+        with torch.no_grad():
+            for c in data.chunks("train"):
+                mean, std = model(c.x)
+                v = torch.stack([heads.diffusion_magnitude(std).log(),
+                                 heads.transition_nll(c.dz, mean, std).mean(-1)]).double()
+                if center is None:
+                    acc += torch.cat([v.sum(1), torch.tensor([float(len(c))], dtype=torch.float64)])
+                else:
+                    acc[:2] += (v - center[:, None]).pow(2).sum(1)
+        return env.all_reduce_(acc)
+
+    first = pass_(None)
+    n = float(first[2])
+    centers = first[:2] / n
+    stds = (pass_(centers)[:2] / max(n - 1, 1.0)).sqrt()
+    values = [float(centers[0]), float(stds[0]), float(centers[1]), float(stds[1])]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"The fitted heads' calibration is not finite (log-diffusion mean/std, NLL mean/std = "
+                         f"{values}); the data are degenerate (constant or overflowing states). Heads not saved.")
+    cfg = heads.config
+    cfg.log_diffusion_mean, cfg.log_diffusion_std = values[0], max(values[1], 1e-6)
+    cfg.nll_mean, cfg.nll_std = values[2], max(values[3], 1e-6)
+
+
+def check_data_size(plan: FitPlan, d: int) -> None:
+    """Refuse data too small to estimate what the fit estimates, saying how much is needed and the fix."""
+    need = TRANSITIONS_PER_COEFFICIENT * (d + 1)
+    fix = ("Add more text (more or longer documents, a larger max_length) or lower the projection "
+           f"(proj_dim / --proj-dim; proj_dim k needs {TRANSITIONS_PER_COEFFICIENT} (k + 1) transitions).")
+    got = plan.num_train_transitions
+    if got < need:
+        raise ValueError(f"Too little data to fit SDE heads at proj_dim {d}: the linear (OU) drift has d (d + 1) = "
+                         f"{d * (d + 1)} coefficients, which needs at least {need} training transitions "
+                         f"({TRANSITIONS_PER_COEFFICIENT} per coefficient of each dimension), but the "
+                         f"{len(plan.train_idx)} training sequences have {got}. {fix}")
+    held, need_held = plan.num_heldout_transitions, HELDOUT_PER_COEFFICIENT * (d + 1)
+    if held < need_held:
+        raise ValueError(f"Too little held-out data to compare the heads with the baselines at proj_dim {d}: "
+                         f"the {len(plan.val_idx)} held-out sequences have {held} transitions, at least {need_held} "
+                         f"are needed. {fix}")
+
+
+# ----- the fit ------------------------------------------------------------------------------------------
 @dataclass
 class FitResult:
     """What ``fit_heads`` returns: the heads, per-epoch history and the held-out comparison."""
@@ -169,42 +224,31 @@ class FitResult:
             "num_train_sequences": len(self.train_indices),
             "num_heldout_sequences": len(self.heldout_indices),
             "layer": cfg.layer, "proj_dim": cfg.proj_dim, "hidden_size": cfg.hidden_size,
-            "horizon": cfg.horizon, "base_model": cfg.base_model,
+            "horizon": cfg.horizon, "base_model": cfg.base_model, "time_origin": cfg.time_origin,
             "calibration": {"log_diffusion_mean": cfg.log_diffusion_mean, "log_diffusion_std": cfg.log_diffusion_std,
                             "nll_mean": cfg.nll_mean, "nll_std": cfg.nll_std},
         }
 
 
-def split_sequences(n: int, heldout_fraction: float, seed: int,
-                    groups: list | None = None) -> tuple[list[int], list[int]]:
-    """Train / held-out sequence indices. Sequences sharing a group (e.g. a HelpSteer prompt) stay together,
-    so no held-out text shares its prompt with a training text."""
-    if n < 2:
-        raise ValueError(f"Need at least 2 sequences to hold some out for evaluation, got {n}.")
-    if groups is not None and len(set(groups)) < 2:
-        logger.warning("All %d sequences share one group: splitting by sequence, so held-out and training "
-                       "sequences share it.", n)
-    keys = list(range(n)) if groups is None or len(set(groups)) < 2 else groups
-    unique = list(dict.fromkeys(keys))
-    g = torch.Generator().manual_seed(seed)
-    perm = [unique[i] for i in torch.randperm(len(unique), generator=g).tolist()]
-    n_val = min(max(1, round(len(unique) * heldout_fraction)), len(unique) - 1)
-    held = set(perm[:n_val])
-    train = [i for i in range(n) if keys[i] not in held]
-    val = [i for i in range(n) if keys[i] in held]
-    return train, val
-
-
-def _evaluate(fn, tr: Transitions, batch: int = 65536) -> dict[str, float]:
-    sums = {"total": 0.0, "drift": 0.0, "diffusion": 0.0, "drift_mse": 0.0}
-    with torch.no_grad():
-        for s in range(0, len(tr), batch):
-            part = tr.index(torch.arange(s, min(s + batch, len(tr))))
-            mean, std = fn(part.z, part.t)
-            parts = gaussian_nll_parts(part.dz, mean, std)
-            for k in sums:
-                sums[k] += float(parts[k]) * len(part)
-    return {k: v / len(tr) for k, v in sums.items()}
+@dataclass
+class _Options:
+    proj_dim: int | None = 16
+    standardize: bool = True
+    horizon: float | None = None
+    width: int = 128
+    depth: int = 2
+    time_frequencies: int = 4
+    epochs: int = 60
+    batch_size: int = 512
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    patience: int = 10
+    heldout_fraction: float = 0.2
+    early_stopping_fraction: float = 0.1
+    early_stopping: str = "auto"
+    seed: int = 0
+    progress: bool = True
+    config: dict = field(default_factory=dict)  # SDEHeadsConfig fields from the data and the caller
 
 
 def init_at_ou(heads: SDEHeads, ou: OUBaseline) -> None:
@@ -223,13 +267,71 @@ def init_at_ou(heads: SDEHeads, ou: OUBaseline) -> None:
         heads.diffusion_net[-1].bias.copy_(target + torch.log(-torch.expm1(-target)))
 
 
-def make_optimizer(heads: SDEHeads, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    """AdamW; the linear drift (already at its least-squares optimum) gets a 10x smaller step and no decay,
-    so Adam's unit-size first steps do not knock it off while the MLPs learn the nonlinear correction."""
-    linear = list(heads.drift_linear.parameters())
-    others = [p for n, p in heads.named_parameters() if not n.startswith("drift_linear.")]
-    return torch.optim.AdamW([{"params": others, "lr": lr, "weight_decay": weight_decay},
-                              {"params": linear, "lr": lr * 0.1, "weight_decay": 0.0}])
+def _fit(source, env, mode: str, opts: _Options) -> FitResult:
+    """The fit, whatever the process count and data holding: plan, PCA, baselines, train, calibrate, evaluate."""
+    plan = FitPlan(source, opts.heldout_fraction, opts.seed, opts.horizon, opts.early_stopping,
+                   opts.early_stopping_fraction)
+    hidden = source.hidden_size
+    d = hidden if opts.proj_dim is None or opts.proj_dim <= 0 else opts.proj_dim
+    if d > hidden:
+        raise ValueError(f"proj_dim={d} exceeds the hidden size {hidden}; use proj_dim <= {hidden} "
+                         "(or 0 for no projection).")
+    check_data_size(plan, d)
+
+    def train_states() -> Iterator[torch.Tensor]:
+        return (s.float() for g, s in source.local_sequences() if plan.is_train[g])
+
+    basis, mean, scale = projection_from_sequences(train_states, hidden, opts.proj_dim, opts.standardize, env)
+    config = SDEHeadsConfig(hidden_size=hidden, proj_dim=d, horizon=plan.horizon, width=opts.width, depth=opts.depth,
+                            time_frequencies=opts.time_frequencies, standardize=opts.standardize, **opts.config)
+    torch.manual_seed(opts.seed)  # the same initial weights on every rank
+    heads = SDEHeads(config)
+    heads.proj_basis.copy_(basis)
+    heads.proj_mean.copy_(mean)
+    heads.proj_scale.copy_(scale)
+
+    def project(s: torch.Tensor) -> torch.Tensor:
+        return ((s.float() - mean) @ basis) / scale
+
+    if mode == "exact":
+        data = ExactData(plan, project, heads.time_features, d, opts.batch_size)
+    else:
+        data = StreamData(plan, project, heads.time_features, d, opts.batch_size, env.world_size, env.rank)
+    brownian, ou = _baselines(data, env)
+    init_at_ou(heads, ou)
+    model = HeadsOnInputs(heads)
+    desc = "Fitting SDE heads" if env.world_size == 1 else f"Fitting SDE heads ({env.world_size} proc, {mode})"
+    bar = tqdm(range(opts.epochs), desc=desc, disable=not opts.progress or not env.is_main, unit="epoch")
+    history, best_epoch = train_heads(model, data, env, plan.has_es, bar, lr=opts.lr,
+                                      weight_decay=opts.weight_decay, patience=opts.patience,
+                                      evaluate=evaluate)
+    _calibrate(heads, model, data, env)
+    parts = {"neural": evaluate(model, data.chunks("heldout"), env),
+             "ou": evaluate(_on_inputs(ou.predict, d), data.chunks("heldout"), env),
+             "brownian": evaluate(_on_inputs(brownian.predict, d), data.chunks("heldout"), env)}
+    for v in parts.values():
+        v.pop("count")
+    heldout_nll = {k: v["total"] for k, v in parts.items()}
+    config.heldout_nll = dict(heldout_nll)
+    config.data = {**config.data, "train_sequences": len(plan.train_idx), "heldout_sequences": len(plan.val_idx),
+                   "train_transitions": plan.num_train_transitions,
+                   "heldout_transitions": plan.num_heldout_transitions, "early_stopping": plan.early_stopping}
+    return FitResult(heads, history, heldout_nll, parts, plan.train_idx, plan.val_idx,
+                     {"ou": ou, "brownian": brownian}, best_epoch, opts.seed, opts.heldout_fraction)
+
+
+def _on_inputs(predict: Callable, d: int) -> Callable:
+    return lambda x: predict(x[:, :d], x[:, d])
+
+
+def _config_fields(meta: dict, layer: int, num_layers: int | None, model_id: str | None, base_model, revision,
+                   gguf_file, model_type, data_description) -> dict:
+    """The SDEHeadsConfig fields that come from the data (and the caller's overrides)."""
+    source = meta.get("source") or {}  # where load_model got the weights
+    return dict(layer=layer, num_layers=num_layers or -1, base_model=base_model or model_id,
+                base_model_revision=revision or source.get("revision"), gguf_file=gguf_file or source.get("gguf_file"),
+                model_type=model_type, time_origin=meta.get("time_origin", "sequence"),
+                data=dict(data_description or {}))
 
 
 def fit_heads(
@@ -257,12 +359,13 @@ def fit_heads(
     model_type: str | None = None,
     data_description: dict | None = None,
 ) -> FitResult:
-    """Fit drift and diffusion heads on hidden-state trajectories by Gaussian likelihood.
+    """Fit drift and diffusion heads on hidden-state trajectories by Gaussian likelihood (one process).
 
     Sequences are split into training and held-out sets (``heldout_fraction``); early stopping watches a
     ``early_stopping_fraction`` of the training sequences (whole groups; ``early_stopping="sequences"``, the
     ``"auto"`` choice from 10 training groups up) or, for smaller corpora, of the training transitions
     (``"transitions"``). The held-out sequences never choose anything. Seeded and deterministic on CPU.
+    Raises ``ValueError`` when the data are too small for ``proj_dim`` (the message says how much is needed).
 
     Example:
         >>> result = fit_heads(traj, proj_dim=16, epochs=60)
@@ -272,116 +375,53 @@ def fit_heads(
     if len(trajectories) == 0:
         raise ValueError("fit_heads got no trajectories: the corpus is empty.")
     check_finite(trajectories.states)
-    torch.manual_seed(seed)
-    train_idx, val_idx = split_sequences(len(trajectories), heldout_fraction, seed,
-                                         trajectories.meta.get("groups"))
-    train_states = [trajectories.states[i].float() for i in train_idx]
-    basis, mean, scale = fit_projection(torch.cat(train_states), proj_dim, standardize, seed=seed)
-    d = basis.shape[1]
-    T = float(horizon) if horizon is not None else float(max(s.shape[0] for s in train_states))
+    t = trajectories
+    cfg = _config_fields(t.meta, t.layer, t.num_layers, t.model_id, base_model, base_model_revision, gguf_file,
+                         model_type, data_description)
+    opts = _Options(proj_dim, standardize, horizon, width, depth, time_frequencies, epochs, batch_size, lr,
+                    weight_decay, patience, heldout_fraction, early_stopping_fraction, early_stopping, seed,
+                    progress, cfg)
+    return _fit(MemorySource(trajectories), SingleProcess(), "exact", opts)
 
-    def project(s: torch.Tensor) -> torch.Tensor:
-        return ((s.float() - mean) @ basis) / scale
 
-    train_all = make_transitions([project(s) for s in train_states], T)
-    heldout = make_transitions([project(trajectories.states[i]) for i in val_idx], T)
+def fit_heads_distributed(
+    shards,
+    *,
+    mode: str = "exact",
+    env: DistEnv | None = None,
+    **kwargs,
+) -> FitResult:
+    """:func:`fit_heads` on trajectory shards, data-parallel over the current process group.
 
-    g = torch.Generator().manual_seed(seed + 1)
-    groups = trajectories.meta.get("groups")
-    train_groups = [groups[i] for i in train_idx] if groups is not None else list(range(len(train_idx)))
-    if early_stopping == "auto":
-        early_stopping = "sequences" if len(set(train_groups)) >= MIN_GROUPS_FOR_SEQUENCE_STOPPING else "transitions"
-    if early_stopping == "sequences":
-        # Watch whole training sequences (whole groups) held back from the gradient: a random slice of
-        # transitions shares sequences and repeated prompts with training, so it keeps "improving" while
-        # unseen text gets worse (HelpSteer prompt+response: held-out NLL 3.6 against 1.2 at the best epoch).
-        fit_pos, es_pos = split_sequences(len(train_idx), early_stopping_fraction, seed + 1, train_groups)
-        held_back = torch.isin(train_all.seq, torch.tensor(es_pos, dtype=torch.long))
-        es, train = train_all.index(held_back), train_all.index(held_back.logical_not())
-    elif early_stopping == "transitions":
-        # Too few sequences to hold some back: a random slice of the training transitions.
-        perm = torch.randperm(len(train_all), generator=g)
-        n_es = int(len(train_all) * early_stopping_fraction) if len(train_all) >= 20 else 0
-        es = train_all.index(perm[:n_es]) if n_es else None
-        train = train_all.index(perm[n_es:]) if n_es else train_all
-    else:
-        raise ValueError(f"early_stopping must be 'auto', 'sequences' or 'transitions', got {early_stopping!r}")
+    ``shards``: a folder, glob or list of shard files, or a ``ShardedCorpus``. Call it on every rank (the
+    result is the same on all; save it on rank 0). ``mode="exact"`` equals ``fit_heads(load_shards(shards),
+    ...)`` up to float rounding (same plan, PCA, baselines, batches and early stopping); ``mode="stream"``
+    keeps one shard in memory with its own batch order. ``batch_size`` is the *global* batch size; the other
+    keyword arguments (``proj_dim``, ``epochs``, ..., ``base_model``, ``data_description``) are :func:`fit_heads`'s.
 
-    brownian = BrownianBaseline.fit(train_all)
-    ou = OUBaseline.fit(train_all)
+    Example (under ``accelerate launch --num_processes N``):
+        >>> env = DistEnv.init()
+        >>> result = fit_heads_distributed("shards/", proj_dim=16, epochs=60)
+        >>> if env.is_main: result.heads.save_pretrained("heads/")
+    """
+    if mode not in ("exact", "stream"):
+        raise ValueError(f"mode must be 'exact' or 'stream', got {mode!r}")
+    corpus = _sharded_corpus(shards)
+    if len(corpus) == 0:
+        raise ValueError("fit_heads_distributed got no trajectories: the shards are empty.")
+    env = env or DistEnv()
+    meta = dict(corpus.infos[0].header.get("meta") or {})
+    meta["source"] = corpus.source
+    provenance = [kwargs.pop(k, None) for k in ("base_model", "base_model_revision", "gguf_file", "model_type",
+                                                "data_description")]
+    cfg = _config_fields(meta, corpus.layer, corpus.num_layers, corpus.model_id, *provenance)
+    opts = _Options(config=cfg, **kwargs)
+    result = _fit(ShardSource(corpus, env), env, mode, opts)
+    result.heads.config.data["fit"] = {"processes": env.world_size, "mode": mode, "shards": corpus.num_shards}
+    return result
 
-    source = trajectories.meta.get("source") or {}  # where load_model got the weights
-    config = SDEHeadsConfig(
-        hidden_size=trajectories.hidden_size, proj_dim=d, layer=trajectories.layer,
-        num_layers=trajectories.num_layers or -1, horizon=T,
-        base_model=base_model or trajectories.model_id,
-        base_model_revision=base_model_revision or source.get("revision"),
-        gguf_file=gguf_file or source.get("gguf_file"), model_type=model_type, width=width, depth=depth,
-        time_frequencies=time_frequencies, standardize=standardize, data=dict(data_description or {}),
-    )
-    heads = SDEHeads(config)
-    heads.proj_basis.copy_(basis)
-    heads.proj_mean.copy_(mean)
-    heads.proj_scale.copy_(scale)
-    init_at_ou(heads, ou)
 
-    opt = make_optimizer(heads, lr, weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(epochs, 1), eta_min=lr * 0.05)
-    history: dict[str, list[float]] = {f"{s}_{p}": [] for s in ("train", "val") for p in ("total", "drift", "diffusion")}
-    history["early_stopping"] = []
-    initial = _evaluate(heads, es)["total"] if es is not None else math.inf
-    best = (initial, -1, copy.deepcopy(heads.state_dict()))  # epoch -1: the OU starting point
-    bad = 0
-    bar = tqdm(range(epochs), desc="Fitting SDE heads", disable=not progress, unit="epoch")
-    for epoch in bar:
-        heads.train()
-        order = torch.randperm(len(train), generator=g)
-        sums = {"total": 0.0, "drift": 0.0, "diffusion": 0.0}
-        for s in range(0, len(train), batch_size):
-            b = train.index(order[s:s + batch_size])
-            mean_inc, std_inc = heads(b.z, b.t)
-            parts = gaussian_nll_parts(b.dz, mean_inc, std_inc)
-            opt.zero_grad(set_to_none=True)
-            parts["total"].backward()
-            torch.nn.utils.clip_grad_norm_(heads.parameters(), 10.0)
-            opt.step()
-            for k in sums:
-                sums[k] += float(parts[k].detach()) * len(b)
-        sched.step()
-        heads.eval()
-        for k in sums:
-            history[f"train_{k}"].append(sums[k] / len(train))
-        val = _evaluate(heads, heldout)
-        for k in ("total", "drift", "diffusion"):
-            history[f"val_{k}"].append(val[k])
-        monitor = _evaluate(heads, es)["total"] if es is not None else history["train_total"][-1]
-        history["early_stopping"].append(monitor)
-        bar.set_postfix(train=f"{history['train_total'][-1]:.3f}", val=f"{val['total']:.3f}")
-        if monitor < best[0] - 1e-4:
-            best, bad = (monitor, epoch, copy.deepcopy(heads.state_dict())), 0
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    bar.close()
-    heads.load_state_dict(best[2])
-    heads.eval()
+def _sharded_corpus(shards: str | Sequence[str]):
+    from .shards import ShardedCorpus
 
-    # Calibration over all training transitions.
-    with torch.no_grad():
-        mean_inc, std_inc = heads(train_all.z, train_all.t)
-        log_s = heads.diffusion_magnitude(std_inc).log()
-        nll = heads.transition_nll(train_all.dz, mean_inc, std_inc).mean(-1)
-    config.log_diffusion_mean = float(log_s.mean())
-    config.log_diffusion_std = float(log_s.std().clamp_min(1e-6))
-    config.nll_mean = float(nll.mean())
-    config.nll_std = float(nll.std().clamp_min(1e-6))
-
-    parts = {"neural": _evaluate(heads, heldout), "ou": _evaluate(ou.predict, heldout),
-             "brownian": _evaluate(brownian.predict, heldout)}
-    heldout_nll = {k: v["total"] for k, v in parts.items()}
-    config.heldout_nll = dict(heldout_nll)
-    config.data = {**config.data, "train_sequences": len(train_idx), "heldout_sequences": len(val_idx),
-                   "train_transitions": len(train_all), "heldout_transitions": len(heldout)}
-    return FitResult(heads, history, heldout_nll, parts, train_idx, val_idx,
-                     {"ou": ou, "brownian": brownian}, best[1], seed, heldout_fraction)
+    return shards if isinstance(shards, ShardedCorpus) else ShardedCorpus(shards)

@@ -1,4 +1,4 @@
-"""The EDT baseline logits processor (hf_sde.baselines)."""
+"""The EDT baseline logits processor (hf_sde.processors)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
 
-from hf_sde.baselines import EntropyDynamicTemperatureLogitsProcessor as EDT
+from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor as EDT
 
 
 def _scores_with_entropies(batch: int = 6, vocab: int = 50) -> torch.Tensor:
@@ -79,3 +79,25 @@ def test_in_generate_records_every_step():
     assert out.shape == (2, 8)
     assert len(edt.temperatures) == 5
     assert all(t.shape == (2,) and (t > 0).all() and (t <= 1.0 + 1e-6).all() for t in edt.temperatures)
+
+
+# ----- the SDE baselines (hf_sde.baselines) ---------------------------------------------------------------
+def test_sde_baselines_from_summed_statistics_equal_the_pooled_fit():
+    """Statistics of two halves, summed, give the baselines of the whole (what N processes all-reduce)."""
+    from hf_sde.baselines import BrownianBaseline, OUBaseline, TransitionStats
+    from hf_sde.fitting import make_transitions
+
+    g = torch.Generator().manual_seed(0)
+    tr = make_transitions([torch.randn(40, 3, generator=g).cumsum(0) * 0.1 for _ in range(6)], horizon=40)
+    half = len(tr) // 2
+    a, b = tr.index(torch.arange(half)), tr.index(torch.arange(half, len(tr)))
+    pooled = TransitionStats.of(a.z, a.dz) + TransitionStats.of(b.z, b.dz)
+    ou, ou_split = OUBaseline.fit(tr), OUBaseline.from_stats(pooled)
+    torch.testing.assert_close(ou_split.weight, ou.weight, atol=1e-6, rtol=0)
+    torch.testing.assert_close(ou_split.std, ou.std, atol=1e-6, rtol=0)
+    bm = BrownianBaseline.from_stats(pooled)
+    torch.testing.assert_close(bm.mean, tr.dz.mean(0), atol=1e-6, rtol=0)
+    torch.testing.assert_close(bm.std, tr.dz.std(0, unbiased=False), atol=1e-6, rtol=0)
+    # The residual std expanded from the sums is the std of the actual residuals.
+    mean, _ = ou.predict(tr.z, tr.t)
+    torch.testing.assert_close(ou.std, (tr.dz - mean).std(0, unbiased=False), atol=1e-6, rtol=0)

@@ -242,3 +242,56 @@ def test_early_stopping_watches_whole_held_back_sequences():
     assert not held & {traj.meta["groups"][i] for i in by_sequences.train_indices}
     with pytest.raises(ValueError, match="early_stopping must be"):
         fit_heads(traj, proj_dim=2, epochs=1, progress=False, early_stopping="bogus")
+
+
+# ----- data too small to fit (issue 11) -------------------------------------------------------------------
+def _extract(stories_model, texts):
+    model, tok = stories_model
+    return extract_trajectories(model, tok, texts, progress=False)
+
+
+def test_two_short_sentences_are_refused_with_how_much_is_needed(stories_model):
+    # Before: exit 0 and heads with held-out NLL 6.7e20 (OU 6.4e24).
+    traj = _extract(stories_model, ["The cat sat on the mat.", "A dog ran to the park."])
+    with pytest.raises(ValueError, match=r"at least 170 training transitions.*proj_dim") as err:
+        fit_heads(traj, progress=False)
+    assert "Add more text" in str(err.value)
+
+
+def test_three_one_token_lines_are_refused_not_an_index_error(stories_model):
+    # Before: a raw IndexError in fit_projection.
+    traj = _extract(stories_model, ["a", "b", "c"])
+    with pytest.raises(ValueError, match="Too little data"):
+        fit_heads(traj, progress=False)
+
+
+def test_projection_needs_more_states_than_dimensions():
+    with pytest.raises(ValueError, match="needs more than 4 training states, got 3"):
+        fit_projection(torch.randn(3, 8), 4)
+
+
+def test_too_little_heldout_data_is_refused():
+    g = torch.Generator().manual_seed(0)
+    long, short = torch.randn(200, 2, generator=g), torch.randn(3, 2, generator=g)
+    train, held = split_sequences(2, 0.2, 0)
+    states = [None, None]
+    states[train[0]], states[held[0]] = long, short
+    traj = Trajectories(states, layer=0, hidden_size=2)
+    with pytest.raises(ValueError, match="held-out sequences have 2 transitions, at least 6"):
+        fit_heads(traj, proj_dim=None, progress=False)
+
+
+def test_non_finite_calibration_fails_the_fit(monkeypatch):
+    from hf_sde.heads import SDEHeads
+
+    monkeypatch.setattr(SDEHeads, "diffusion_magnitude", lambda self, s: torch.full(s.shape[:-1], float("nan")))
+    with pytest.raises(ValueError, match="calibration is not finite"):
+        fit_heads(simulate_ou(num_paths=8), proj_dim=None, epochs=1, width=8, progress=False)
+
+
+def test_time_origin_comes_from_the_trajectories():
+    traj = simulate_ou(num_paths=8)
+    assert fit_heads(traj, proj_dim=None, epochs=0, width=8, progress=False).heads.config.time_origin == "sequence"
+    traj.meta["time_origin"] = "prompt_end"
+    result = fit_heads(traj, proj_dim=None, epochs=0, width=8, progress=False)
+    assert result.heads.config.time_origin == "prompt_end" and result.summary()["time_origin"] == "prompt_end"

@@ -1,4 +1,4 @@
-"""Scale-out (hf_sde.distributed): lazy corpus reading, sharded extraction, and a 2-process data-parallel fit
+"""Scale-out: lazy corpus reading, sharded extraction, and a 2-process data-parallel fit
 (torchrun via ``accelerate launch``, gloo on CPU) that equals the single-process ``fit_heads``."""
 
 from __future__ import annotations
@@ -14,21 +14,14 @@ from conftest import HELPSTEER, HUB_CACHE, REPO, TINYSTORIES, load_stories
 
 import hf_sde
 from hf_sde.corpus import iter_documents, load_texts
-from hf_sde.distributed import fit_heads_distributed
+from hf_sde.fitting import fit_heads_distributed
 from hf_sde.shards import ShardedCorpus, extract_to_shards, load_shards
 
 CORPUS = dict(template="helpsteer-response", limit=24)
 MAX_LENGTH = 48
 FIT = dict(proj_dim=8, width=32, epochs=3, batch_size=64, seed=0, progress=False)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matmuls: one intra-op thread is much faster than two on a loaded 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+# 60 HelpSteer rows share ~17 prompts: >= 10 training groups, so early stopping watches held-back sequences.
+GROUPED = dict(template="helpsteer-response", limit=60)
 
 
 @pytest.fixture(scope="module")
@@ -112,13 +105,15 @@ def test_device_map_auto_bf16_extraction(tmp_path):
 
 
 def test_two_process_fit_equals_single_process(model, tmp_path):
+    """The 2-process exact fit (gloo) equals fit_heads on a corpus with >= 10 prompt groups: the same plan,
+    PCA, baselines, batches and sequence-level early stopping."""
     out = tmp_path / "heads"
     env = {**os.environ, "HF_HUB_CACHE": str(HUB_CACHE), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": str(REPO)}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-           "-m", "hf_sde.distributed", "fit-distributed", "--cpu", "--data", str(HELPSTEER),
-           "--template", CORPUS["template"], "--limit", str(CORPUS["limit"]), "--max-length", str(MAX_LENGTH),
+           "-m", "hf_sde.commands", "fit-distributed", "--model", "ggml-org/models-moved", "--cpu", "--data", str(HELPSTEER),
+           "--template", GROUPED["template"], "--limit", str(GROUPED["limit"]), "--max-length", str(MAX_LENGTH),
            "--shard-size", "5", "--proj-dim", str(FIT["proj_dim"]), "--width", str(FIT["width"]),
            "--epochs", str(FIT["epochs"]), "--fit-batch-size", str(FIT["batch_size"]), "--seed", "0",
            "--out", str(out), "--json", "-q"]
@@ -130,10 +125,13 @@ def test_two_process_fit_equals_single_process(model, tmp_path):
     assert any("rank00000-of-00002" in f for f in shard_files) and any("rank00001-of-00002" in f for f in shard_files)
 
     m, tok = model
-    traj = hf_sde.extract_trajectories(m, tok, str(HELPSTEER), max_length=MAX_LENGTH, progress=False, **CORPUS)
+    traj = hf_sde.extract_trajectories(m, tok, str(HELPSTEER), max_length=MAX_LENGTH, progress=False, **GROUPED)
     single = hf_sde.fit_heads(traj, **FIT)
     assert single.best_epoch >= 0 and summary["best_epoch"] == single.best_epoch
     dist_heads = hf_sde.SDEHeads.from_pretrained(str(out))
+    assert single.heads.config.data["early_stopping"] == dist_heads.config.data["early_stopping"] == "sequences"
+    assert single.history["early_stopping"] == pytest.approx(json.loads((out / "fit_history.json").read_text())
+                                                              ["history"]["early_stopping"], abs=1e-5)
     assert _max_diff(single.heads, dist_heads) < 1e-4
     for k, v in single.heldout_nll.items():
         assert summary["heldout_nll"][k] == pytest.approx(v, abs=1e-5)

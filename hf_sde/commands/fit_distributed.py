@@ -17,16 +17,11 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 
 def _library():
-    """The distributed pieces, from their new homes (fitting / shards) or, before those land, distributed.py."""
-    try:
-        from ..fitting import fit_heads_distributed
-        from ..shards import clear_shards, extract_to_shards
-    except ImportError:  # TODO(integrator): drop this fallback once hf_sde.shards / fitting.fit_heads_distributed exist
-        from ..distributed import clear_shards, extract_to_shards, fit_heads_distributed
-    try:
-        from ..fitting import DistEnv
-    except ImportError:  # TODO(integrator): wherever the process-group environment lands
-        from ..distributed import DistEnv
+    """The distributed pieces: the process group, the shards and the one fitting core."""
+    from ..fitting import fit_heads_distributed
+    from ..process_group import DistEnv
+    from ..shards import clear_shards, extract_to_shards
+
     return DistEnv, clear_shards, extract_to_shards, fit_heads_distributed
 
 

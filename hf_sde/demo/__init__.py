@@ -25,7 +25,6 @@ from .demo_heads import DEMO_FIT, DEMO_STORIES, demo_corpus, demo_heads
 from .rendering import phase_figure, render_tokens, trace_figure
 from .settings import MAX_NEW_TOKENS, InputError, validate_params
 
-
 __all__ = [
     "DEMO_FIT", "DEMO_STORIES", "MAX_NEW_TOKENS", "Comparison", "DemoBackend", "InputError", "LoadedModel",
     "RunResult", "add_arguments", "build_demo", "demo_corpus", "demo_heads", "generate_comparison", "launch",
