@@ -249,14 +249,19 @@ class SDEHeads(
         state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in self.state_dict().items()}
         save_file(state, str(save_directory / WEIGHTS_NAME), metadata={"format": "pt", "library": "hf-sde"})
         (save_directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True))
-        self.generate_model_card(repo_id=save_directory.name).save(save_directory / "README.md")
+        # A folder written atomically is first named ".NAME.partial": the card names the folder it ends up in.
+        name = save_directory.name
+        if name.startswith(".") and name.endswith(".partial"):
+            name = name[1: -len(".partial")]
+        self.generate_model_card(repo_id=name).save(save_directory / "README.md")
 
     def generate_model_card(self, *args, **kwargs) -> ModelCard:
         cfg = self.config
         nll = cfg.heldout_nll or {}
         rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in nll.items()) or "| (not fitted) | |"
         data = cfg.data or {}
-        desc = ", ".join(f"{k}: {v}" for k, v in data.items()) or "Not recorded."
+        desc = ", ".join(f"{k}: {len(v)} {k.split('_')[1]}s (hashed)" if k.endswith("_sha1") and isinstance(v, list)
+                         else f"{k}: {v}" for k, v in data.items()) or "Not recorded."
         kwargs.setdefault("repo_id", "user/heads")
         card_data = copy.deepcopy(self._hub_mixin_info.model_card_data)
         if cfg.base_model and "/" in cfg.base_model and not os.path.exists(cfg.base_model):
