@@ -7,17 +7,19 @@ import math
 import torch
 
 from .control import SDEControl, SDETrace, sde_generate
+from .display import token_pieces
 
 
 def token_table(tokenizer, new_tokens: list[int], trace: SDETrace, row: int = 0) -> list[dict]:
-    """One dict per generated token: text, diffusion z, temperature, steer norm, surprise."""
+    """One dict per generated token: its display text, diffusion z, temperature, steer norm, surprise."""
     rows = []
+    pieces = token_pieces(tokenizer, [int(t) for t in new_tokens])
     for k, tok in enumerate(new_tokens):
         z = float(trace.zscore[row, k])
         if math.isnan(z):
             break
         rows.append({
-            "step": k, "token": tokenizer.convert_ids_to_tokens(int(tok)), "diffusion": float(trace.diffusion[row, k]),
+            "step": k, "token": pieces[k], "token_id": int(tok), "diffusion": float(trace.diffusion[row, k]),
             "zscore": z, "temperature": float(trace.temperature[row, k]), "steer_norm": float(trace.steer_norm[row, k]),
             "surprise": float(trace.surprise[row, k]),
         })
@@ -27,7 +29,8 @@ def token_table(tokenizer, new_tokens: list[int], trace: SDETrace, row: int = 0)
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'step':>4} {'token':<14} {'diff z':>7} {'temp':>6} {'steer':>7} {'surprise':>8}"]
     for r in rows:
-        lines.append(f"{r['step']:>4} {r['token'][:14]:<14} {r['zscore']:>7.2f} {r['temperature']:>6.2f} "
+        text = repr(r["token"])[1:-1]  # newlines and tabs visible, one line per token
+        lines.append(f"{r['step']:>4} {text[:14]:<14} {r['zscore']:>7.2f} {r['temperature']:>6.2f} "
                      f"{r['steer_norm']:>7.3f} {r['surprise']:>8.2f}")
     return "\n".join(lines)
 

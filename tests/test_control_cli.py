@@ -16,7 +16,7 @@ DEFAULT_MODEL = STORIES260K.name_or_path
 
 make_stories = control_fixtures.make_stories  # a fixture (fresh stories260K copies)
 
-ROW_KEYS = {"step", "token", "diffusion", "zscore", "temperature", "steer_norm", "surprise"}
+ROW_KEYS = {"step", "token", "token_id", "diffusion", "zscore", "temperature", "steer_norm", "surprise"}
 
 
 def _strict_json(text: str):
@@ -68,8 +68,11 @@ def test_generate_json_with_compare(cli_setup, capsys):
     inputs = encode(tok, ["Once upon a time"])
     plain = run(model.generate, inputs, 0, do_sample=True, top_k=0, max_new_tokens=8)
     assert data["plain"]["text"] == tok.decode(plain[0], skip_special_tokens=True)
-    assert [r["token"] for r in data["plain"]["tokens"]] == tok.convert_ids_to_tokens(
-        plain[0, inputs["input_ids"].shape[1]:].tolist())[: len(data["plain"]["tokens"])]
+    new = plain[0, inputs["input_ids"].shape[1]:].tolist()
+    assert [r["token_id"] for r in data["plain"]["tokens"]] == new[: len(data["plain"]["tokens"])]
+    # The token column is display text: pieces that decode back to the continuation.
+    assert "".join(r["token"] for r in data["plain"]["tokens"]) == tok.decode(new[: len(data["plain"]["tokens"])],
+                                                                           skip_special_tokens=True)
 
 
 def test_generate_table_output(cli_setup, capsys):
