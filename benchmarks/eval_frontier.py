@@ -3,8 +3,10 @@
 Protocol. Prompts are HelpSteer prompts formatted with SmolLM2's chat template (prompt text cut to its last
 512 tokens, as in the fit). The *test* prompts are the shipped heads' held-out prompts (never seen in
 fitting); the *tuning* prompts are a seeded sample of the training prompts. Every method is swept on the
-tuning prompts; its setting with the highest MAUVE there is then run on the test prompts, where all claims
-are made. Methods (ancestral sampling, ``top_k=0``): fixed temperature, top-p, min-p, typical-p, eta
+tuning prompts; its setting whose diversity (distinct-2) is closest to the human responses' on the tuning
+prompts is then run on the test prompts, where all claims are made: methods are compared at matched
+diversity, on judge NLL (quality) and MAUVE. (MAUVE first chose the settings, but with a few dozen responses
+per setting it saturated at 0.99-1.00 for every setting and could not rank them.) Methods (ancestral sampling, ``top_k=0``): fixed temperature, top-p, min-p, typical-p, eta
 sampling, EDT (entropy-based dynamic temperature) and SDE temperature control
 ``tau = clip(tau0 * exp(-beta z), 0.3, 1.5)``.
 
@@ -165,9 +167,14 @@ def run_split(name, model, tok, heads, judge, rows, prompts, settings, cfg, seed
         print(f"[{name}] {method:16s} {value!s:12s} mauve={m['mauve']:.3f} judge={m['judge_nll']:.3f} "
               f"d2={m['distinct2']:.3f} rep={m['repetition']:.3f} words={m['words']:.0f}", flush=True)
     import numpy as np
+    from eval_control import distinct
 
+    h_words = [r["response"].split()[: int(cfg["new_tokens"] * 0.75)] for r in humans]  # ~ as long as ours
+    pools = {g: [w for w, hg in zip(h_words, human[1], strict=True) if hg == g] for g in set(human[1])}
     reference = {"judge_nll": float(np.nanmean(h_nll)), "n": len(humans),
-                 "words": float(np.mean([len(r["response"].split()) for r in humans]))}
+                 "words": float(np.mean([len(r["response"].split()) for r in humans])),
+                 # pools of as many responses as we sample per prompt: distinct-2 falls as a pool grows
+                 "distinct2": float(np.mean([distinct(p[: cfg["samples"]], 2) for p in pools.values()]))}
     return results, reference
 
 
@@ -222,9 +229,10 @@ def main(argv=None):
     judge = Judge()
     settings = [(m, v) for m, vals in cfg["sweeps"].items() for v in vals]
     tuning, tune_ref = run_split("tuning", model, tok, heads, judge, rows, tune_prompts, settings, cfg, args.seed, None)
+    target = tune_ref["distinct2"]
     best = {}
-    for r in tuning:
-        if r["method"] not in best or r["mauve"] > best[r["method"]]["mauve"]:
+    for r in tuning:  # matched diversity: the setting whose distinct-2 is closest to the human responses'
+        if r["method"] not in best or abs(r["distinct2"] - target) < abs(best[r["method"]]["distinct2"] - target):
             best[r["method"]] = r
     chosen = [(m, r["setting"]) for m, r in best.items()]
     test, test_ref = run_split("test", model, tok, heads, judge, rows, test_prompts, chosen, cfg, args.seed + 1,
@@ -235,11 +243,15 @@ def main(argv=None):
     if scale != "smoke":
         plot(tuning, png, f"SmolLM2-135M-Instruct, HelpSteer tuning prompts ({len(tune_prompts)} x {cfg['samples']}), "
              f"{cfg['new_tokens']} new tokens")
+    lowest = min(test, key=lambda r: r["judge_nll"])
     top = max(test, key=lambda r: r["mauve"])
     sde = next(r for r in test if r["method"] == "sde_temperature")
     others = [r for r in test if r["method"] != "sde_temperature"]
     best_base = max(others, key=lambda r: r["mauve"]) if others else None
-    verdict = (f"On the {len(test_prompts)} held-out test prompts the highest MAUVE is {top['method']} "
+    verdict = (f"At matched diversity on the {len(test_prompts)} held-out test prompts the lowest judge NLL is "
+               f"{lowest['method']} ({lowest['setting']}): {_fmt_ci(lowest['judge_nll'], lowest['judge_nll_ci'])}; "
+               f"SDE temperature control: {_fmt_ci(sde['judge_nll'], sde['judge_nll_ci'])}. "
+               f"The highest MAUVE is {top['method']} "
                f"({top['setting']}): {_fmt_ci(top['mauve'], top.get('mauve_ci'))}. SDE temperature control "
                f"({sde['setting']}): {_fmt_ci(sde['mauve'], sde.get('mauve_ci'))}"
                + (f"; the best baseline, {best_base['method']}: {_fmt_ci(best_base['mauve'], best_base.get('mauve_ci'))}"
@@ -252,12 +264,14 @@ def main(argv=None):
                  _fmt_ci(r["distinct2"], r["distinct2_ci"]), _fmt_ci(r["repetition"], r["repetition_ci"]),
                  f"{r['words']:.0f}"] for r in rs]
 
-    body = (f"Heads: `{heads_path}` (layer {heads.config.layer}). Tuning: {len(tune_prompts)} training prompts x "
+    body = (f"Human responses' distinct-2 on the tuning prompts (cut to ~{int(cfg['new_tokens'] * 0.75)} words): "
+            f"{tune_ref['distinct2']:.3f}; test prompts: {test_ref['distinct2']:.3f}. "
+            f"Heads: `{heads_path}` (layer {heads.config.layer}). Tuning: {len(tune_prompts)} training prompts x "
             f"{cfg['samples']} samples; test: {len(test_prompts)} held-out prompts x {cfg['samples']} samples; up to "
             f"{cfg['new_tokens']} new tokens, seed {args.seed}. Human responses: judge NLL "
             f"{test_ref['judge_nll']:.3f} on the test prompts ({test_ref['n']} responses, {test_ref['words']:.0f} "
             f"words on average; generated responses are cut at {cfg['new_tokens']} tokens). Plot: `{png.name}`.\n\n"
-            f"## Test split (settings chosen by MAUVE on the tuning split)\n\n" + C.md_table(head, rows_of(test, True))
+            f"## Test split (each method at the setting whose tuning distinct-2 is closest to the human responses')\n\n" + C.md_table(head, rows_of(test, True))
             + f"\n\n**{verdict}**\n\n## Tuning split (every setting)\n\n" + C.md_table(head, rows_of(tuning, False)))
     run.finish({"tuning": tuning, "test": test, "chosen": chosen, "verdict": verdict, "human_tuning": tune_ref,
                 "human_test": test_ref, "heads": heads_path, "tune_prompts": [sha1(x) for x in tune_prompts],

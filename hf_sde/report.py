@@ -130,6 +130,7 @@ class Analysis:
     paths: list = field(default_factory=list)
     kept: list = field(default_factory=list)
     kept_ids: list = field(default_factory=list)
+    kept_context: list = field(default_factory=list)
     groups: list | None = None
     states: list = field(default_factory=list)
     skipped: int = 0
@@ -160,16 +161,19 @@ def extract_paths(a: Analysis, model, tokenizer, data, *, template, text_column,
                   batch_size) -> None:
     """Step 1: the corpus's hidden paths at the heads' layer, projected to SDE coordinates."""
     from .corpus import load_texts
-    from .trajectories import extract_from_ids, tokenize_texts
+    from .trajectories import extract_from_ids, tokenize_documents
 
     heads = a.heads
     heads.check_compatible(model)
-    texts, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
-    ids = tokenize_texts(tokenizer, texts, max_length)
-    traj = extract_from_ids(model, ids, heads.config.layer, batch_size=batch_size, progress=False)
+    docs, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
+    # Texts or conversations (chat templates: the path is the response, read in the context of its prompt).
+    ids, starts = tokenize_documents(tokenizer, docs, max_length, template=template)
+    traj = extract_from_ids(model, ids, heads.config.layer, batch_size=batch_size, progress=False, starts=starts)
     a.kept = traj.meta["kept_indices"]
     a.groups = [groups[i] for i in a.kept] if groups is not None else None
-    a.kept_ids = [ids[i] for i in a.kept]
+    first = starts or [0] * len(ids)
+    a.kept_ids = [ids[i][first[i]:] for i in a.kept]  # the tokens at the path's positions
+    a.kept_context = [ids[i][: first[i]] for i in a.kept]
     a.skipped = traj.skipped
     a.paths = [heads.project(s).detach().float() for s in traj.states]
     a.states = traj.states
@@ -290,7 +294,7 @@ def token_examples(a: Analysis, tokenizer, n_examples: int) -> None:
     a.examples = []
     for i in [pool[j * len(pool) // n_ex] for j in range(n_ex)]:
         td = an.token_diffusion(a.heads, a.paths[i])
-        a.examples.append({"sequence": int(a.kept[i]), "tokens": token_pieces(tokenizer, a.kept_ids[i]),
+        a.examples.append({"sequence": int(a.kept[i]), "tokens": token_pieces(tokenizer, a.kept_ids[i], a.kept_context[i]),
                            "zscore": td["zscore"], "diffusion": td["diffusion"]})
 
 

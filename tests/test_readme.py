@@ -123,6 +123,10 @@ def scratch_checkout(tmp: Path) -> Path:
     shared = (REPO.parent / "shared").resolve()
     if shared.exists():
         (tmp / "shared").symlink_to(shared)
+    # The set-up's virtual environment (not tracked): the blocks activate it as `. .venv/bin/activate`.
+    venv = _activate_script(REPO)
+    if venv is not None:
+        (root / ".venv").symlink_to(venv.parent.parent)
     return root
 
 
