@@ -28,10 +28,10 @@ import _common as C
 SETTINGS = {
     "smoke": {"tune_prompts": 2, "test_prompts": 2, "samples": 1, "new_tokens": 6, "batch": 8, "boot": 5,
               "sweeps": {"temperature": [1.0], "sde_temperature": [(1.0, 1.0)]}},
-    "default": {"tune_prompts": 12, "test_prompts": 28, "samples": 2, "new_tokens": 80, "batch": 12, "boot": 100,
+    "default": {"tune_prompts": 8, "test_prompts": 16, "samples": 2, "new_tokens": 64, "batch": 16, "boot": 100,
                 "sweeps": {"temperature": [0.7, 1.0], "top_p": [0.9, 0.95], "min_p": [0.05, 0.1],
-                           "typical_p": [0.8, 0.95], "eta_cutoff": [3e-4, 1e-3], "edt": [0.5, 1.0],
-                           "sde_temperature": [(1.0, 0.5), (1.0, 1.0), (0.8, 1.0)]}},
+                           "typical_p": [0.9], "eta_cutoff": [1e-3], "edt": [0.5],
+                           "sde_temperature": [(1.0, 1.0), (1.0, 0.5)]}},
     "full": {"tune_prompts": 32, "test_prompts": 28, "samples": 4, "new_tokens": 128, "batch": 16, "boot": 200,
              "sweeps": {"temperature": [0.4, 0.6, 0.7, 0.8, 0.9, 1.0], "top_p": [0.7, 0.8, 0.9, 0.95],
                         "min_p": [0.02, 0.05, 0.1, 0.2, 0.3], "typical_p": [0.3, 0.5, 0.8, 0.95],
