@@ -8,11 +8,11 @@ the package (``hf_sde.pretrained.DEFAULT_HEADS``). ``--model`` takes a hub id or
 
 import argparse
 import os
-import sys
 
 import _offline  # noqa: F401  (sets HF_HUB_CACHE/HF_HUB_OFFLINE for the shared assets before hf_sde loads)
 
 import hf_sde
+from hf_sde.commands._smoke import apply_smoke
 from hf_sde.loading import DEFAULT_MODEL, resolve_model_spec
 from hf_sde.pretrained import DEFAULT_HEADS
 
@@ -20,10 +20,6 @@ from hf_sde.pretrained import DEFAULT_HEADS
 CHAT_PROMPT = "Give three tips for staying healthy."
 #: HF_SDE_SMOKE=1 (the README test, CI) lowers these arguments to these caps; results are then not meaningful.
 SMOKE_CAPS = {"max_new_tokens": 8, "limit": 8, "epochs": 2}
-
-
-def smoke_enabled() -> bool:
-    return os.environ.get("HF_SDE_SMOKE", "").strip().lower() not in ("", "0", "false", "no", "off")
 
 
 def add_model_arguments(parser, default_from_heads: bool = False) -> None:
@@ -42,20 +38,10 @@ def add_heads_argument(parser) -> None:
 
 
 def parse(parser, argv):
-    """``parser.parse_args(argv)`` with the HF_SDE_SMOKE=1 caps applied (one line on stderr says which)."""
+    """``parser.parse_args(argv)`` with the HF_SDE_SMOKE=1 caps applied (one line on stderr says which): the same
+    rule as the ``hf-sde`` commands."""
     args = parser.parse_args(argv)
-    if smoke_enabled():
-        changed = {}
-        for dest, cap in SMOKE_CAPS.items():
-            value = getattr(args, dest, "absent")
-            if value == "absent":
-                continue
-            if value is None or value > cap:
-                setattr(args, dest, cap)
-                changed[dest] = cap
-        if changed:
-            settings = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in changed.items())
-            print(f"HF_SDE_SMOKE=1: fast smoke settings ({settings}); results are not meaningful.", file=sys.stderr)
+    apply_smoke(args, SMOKE_CAPS)
     return args
 
 
