@@ -30,7 +30,7 @@ SETTINGS = {
               "sweeps": {"temperature": [1.0], "sde_temperature": [(1.0, 1.0)]}},
     "default": {"tune_prompts": 8, "test_prompts": 16, "samples": 2, "new_tokens": 64, "batch": 16, "boot": 100,
                 "sweeps": {"temperature": [0.7, 1.0], "top_p": [0.9, 0.95], "min_p": [0.05, 0.1],
-                           "typical_p": [0.9], "eta_cutoff": [1e-3], "edt": [0.5],
+                           "typical_p": [0.5, 0.9], "eta_cutoff": [1e-3, 3e-3], "edt": [0.5, 1.0],
                            "sde_temperature": [(1.0, 1.0), (1.0, 0.5)]}},
     "full": {"tune_prompts": 32, "test_prompts": 28, "samples": 4, "new_tokens": 128, "batch": 16, "boot": 200,
              "sweeps": {"temperature": [0.4, 0.6, 0.7, 0.8, 0.9, 1.0], "top_p": [0.7, 0.8, 0.9, 0.95],
