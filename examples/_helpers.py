@@ -89,6 +89,16 @@ def encode(tokenizer, prompts, chat: bool):
     return tokenizer(list(prompts), return_tensors="pt", padding=True)
 
 
+def setup(args):
+    """``(heads, model, tokenizer)`` for parsed example arguments: the heads, the model they ask for (or
+    ``--model``), their compatibility checked, and one line describing them printed."""
+    heads, where = load_heads(args.heads)
+    model, tok = load_model(model_spec(args, heads))
+    heads.check_compatible(model)
+    print(describe_heads(heads, where))
+    return heads, model, tok
+
+
 def describe_heads(heads, where) -> str:
     """Which heads, at which layer, and their held-out NLL against the OU and Brownian baselines."""
     cfg = heads.config

@@ -33,10 +33,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = _helpers.parse(p, argv)
 
-    heads, where = _helpers.load_heads(args.heads)
-    model, tok = _helpers.load_model(_helpers.model_spec(args, heads))
-    heads.check_compatible(model)
-    print(_helpers.describe_heads(heads, where))
+    heads, model, tok = _helpers.setup(args)
     chat = _helpers.use_chat(args.chat, tok, heads)
     enc = _helpers.encode(tok, args.prompt, chat)
     n_prompt = enc["input_ids"].shape[1]

@@ -34,10 +34,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = _helpers.parse(p, argv)
 
-    heads, where = _helpers.load_heads(args.heads)
-    model, tok = _helpers.load_model(_helpers.model_spec(args, heads))
-    heads.check_compatible(model)
-    print(_helpers.describe_heads(heads, where))
+    heads, model, tok = _helpers.setup(args)
     hf_sde.enable_sde_control(model)
     stats: queue.Queue = queue.Queue()
     ctl = hf_sde.SDEControl(heads, **MODES[args.mode],
