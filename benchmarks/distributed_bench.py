@@ -29,14 +29,20 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 
 def extract(args) -> None:
     import _offline  # noqa: F401  (offline hub cache when ../shared exists)
+
+    from hf_sde.process_group import DistEnv
+
+    with DistEnv.init(cpu=True) as env:
+        _extract(args, env)
+
+
+def _extract(args, env) -> None:
     import torch
 
     import hf_sde
     import hf_sde.loading
-    from hf_sde.process_group import DistEnv
     from hf_sde.shards import clear_shards, extract_to_shards
 
-    env = DistEnv.init(cpu=True)
     model, tok = hf_sde.loading.STORIES260K.load()
     out = args.out or tempfile.mkdtemp()
     if env.is_main:

@@ -410,9 +410,9 @@ def fit_heads_distributed(
     keyword arguments (``proj_dim``, ``epochs``, ..., ``base_model``, ``data_description``) are :func:`fit_heads`'s.
 
     Example (under ``accelerate launch --num_processes N``):
-        >>> env = DistEnv.init()
-        >>> result = fit_heads_distributed("shards/", proj_dim=16, epochs=60)
-        >>> if env.is_main: result.heads.save_pretrained("heads/")
+        >>> with DistEnv.init() as env:
+        ...     result = fit_heads_distributed("shards/", proj_dim=16, epochs=60, env=env)
+        ...     if env.is_main: result.heads.save_pretrained("heads/")
     """
     if mode not in ("exact", "stream"):
         raise ValueError(f"mode must be 'exact' or 'stream', got {mode!r}")

@@ -31,6 +31,15 @@ class SingleProcess:
     def barrier(self) -> None:
         return None
 
+    def close(self) -> None:
+        return None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
 
 class DistEnv(SingleProcess):
     """Rank, world size and the few collectives the fit needs over ``torch.distributed``; a no-op stand-in
@@ -40,6 +49,7 @@ class DistEnv(SingleProcess):
         import torch.distributed as td
 
         self._td = td if td.is_available() and td.is_initialized() else None
+        self._owns_group = False
         self.rank = self._td.get_rank() if self._td else 0
         self.world_size = self._td.get_world_size() if self._td else 1
         backend = str(self._td.get_backend()) if self._td else "none"
@@ -52,6 +62,7 @@ class DistEnv(SingleProcess):
         """Join the process group that ``accelerate launch`` / ``torchrun`` describe in the environment.
 
         Without those variables (a plain ``python`` run) this is a single process and nothing is started.
+        Use it as a context manager (or call :meth:`close`) so the group it starts is destroyed on exit.
         """
         import torch.distributed as td
 
@@ -62,6 +73,9 @@ class DistEnv(SingleProcess):
                 cpu = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes") or \
                     not torch.cuda.is_available()
             PartialState(cpu=cpu)
+            env = cls()
+            env._owns_group = True
+            return env
         return cls()
 
     def all_reduce_(self, tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
@@ -80,3 +94,15 @@ class DistEnv(SingleProcess):
     def barrier(self) -> None:
         if self._td is not None and self.world_size > 1:
             self._td.barrier()
+
+    def close(self) -> None:
+        """Destroy the process group this env started (a no-op otherwise).
+
+        A process that exits with a live gloo group can abort at interpreter shutdown ("terminate called
+        without an active exception", SIGABRT) while gloo's worker threads still hold work objects; tearing
+        the group down while Python is fully alive avoids that.
+        """
+        if self._owns_group and self._td is not None and self._td.is_initialized():
+            self._td.destroy_process_group()
+        self._owns_group = False
+        self._td = None

@@ -136,3 +136,28 @@ def test_two_process_fit_equals_single_process(model, tmp_path):
     for k, v in single.heldout_nll.items():
         assert summary["heldout_nll"][k] == pytest.approx(v, abs=1e-5)
     assert summary["calibration"]["nll_mean"] == pytest.approx(single.heads.config.nll_mean, abs=1e-4)
+
+
+_CLOSE_SCRIPT = """
+import json, sys, torch, torch.distributed as td
+from hf_sde.process_group import DistEnv
+with DistEnv.init(cpu=True) as env:
+    total = env.all_reduce_(torch.tensor([float(env.rank + 1)]))
+    inside = td.is_initialized()
+row = {"rank": env.rank, "total": float(total), "inside": inside, "after": td.is_initialized()}
+open(f"{sys.argv[1]}/rank{env.rank}.json", "w").write(json.dumps(row))
+"""
+
+
+def test_dist_env_destroys_the_group_it_started(tmp_path):
+    """``with DistEnv.init()`` tears down the gloo group it started: a process that exits with a live group
+    can abort at interpreter shutdown (SIGABRT, "terminate called without an active exception")."""
+    script = tmp_path / "close.py"
+    script.write_text(_CLOSE_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(script), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert all(r["total"] == 3.0 and r["inside"] and not r["after"] for r in rows)

@@ -84,7 +84,11 @@ def run(args) -> int:
     if not args.data and not args.shards:
         raise SystemExit("hf-sde fit-distributed needs --data (extract, then fit) or --shards DIR (fit only).")
     check_output_dir(args.out, args.overwrite)  # every rank, before any work
-    env = DistEnv.init(cpu=True if args.cpu else None)
+    with DistEnv.init(cpu=True if args.cpu else None) as env:  # destroys the group even on error
+        return _run(args, env, clear_shards, extract_to_shards, fit_heads_distributed)
+
+
+def _run(args, env, clear_shards, extract_to_shards, fit_heads_distributed) -> int:
     if env.is_main:
         partial_dir(args.out)
     env.barrier()
