@@ -4,8 +4,8 @@ Per decoding step, one forward hook at the heads' layer reads the hidden state o
 runs the fused step (:class:`_FusedHeads`): one matmul for the projection (plus the first MLP layer and the
 linear drift), one block-diagonal MLP for drift and diffusion together, time features looked up in a table
 built once per call, statistics written into buffers preallocated per call. Nothing in the step path reads a
-tensor value on the host, so it never waits for the device. A logits processor (temperature mode, or when a
-``callback`` wants live steps) divides the logits by the step's temperature; a hook (the same one when the
+tensor value on the host, so it never waits for the device. A logits processor (temperature modes) divides
+the logits by the step's temperature; a hook (the same one when the
 layers coincide) adds a steering vector to the newest position only, so positions already in the KV cache
 are never steered twice. Everything is installed for one ``generate`` call and removed afterwards, even when
 generation raises. A forward that ``generate`` would compile (``compile_config``, static cache on GPU) runs
@@ -101,7 +101,9 @@ class SDEControl:
         gate: ``"always"``, ``"threshold"`` (steer where ``z > gate_threshold``) or ``"sigmoid"``
             (``sigmoid(gate_sharpness * (z - gate_threshold))``).
         steer_layer: decoder layer to steer (default: the heads' layer; must not precede it).
-        callback: called with an :class:`SDEStep` at every step (live stats while streaming).
+        callback: called with an :class:`SDEStep` at every step (live stats while streaming), from the forward
+            hook as soon as the step's statistics exist: every logits processor of that step (the caller's
+            ``logits_processor=`` included) runs after it, so a custom processor can read the current step.
         on_trace: called with the finished :class:`SDETrace` at the end of every call; the way to get the
             trace with ``return_dict_in_generate=False`` (e.g. ``traces = []; SDEControl(heads, on_trace=
             traces.append)``). With ``return_dict_in_generate=True`` it is also ``out.sde_trace``.
@@ -273,9 +275,9 @@ class _StepBuffers:
 
 
 class SDETemperatureLogitsProcessor(LogitsProcessor):
-    """Divides logits by the SDE temperature of the current step (and calls the step ``callback``).
+    """Divides logits by the SDE temperature of the current step.
 
-    Installed by ``generate(..., sde_control=...)`` in temperature modes or when a callback is set; it reads
+    Installed by ``generate(..., sde_control=...)`` in temperature modes; it reads
     the temperature the forward hook computed for this step. Runs after the other logits processors and
     before top-k / top-p / min-p, like the stock temperature.
 
@@ -389,11 +391,17 @@ class _Runtime:
         torch.logaddexp(std, buf.zero, out=std)         # softplus
         std.add_(f.sigma_floor)
         self._record(buf, k, mean, std)
+        steered = None
         if self.control.steers:
             self._direction(buf, k, mean, z, hidden.device)
             if self.steer_layer == self.read_layer:
-                return self._steer(hidden)
-        return None
+                steered = self._steer(hidden)
+        if self.control.callback is not None:
+            # Here, not in the logits processor: every logits processor of this step (the caller's too) sees it.
+            # The stats are views of the buffers, so a later steer layer's steer_norm shows up in place.
+            stats = buf.stats
+            self.control.callback(SDEStep(k, *(stats[i, k] for i in range(len(_STATS))), self._surprise_previous(k)))
+        return steered
 
     def _record(self, buf: _StepBuffers, k: int, mean: torch.Tensor, std: torch.Tensor) -> None:
         f, stats = self.fused, buf.stats
@@ -439,8 +447,6 @@ class _Runtime:
             tau = stats[3, k].unsqueeze(-1).to(scores.dtype)
             # In place when nothing else holds these scores (generate keeps raw logits only for output_logits).
             scores = scores.div_(tau) if self.setup.scores_private else scores / tau
-        if ctl.callback is not None:
-            ctl.callback(SDEStep(k, *(stats[i, k] for i in range(len(_STATS))), self._surprise_previous(k)))
         self.current = -1
         return scores
 
@@ -690,7 +696,7 @@ def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=
     setup = _call_setup(model, args, kwargs, ctl)
     with sde_hooks(model, ctl, setup) as runtime:
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        if ctl.controls_temperature or ctl.callback is not None:
+        if ctl.controls_temperature:
             processors.append(SDETemperatureLogitsProcessor(runtime))
         out = generate(*args, logits_processor=processors, **kwargs)
     return_dict = not isinstance(out, torch.Tensor)

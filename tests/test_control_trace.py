@@ -407,3 +407,27 @@ def test_low_precision_models(dtype):
             assert torch.isfinite(v[:, :-1] if name == "surprise" else v).all(), (kwargs, name)
         if ctl.steers:
             assert (tr.steer_norm > 0).all()
+
+
+@pytest.mark.parametrize("mode", ["observe", "temperature", "steer"])
+def test_custom_logits_processor_sees_the_current_step(sb, mode):
+    """The callback runs in the forward hook, so a caller's logits processor reads this step's statistics (the
+    way to build a sampler on z / surprise), whatever the mode; its view of z equals the trace."""
+    inputs = encode(sb.tok, PROMPTS)
+    steps: list[SDEStep] = []
+
+    class Reads(LogitsProcessor):
+        def __init__(self):
+            self.seen = []
+
+        def __call__(self, input_ids, scores):
+            self.seen.append((steps[-1].index, steps[-1].zscore.clone()))
+            return scores
+
+    reads = Reads()
+    ctl = SDEControl(sb.heads, mode=mode, alpha=0.1, callback=steps.append)
+    out = sb.model.generate(**inputs, do_sample=False, max_new_tokens=NEW, sde_control=ctl, logits_processor=[reads],
+                            return_dict_in_generate=True, eos_token_id=None)
+    assert [k for k, _ in reads.seen] == list(range(NEW))
+    seen_z = torch.stack([z for _, z in reads.seen], 1)
+    torch.testing.assert_close(seen_z, out.sde_trace.zscore)

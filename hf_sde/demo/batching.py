@@ -83,7 +83,7 @@ class _Batch(LogitsProcessor):
         self.active = [True] * len(rows)
         self.prompt_seen = False
 
-    def on_step(self, step: SDEStep) -> None:  # SDEControl.callback: runs just before __call__ each step
+    def on_step(self, step: SDEStep) -> None:  # SDEControl.callback: runs in the forward, before __call__
         self.last = step
 
     def _tau(self, i: int, row: RowRequest) -> float:
@@ -211,12 +211,10 @@ class BatchScheduler:
         control = SDEControl(self.heads, mode="steer" if first.steers else "observe", alpha=first.alpha,
                              direction=first.direction, callback=state.on_step)
 
-        def generate(*args, logits_processor=None, **kwargs):  # the per-row sampler runs after the SDE processor
-            procs = LogitsProcessorList([*(logits_processor or []), state])
-            return self.model.generate(*args, logits_processor=procs, **kwargs)
-
+        # The callback runs in the forward hook, so the per-row sampler (a logits processor) sees this step's z.
         with torch.no_grad():
-            out = sde_generate(self.model, input_ids=ids, attention_mask=mask, sde_control=control, _generate=generate,
+            out = sde_generate(self.model, input_ids=ids, attention_mask=mask, sde_control=control,
+                               logits_processor=LogitsProcessorList([state]),
                                do_sample=False, max_new_tokens=max(r.max_new_tokens for r in rows), top_k=None,
                                top_p=None, temperature=None, pad_token_id=pad, streamer=state,
                                stopping_criteria=StoppingCriteriaList([_Stop(state)]), return_dict_in_generate=True)
