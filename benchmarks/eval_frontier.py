@@ -6,9 +6,14 @@ fitting); the *tuning* prompts are a seeded sample of the training prompts. Ever
 tuning prompts; its setting whose diversity (distinct-2) is closest to the human responses' on the tuning
 prompts is then run on the test prompts, where all claims are made: methods are compared at matched
 diversity, on judge NLL (quality) and MAUVE. (MAUVE first chose the settings, but with a few dozen responses
-per setting it saturated at 0.99-1.00 for every setting and could not rank them.) Methods (ancestral sampling, ``top_k=0``): fixed temperature, top-p, min-p, typical-p, eta
-sampling, EDT (entropy-based dynamic temperature) and SDE temperature control
-``tau = clip(tau0 * exp(-beta z), 0.3, 1.5)``.
+per setting it saturated at 0.99-1.00 for every setting and could not rank them.) Methods (ancestral
+sampling, ``top_k=0``): fixed temperature, top-p, min-p, typical-p, eta sampling, EDT (entropy-based dynamic
+temperature), SDE temperature control ``tau = clip(tau0 * exp(-beta z), 0.3, 1.5)``, and the three designs of
+issue 14 (``_designs.py``): a learned per-token temperature (input ablations: entropy, SDE statistics, both;
+heads from ``eval_temperature_head.py``), surprise-triggered cooling, and SDE-gated min-p. Each SDE method is
+compared with the best baseline (lowest test judge NLL) paired over test prompts, and the chosen settings of
+temperature, min-p, SDE temperature and surprise cooling are rerun on long generations (where small models
+degenerate).
 
 Metrics: MAUVE (``mauve-text``) of the generated responses against the human HelpSteer responses to the same
 prompts, on features of an independent judge (Gemma-3-270M, see ``_quality.py``); the judge's NLL of each
@@ -27,17 +32,29 @@ import _common as C
 
 SETTINGS = {
     "smoke": {"tune_prompts": 2, "test_prompts": 2, "samples": 1, "new_tokens": 6, "batch": 8, "boot": 5,
-              "sweeps": {"temperature": [1.0], "sde_temperature": [(1.0, 1.0)]}},
+              "sweeps": {"temperature": [1.0], "sde_temperature": [(1.0, 1.0)], "learned_tau[sde+entropy]": [1.0],
+                         "surprise_cooling": [(1.0, 1.5, 0.5)], "sde_min_p": [(0.1, 0.5)]},
+              "long_new_tokens": 8, "long_methods": ["temperature", "surprise_cooling"]},
     "default": {"tune_prompts": 8, "test_prompts": 16, "samples": 2, "new_tokens": 64, "batch": 16, "boot": 100,
                 "sweeps": {"temperature": [0.7, 1.0], "top_p": [0.9, 0.95], "min_p": [0.05, 0.1],
                            "typical_p": [0.5, 0.9], "eta_cutoff": [1e-3, 3e-3], "edt": [0.5, 1.0],
-                           "sde_temperature": [(1.0, 1.0), (1.0, 0.5)]}},
+                           "sde_temperature": [(1.0, 1.0), (1.0, 0.5)],
+                           "learned_tau[entropy]": [0.7, 1.0], "learned_tau[sde]": [0.7, 1.0],
+                           "learned_tau[sde+entropy]": [0.7, 1.0],
+                           "surprise_cooling": [(1.0, 1.5, 0.5), (0.8, 1.5, 0.5)],
+                           "sde_min_p": [(0.1, 0.5), (0.1, -0.5)]},
+                "long_new_tokens": 192, "long_methods": ["temperature", "min_p", "sde_temperature", "surprise_cooling"]},
     "full": {"tune_prompts": 32, "test_prompts": 28, "samples": 4, "new_tokens": 128, "batch": 16, "boot": 200,
              "sweeps": {"temperature": [0.4, 0.6, 0.7, 0.8, 0.9, 1.0], "top_p": [0.7, 0.8, 0.9, 0.95],
                         "min_p": [0.02, 0.05, 0.1, 0.2, 0.3], "typical_p": [0.3, 0.5, 0.8, 0.95],
                         "eta_cutoff": [1e-4, 3e-4, 1e-3, 3e-3], "edt": [0.1, 0.25, 0.5, 1.0, 2.0],
                         "sde_temperature": [(1.0, b) for b in (-1.0, -0.5, 0.5, 1.0, 2.0)]
-                        + [(0.8, b) for b in (0.5, 1.0, 2.0)]}},
+                        + [(0.8, b) for b in (0.5, 1.0, 2.0)],
+                        "learned_tau[entropy]": [0.6, 0.8, 1.0], "learned_tau[sde]": [0.6, 0.8, 1.0],
+                        "learned_tau[sde+entropy]": [0.6, 0.8, 1.0],
+                        "surprise_cooling": [(t, h, c) for t in (0.8, 1.0) for h in (1.0, 2.0) for c in (0.3, 0.6)],
+                        "sde_min_p": [(b, g) for b in (0.05, 0.1) for g in (-1.0, -0.5, 0.5, 1.0)]},
+             "long_new_tokens": 256, "long_methods": ["temperature", "min_p", "sde_temperature", "surprise_cooling"]},
 }
 SDE_BOUNDS = (0.3, 1.5)
 MAX_PROMPT_TOKENS = 512
@@ -81,7 +98,33 @@ def sample_kwargs(method, value):
     raise ValueError(method)
 
 
-def generate(model, tok, heads, prompt_ids, method, value, cfg, seed):
+DESIGNS = ("learned_tau[entropy]", "learned_tau[sde]", "learned_tau[sde+entropy]", "surprise_cooling", "sde_min_p")
+SDE_METHODS = ("sde_temperature", *DESIGNS)
+
+
+def design_kwargs(heads, method, value, temp_heads):
+    """``generate`` kwargs of one issue-14 design (``_designs.py``): an observing SDEControl whose step callback
+    feeds the design's logits processor."""
+    import _designs as D
+    from transformers import LogitsProcessorList
+
+    import hf_sde
+
+    reader = D.StepReader()
+    if method.startswith("learned_tau["):
+        proc = D.LearnedTemperature(reader, temp_heads[method[len("learned_tau["):-1]], scale=value)
+    elif method == "surprise_cooling":
+        tau0, threshold, cool = value
+        proc = D.SurpriseCooling(reader, tau0=tau0, threshold=threshold, cool=cool)
+    elif method == "sde_min_p":
+        proc = D.SDEGatedMinP(reader, base=value[0], gamma=value[1])
+    else:
+        raise ValueError(method)
+    return {"sde_control": hf_sde.SDEControl(heads, mode="observe", callback=reader),
+            "logits_processor": LogitsProcessorList([proc])}
+
+
+def generate(model, tok, heads, prompt_ids, method, value, cfg, seed, temp_heads=None, new_tokens=None):
     """Responses (token ids cut at EOS) for one setting; the batch is left-padded chat prompts."""
     import torch
     from transformers import LogitsProcessorList
@@ -101,13 +144,15 @@ def generate(model, tok, heads, prompt_ids, method, value, cfg, seed):
             ids[r, width - len(x):] = torch.tensor(x)
             mask[r, width - len(x):] = 1
         kw = dict(input_ids=ids, attention_mask=mask, do_sample=True, top_k=0, top_p=1.0,
-                  max_new_tokens=cfg["new_tokens"], pad_token_id=tok.pad_token_id)
+                  max_new_tokens=new_tokens or cfg["new_tokens"], pad_token_id=tok.pad_token_id)
         if method == "edt":
             kw["logits_processor"] = LogitsProcessorList([EntropyDynamicTemperatureLogitsProcessor(1.0, 0.8, value)])
         elif method == "sde_temperature":
             tau0, beta = value
             kw["sde_control"] = hf_sde.SDEControl(heads, mode="temperature", temperature=tau0, beta=beta,
                                                   min_temperature=SDE_BOUNDS[0], max_temperature=SDE_BOUNDS[1])
+        elif method in DESIGNS:
+            kw.update(design_kwargs(heads, method, value, temp_heads))
         else:
             kw.update(sample_kwargs(method, value))
         with torch.inference_mode():
@@ -143,13 +188,15 @@ def evaluate(texts, groups, prompts_of, judge, human, cfg, seed, boot=None):
            "judge_nll": float(np.nanmean(nll_a)), "judge_nll_ci": ci_of([nll_a[m] for m in members]),
            "distinct2": float(d2.mean()), "distinct2_ci": ci_of([d2[[j]] for j in range(len(keys))]),
            "repetition": float(rep_a.mean()), "repetition_ci": ci_of([rep_a[m] for m in members]),
-           "words": float(np.mean([len(w) for w in words])), "empty": int(sum(1 for w in words if not w))}
+           "words": float(np.mean([len(w) for w in words])), "empty": int(sum(1 for w in words if not w)),
+           "judge_nll_by_prompt": {k: float(np.nanmean(nll_a[m])) for k, m in zip(keys, members, strict=True)}}
     if boot:
         out["mauve_ci"] = mauve_ci(feats, groups, human[0], human[1], boot, seed)
     return out
 
 
-def run_split(name, model, tok, heads, judge, rows, prompts, settings, cfg, seed, boot):
+def run_split(name, model, tok, heads, judge, rows, prompts, settings, cfg, seed, boot, temp_heads=None,
+              new_tokens=None):
     """Generate and score every setting on one set of prompts."""
     prompts_of = {sha1(p): p for p in prompts}
     humans = [r for r in rows if r["prompt"] in set(prompts)]
@@ -159,7 +206,7 @@ def run_split(name, model, tok, heads, judge, rows, prompts, settings, cfg, seed
     ids = [chat_ids(tok, prompts_of[g]) for g in groups]
     results = []
     for method, value in settings:
-        conts = generate(model, tok, heads, ids, method, value, cfg, seed)
+        conts = generate(model, tok, heads, ids, method, value, cfg, seed, temp_heads, new_tokens)
         texts = [tok.decode(c, skip_special_tokens=True).strip() for c in conts]
         m = evaluate(texts, groups, prompts_of, judge, human, cfg, seed, boot)
         m.update({"split": name, "method": method, "setting": value, "example": texts[0][:240]})
@@ -189,7 +236,7 @@ def plot(tuning, path, title):
                              (axes[1], "judge_nll", "judge NLL, nats/token (lower is better)")):
         for method in dict.fromkeys(r["method"] for r in tuning):
             pts = sorted((r["distinct2"], r[ykey]) for r in tuning if r["method"] == method)
-            style = "D-" if method == "sde_temperature" else "o-"
+            style = "D-" if method in SDE_METHODS else "o-"
             ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=method, alpha=0.85)
         ax.set_xlabel("distinct-2 (per prompt pool)")
         ax.set_ylabel(ylabel)
@@ -199,6 +246,42 @@ def plot(tuning, path, title):
     fig.tight_layout(rect=(0, 0, 1, 0.94))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def paired_against_best_baseline(test, boot: int, seed: int) -> dict:
+    """Judge NLL of each SDE method minus the best baseline's (lowest judge NLL among the non-SDE methods), per
+    test prompt, with a 95 % bootstrap over prompts (paired: both ran on the same prompts)."""
+    import numpy as np
+
+    base = [r for r in test if r["method"] not in SDE_METHODS]
+    if not base:
+        return {}
+    ref = min(base, key=lambda r: r["judge_nll"])
+    keys = list(ref["judge_nll_by_prompt"])
+    rng = np.random.default_rng(seed + 3)
+    idx = rng.integers(0, len(keys), size=(max(boot, 1), len(keys)))
+    out = {"baseline": [ref["method"], ref["setting"]], "methods": {}}
+    for r in test:
+        if r["method"] not in SDE_METHODS:
+            continue
+        d = np.array([r["judge_nll_by_prompt"][k] - ref["judge_nll_by_prompt"][k] for k in keys])
+        b = np.array([np.nanmean(d[row]) for row in idx])
+        out["methods"][r["method"]] = {"setting": r["setting"], "diff": float(np.nanmean(d)),
+                                       "ci95": [float(np.nanquantile(b, 0.025)), float(np.nanquantile(b, 0.975))]}
+    return out
+
+
+def paired_md(paired: dict) -> str:
+    if not paired:
+        return ""
+    m, v = paired["baseline"]
+    rows = []
+    for name, r in paired["methods"].items():
+        lo, hi = r["ci95"]
+        call = "better" if hi < 0 else "worse" if lo > 0 else "no significant difference"
+        rows.append([name, str(r["setting"]), f"{r['diff']:+.3f} [{lo:+.3f}, {hi:+.3f}]", call])
+    return (f"### Each SDE design against the best baseline ({m} {v}), paired over test prompts\n\n"
+            + C.md_table(["method", "setting", "judge NLL minus baseline [95% CI]", "verdict"], rows))
 
 
 def _fmt_ci(v, ci):
@@ -228,7 +311,13 @@ def main(argv=None):
     tune_prompts, test_prompts = split_prompts(rows, heads, cfg, args.seed)
     judge = Judge()
     settings = [(m, v) for m, vals in cfg["sweeps"].items() for v in vals]
-    tuning, tune_ref = run_split("tuning", model, tok, heads, judge, rows, tune_prompts, settings, cfg, args.seed, None)
+    temp_heads = None
+    if any(m.startswith("learned_tau[") for m, _ in settings):  # design 1: fitted (or cached) by its own eval
+        from eval_temperature_head import temperature_heads
+
+        temp_heads = temperature_heads(model, tok, heads, heads_path, scale)["heads"]
+    tuning, tune_ref = run_split("tuning", model, tok, heads, judge, rows, tune_prompts, settings, cfg, args.seed, None,
+                                 temp_heads)
     target = tune_ref["distinct2"]
     best = {}
     for r in tuning:  # matched diversity: the setting whose distinct-2 is closest to the human responses'
@@ -236,7 +325,13 @@ def main(argv=None):
             best[r["method"]] = r
     chosen = [(m, r["setting"]) for m, r in best.items()]
     test, test_ref = run_split("test", model, tok, heads, judge, rows, test_prompts, chosen, cfg, args.seed + 1,
-                               cfg["boot"])
+                               cfg["boot"], temp_heads)
+    paired = paired_against_best_baseline(test, cfg["boot"], args.seed)
+    long_cfg = {**cfg, "samples": 1}
+    judge.max_response = 2 * long_cfg["long_new_tokens"]
+    long_settings = [(m, v) for m, v in chosen if m in cfg["long_methods"]]
+    long, _ = run_split("long", model, tok, heads, judge, rows, test_prompts, long_settings, long_cfg, args.seed + 2,
+                        None, temp_heads, new_tokens=long_cfg["long_new_tokens"])
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     png = out / "eval_frontier.png"
@@ -246,7 +341,7 @@ def main(argv=None):
     lowest = min(test, key=lambda r: r["judge_nll"])
     top = max(test, key=lambda r: r["mauve"])
     sde = next(r for r in test if r["method"] == "sde_temperature")
-    others = [r for r in test if r["method"] != "sde_temperature"]
+    others = [r for r in test if r["method"] not in SDE_METHODS]
     best_base = max(others, key=lambda r: r["mauve"]) if others else None
     verdict = (f"At matched diversity on the {len(test_prompts)} held-out test prompts the lowest judge NLL is "
                f"{lowest['method']} ({lowest['setting']}): {_fmt_ci(lowest['judge_nll'], lowest['judge_nll_ci'])}; "
@@ -272,8 +367,13 @@ def main(argv=None):
             f"{test_ref['judge_nll']:.3f} on the test prompts ({test_ref['n']} responses, {test_ref['words']:.0f} "
             f"words on average; generated responses are cut at {cfg['new_tokens']} tokens). Plot: `{png.name}`.\n\n"
             f"## Test split (each method at the setting whose tuning distinct-2 is closest to the human responses')\n\n" + C.md_table(head, rows_of(test, True))
-            + f"\n\n**{verdict}**\n\n## Tuning split (every setting)\n\n" + C.md_table(head, rows_of(tuning, False)))
-    run.finish({"tuning": tuning, "test": test, "chosen": chosen, "verdict": verdict, "human_tuning": tune_ref,
+            + f"\n\n**{verdict}**\n\n" + paired_md(paired)
+            + f"\n\n## Long generations ({long_cfg['long_new_tokens']} new tokens, test prompts x 1, chosen settings)\n\n"
+            + "Where small models degenerate: repetition (share of repeated 4-grams) and judge NLL over the whole "
+            "response.\n\n" + C.md_table(head, rows_of(long, False))
+            + "\n\n## Tuning split (every setting)\n\n" + C.md_table(head, rows_of(tuning, False)))
+    run.finish({"tuning": tuning, "test": test, "long": long, "paired": paired, "chosen": chosen, "verdict": verdict,
+                "human_tuning": tune_ref,
                 "human_test": test_ref, "heads": heads_path, "tune_prompts": [sha1(x) for x in tune_prompts],
                 "test_prompts": [sha1(x) for x in test_prompts]}, body)
     print(body)

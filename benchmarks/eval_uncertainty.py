@@ -72,9 +72,11 @@ def prompt_sha1(prompt: str) -> str:
 
 
 # ----- features: one forward per batch, hook at the heads' layer, logits on the path only -------------------
-def _sequence_features(heads, hidden, logits, ids):
+def _sequence_features(heads, hidden, logits, ids, grid=None):
     """Labels and predictors over path positions 1..p-2 of one path (hidden/logits: (p, .); ids: the p path
-    tokens followed by nothing: token j+1 of the path is ``ids[j + 1]``)."""
+    tokens followed by nothing: token j+1 of the path is ``ids[j + 1]``). With ``grid`` (inverse temperatures
+    ``s``), also the next token's raw logit and ``logsumexp(s * logits)`` per grid point (``(n, len(grid))``):
+    what fitting a per-token temperature on these tokens needs, without keeping 49k logits per position."""
     import torch
 
     p = hidden.shape[0]
@@ -88,13 +90,20 @@ def _sequence_features(heads, hidden, logits, ids):
     entropy = -(logp.exp() * logp).sum(-1)
     wrong = logits.argmax(-1)[:-1] != torch.as_tensor(ids[1:])
     k = slice(1, p - 1)  # predict token k+1 from position k, k >= 1
-    return {"wrong": wrong[k].numpy(), "zscore": zscore[k].numpy(), "surprise": surprise[k].numpy(),
-            "entropy": entropy[k].numpy(), "position": pos[k].numpy().astype(float)}
+    out = {"wrong": wrong[k].numpy(), "zscore": zscore[k].numpy(), "surprise": surprise[k].numpy(),
+           "entropy": entropy[k].numpy(), "position": pos[k].numpy().astype(float),
+           "drift_norm": (mean.norm(dim=-1) / heads.config.dt)[k].numpy()}
+    if grid is not None:
+        lg = logits[k].float()
+        out["target_logit"] = lg.gather(1, torch.as_tensor(ids[2:p]).view(-1, 1))[:, 0].numpy()
+        out["lse"] = torch.stack([torch.logsumexp(lg * float(s), -1) for s in grid], 1).numpy()
+    return out
 
 
-def features(model, heads, token_ids, starts=None, batch_size: int = 8):
+def features(model, heads, token_ids, starts=None, batch_size: int = 8, grid=None):
     """Per sequence: dict of arrays over path positions 1..p-2 (labels and predictors). The path of sequence i
     is ``token_ids[i][starts[i]:]`` (whole sequence when ``starts`` is None); k counts from its start.
+    ``grid``: see :func:`_sequence_features`.
 
     One forward per batch (right-padded): a hook at the heads' layer reads the states, the decoder's final
     output goes through the LM head at the path positions only (a 49k vocabulary times every prompt position
@@ -122,7 +131,7 @@ def features(model, heads, token_ids, starts=None, batch_size: int = 8):
                 for r, i in enumerate(idx):
                     span = slice(starts[i], len(token_ids[i]))
                     out[i] = _sequence_features(heads, captured[-1][r, span], head(last[r, span]),
-                                                token_ids[i][span])
+                                                token_ids[i][span], grid)
     finally:
         handle.remove()
     return add_residual([out[i] for i in keep])
