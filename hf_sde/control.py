@@ -331,6 +331,8 @@ class _Runtime:
         self.positions: torch.Tensor | None = None
         self.unit: torch.Tensor | None = None
         self.handles: list = []
+        # Observe without a live callback needs nothing per step but the state: the heads run once at the end.
+        self.deferred = control.mode == "observe" and control.callback is None
 
     def _fixed_direction(self, device) -> torch.Tensor | None:
         ctl = self.control
@@ -368,29 +370,14 @@ class _Runtime:
         self.step += 1
         buf = self._buffers(hidden, k)
         f = self.fused
-        d, w = f.d, f.width
-        last = hidden[:, -1]
-        torch.sub(last, f.mean, out=buf.centered)  # float32 whatever the model's dtype
+        torch.sub(hidden[:, -1], f.mean, out=buf.centered)  # float32 whatever the model's dtype
         z = torch.mm(buf.centered, f.basis, out=buf.z[k])
-        first = torch.mm(z, f.first, out=buf.first)
-        act, spare = buf.act
         pos = torch.clamp(self._positions(k, hidden), 0, f.table.shape[0] - 1, out=buf.positions[k])
-        if self.origin == "prompt_end":  # k tokens generated so far, the same for every row
-            torch.add(first[:, :w], f.table[k], out=act)
-        else:
-            torch.index_select(f.table, 0, pos, out=act)
-            act.add_(first[:, :w])
-        torch.nn.functional.silu(act, inplace=True)
-        for weight, bias in f.hidden:
-            torch.addmm(bias, act, weight, out=spare)
-            torch.nn.functional.silu(spare, inplace=True)
-            act, spare = spare, act
-        out = torch.addmm(f.out_b, act, f.out_w, out=buf.out[k])
-        mean, std = out[:, :d], out[:, d:]
-        mean.add_(first[:, w:])                         # + the linear drift (its bias is in out_b)
-        torch.logaddexp(std, buf.zero, out=std)         # softplus
-        std.add_(f.sigma_floor)
-        self._record(buf, k, mean, std)
+        if self.deferred:  # observe without a callback: the heads run once over all steps, in trace()
+            return None
+        mean, _ = self._heads_step(z, pos if self.origin == "sequence" else f.table[k], buf.out[k], buf.first,
+                                   buf.act, buf.zero)
+        self._record(buf.stats[:, k], buf.out[k])
         steered = None
         if self.control.steers:
             self._direction(buf, k, mean, z, hidden.device)
@@ -403,9 +390,40 @@ class _Runtime:
             self.control.callback(SDEStep(k, *(stats[i, k] for i in range(len(_STATS))), self._surprise_previous(k)))
         return steered
 
-    def _record(self, buf: _StepBuffers, k: int, mean: torch.Tensor, std: torch.Tensor) -> None:
-        f, stats = self.fused, buf.stats
-        diffusion, zscore, drift_norm, temperature = stats[0, k], stats[1, k], stats[2, k], stats[3, k]
+    def _heads_step(self, z: torch.Tensor, time: torch.Tensor, out: torch.Tensor, first: torch.Tensor,
+                    act: tuple[torch.Tensor, torch.Tensor], zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The fused drift / diffusion step for rows ``z`` (N, d): ``out`` (N, 2d) gets ``[mu dt | sigma sqrt(dt)]``.
+
+        ``time`` is either the rows' time indices (N,) into the table or one table row (2w,) shared by all.
+        The one implementation of the step: per decoding step (N = batch) and, for deferred observe calls,
+        once over every step of the call (N = steps * batch).
+        """
+        f = self.fused
+        d, w = f.d, f.width
+        first = torch.mm(z, f.first, out=first)
+        act, spare = act
+        if time.dim() == 1 and time.dtype == torch.long:
+            torch.index_select(f.table, 0, time, out=act)
+            act.add_(first[:, :w])
+        else:
+            torch.add(first[:, :w], time, out=act)
+        torch.nn.functional.silu(act, inplace=True)
+        for weight, bias in f.hidden:
+            torch.addmm(bias, act, weight, out=spare)
+            torch.nn.functional.silu(spare, inplace=True)
+            act, spare = spare, act
+        out = torch.addmm(f.out_b, act, f.out_w, out=out)
+        mean, std = out[..., :d], out[..., d:]
+        mean.add_(first[:, w:])                         # + the linear drift (its bias is in out_b)
+        torch.logaddexp(std, zero, out=std)             # softplus
+        std.add_(f.sigma_floor)
+        return mean, std
+
+    def _record(self, stats: torch.Tensor, out: torch.Tensor) -> None:
+        """Diffusion, z-score, drift norm (and the temperature) from ``out`` (..., 2d) into ``stats`` (5, ...)."""
+        f, d = self.fused, self.fused.d
+        mean, std = out[..., :d], out[..., d:]
+        diffusion, zscore, drift_norm, temperature = stats[0], stats[1], stats[2], stats[3]
         torch.linalg.vector_norm(std, dim=-1, out=diffusion).mul_(f.diffusion_scale)
         torch.log(diffusion, out=zscore).sub_(f.z_shift).mul_(f.z_scale)
         torch.linalg.vector_norm(mean, dim=-1, out=drift_norm).mul_(f.inv_dt)
@@ -413,6 +431,20 @@ class _Runtime:
         if ctl.controls_temperature:  # the ops of SDEControl.temperature_law, in place
             torch.mul(zscore, -ctl.beta, out=temperature).exp_().mul_(ctl.temperature)
             temperature.clamp_(ctl.min_temperature, ctl.max_temperature)
+
+    def _run_deferred(self, n: int) -> None:
+        """Observe mode: the heads over the ``n`` recorded steps at once (same step function, N = n * batch)."""
+        buf, f = self.buf, self.fused
+        rows = n * buf.z.shape[1]
+        z = buf.z[:n].reshape(rows, f.d)
+        if self.origin == "sequence":
+            time = buf.positions[:n].reshape(rows)
+        else:  # prompt_end: step k's row is table[k] for every sequence
+            time = f.table[:n].repeat_interleave(buf.z.shape[1], dim=0)
+        e = functools.partial(torch.empty, device=z.device, dtype=torch.float32)
+        self._heads_step(z, time, buf.out[:n].view(rows, 2 * f.d), e(rows, f.first.shape[1]),
+                         (e(rows, f.width), e(rows, f.width)), torch.zeros(rows, f.d, device=z.device))
+        self._record(buf.stats[:, :n], buf.out[:n])
 
     def _direction(self, buf: _StepBuffers, k: int, mean: torch.Tensor, z: torch.Tensor, device) -> None:
         ctl = self.control
@@ -503,6 +535,8 @@ class _Runtime:
         if n == 0 or self.buf is None:
             empty = torch.zeros(rows, 0)
             return SDETrace(**{name: empty.clone() for name in (*_STATS, "surprise")}, positions=empty.long())
+        if self.deferred:
+            self._run_deferred(n)
         buf, d = self.buf, self.fused.d
         stats = {name: buf.stats[i, :n].T.float().cpu() for i, name in enumerate(_STATS)}
         surprise = torch.full((rows, n), float("nan"))

@@ -29,10 +29,14 @@ def _with_origin(heads, origin: str):
     return heads
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["deferred", "per-step"])
 @pytest.mark.parametrize("origin", ["sequence", "prompt_end"])
-def test_fused_step_equals_heads(origin):
+def test_fused_step_equals_heads(origin, live):
+    """The trace equals the heads applied post hoc, whether the step runs per decoding step (a callback wants
+    live stats) or once over all steps at the end (observe without a callback)."""
     tb = tiny_bundle(layer=1)
     heads = _with_origin(tb.heads, origin)
+    torch.manual_seed(0)  # the random weights below (the test must not depend on what ran before it)
     with torch.no_grad():  # make every part matter: non-trivial scale, mean and linear drift
         heads.proj_scale.uniform_(0.5, 2.0)
         heads.proj_mean.normal_()
@@ -48,7 +52,8 @@ def test_fused_step_equals_heads(origin):
     try:
         out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False, max_new_tokens=6,
                              eos_token_id=None, return_dict_in_generate=True,
-                             sde_control=SDEControl(heads, mode="observe"))
+                             sde_control=SDEControl(heads, mode="observe",
+                                                    callback=(lambda step: None) if live else None))
     finally:
         handle.remove()
     tr = out.sde_trace
