@@ -39,11 +39,10 @@ SETTINGS = {
                 "sweeps": {"temperature": [0.7, 1.0], "top_p": [0.9, 0.95], "min_p": [0.05, 0.1],
                            "typical_p": [0.5, 0.9], "eta_cutoff": [1e-3, 3e-3], "edt": [0.5, 1.0],
                            "sde_temperature": [(1.0, 1.0), (1.0, 0.5)],
-                           "learned_tau[entropy]": [0.7, 1.0], "learned_tau[sde]": [0.7, 1.0],
-                           "learned_tau[sde+entropy]": [0.7, 1.0],
+                           "learned_tau[sde]": [0.7, 1.0], "learned_tau[sde+entropy]": [0.7, 1.0],
                            "surprise_cooling": [(1.0, 1.5, 0.5), (0.8, 1.5, 0.5)],
                            "sde_min_p": [(0.1, 0.5), (0.1, -0.5)]},
-                "long_new_tokens": 192, "long_methods": ["temperature", "min_p", "sde_temperature", "surprise_cooling"]},
+                "long_new_tokens": 192, "long_methods": ["temperature", "min_p", "surprise_cooling"]},
     "full": {"tune_prompts": 32, "test_prompts": 28, "samples": 4, "new_tokens": 128, "batch": 16, "boot": 200,
              "sweeps": {"temperature": [0.4, 0.6, 0.7, 0.8, 0.9, 1.0], "top_p": [0.7, 0.8, 0.9, 0.95],
                         "min_p": [0.02, 0.05, 0.1, 0.2, 0.3], "typical_p": [0.3, 0.5, 0.8, 0.95],
@@ -196,8 +195,9 @@ def evaluate(texts, groups, prompts_of, judge, human, cfg, seed, boot=None):
 
 
 def run_split(name, model, tok, heads, judge, rows, prompts, settings, cfg, seed, boot, temp_heads=None,
-              new_tokens=None):
-    """Generate and score every setting on one set of prompts."""
+              new_tokens=None, reused=()):
+    """Generate and score every setting on one set of prompts (``reused``: rows of an earlier run, kept as they are
+    for the settings they cover)."""
     prompts_of = {sha1(p): p for p in prompts}
     humans = [r for r in rows if r["prompt"] in set(prompts)]
     h_nll, h_feats = judge.score([r["prompt"] for r in humans], [r["response"] for r in humans])
@@ -206,6 +206,11 @@ def run_split(name, model, tok, heads, judge, rows, prompts, settings, cfg, seed
     ids = [chat_ids(tok, prompts_of[g]) for g in groups]
     results = []
     for method, value in settings:
+        old = next((r for r in reused if r["method"] == method and _same(r["setting"], value)), None)
+        if old is not None:
+            results.append(old)
+            print(f"[{name}] {method:16s} {value!s:12s} reused from {old['reused_from']}", flush=True)
+            continue
         conts = generate(model, tok, heads, ids, method, value, cfg, seed, temp_heads, new_tokens)
         texts = [tok.decode(c, skip_special_tokens=True).strip() for c in conts]
         m = evaluate(texts, groups, prompts_of, judge, human, cfg, seed, boot)
@@ -248,12 +253,38 @@ def plot(tuning, path, title):
     plt.close(fig)
 
 
+def _same(a, b) -> bool:
+    return json.loads(json.dumps(a)) == json.loads(json.dumps(b))
+
+
+def reusable_rows(path: str, cfg: dict, seed: int, tune_hashes: list[str], test_hashes: list[str]):
+    """Baseline rows of an earlier run of this protocol (same prompts, samples, tokens, seed), to skip regenerating
+    them: ``(tuning rows, test rows)``, each marked with ``reused_from`` (that run's commit). SDE methods are never
+    reused; the test row of the best baseline is not either (the paired comparison needs its per-prompt NLLs)."""
+    prev = json.loads(open(path).read())
+    ps, res = prev["settings"], prev["results"]
+    same = (all(ps.get(k) == cfg[k] for k in ("tune_prompts", "test_prompts", "samples", "new_tokens", "batch"))
+            and res.get("tune_prompts") == tune_hashes and res.get("test_prompts") == test_hashes
+            and prev.get("command", "").split()[:2] == ["python", "benchmarks/eval_frontier.py"]
+            and (prev.get("settings", {}).get("seed", seed) == seed))
+    if not same:
+        raise SystemExit(f"--reuse {path}: that run used other prompts or settings; run without --reuse.")
+    tag = f"{prev['machine'].get('git_commit')} ({path})"
+    keep = [r for r in res["tuning"] if r["method"] not in SDE_METHODS]
+    test = [r for r in res["test"] if r["method"] not in SDE_METHODS]
+    best = min(test, key=lambda r: r["judge_nll"]) if test else None
+    test = [r for r in test if r is not best]
+    for r in keep + test:
+        r["reused_from"] = tag
+    return keep, test
+
+
 def paired_against_best_baseline(test, boot: int, seed: int) -> dict:
     """Judge NLL of each SDE method minus the best baseline's (lowest judge NLL among the non-SDE methods), per
     test prompt, with a 95 % bootstrap over prompts (paired: both ran on the same prompts)."""
     import numpy as np
 
-    base = [r for r in test if r["method"] not in SDE_METHODS]
+    base = [r for r in test if r["method"] not in SDE_METHODS and "judge_nll_by_prompt" in r]
     if not base:
         return {}
     ref = min(base, key=lambda r: r["judge_nll"])
@@ -292,6 +323,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p)
     p.add_argument("--heads", default=None, help="heads folder or repo id (default: the shipped SmolLM2 heads)")
+    p.add_argument("--reuse", default=None, help="an earlier eval_frontier.json of the same protocol: its baseline "
+                   "rows are kept instead of regenerated (marked in the output); every SDE method is rerun")
     args = p.parse_args(argv)
     C.setup_env(args.threads)
     from pathlib import Path
@@ -303,7 +336,8 @@ def main(argv=None):
 
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]
-    run = C.Run("eval_frontier", args, {**cfg, "sde_bounds": SDE_BOUNDS, "max_prompt_tokens": MAX_PROMPT_TOKENS})
+    run = C.Run("eval_frontier", args, {**cfg, "sde_bounds": SDE_BOUNDS, "max_prompt_tokens": MAX_PROMPT_TOKENS,
+                                        "seed": args.seed, "reuse": args.reuse})
     model, tok = SMOLLM2.load()
     heads_path = args.heads or str(C.default_heads())
     heads = hf_sde.SDEHeads.from_pretrained(heads_path)
@@ -316,8 +350,10 @@ def main(argv=None):
         from eval_temperature_head import temperature_heads
 
         temp_heads = temperature_heads(model, tok, heads, heads_path, scale)["heads"]
+    reuse_tune, reuse_test = (reusable_rows(args.reuse, cfg, args.seed, [sha1(x) for x in tune_prompts],
+                                            [sha1(x) for x in test_prompts]) if args.reuse else ([], []))
     tuning, tune_ref = run_split("tuning", model, tok, heads, judge, rows, tune_prompts, settings, cfg, args.seed, None,
-                                 temp_heads)
+                                 temp_heads, reused=reuse_tune)
     target = tune_ref["distinct2"]
     best = {}
     for r in tuning:  # matched diversity: the setting whose distinct-2 is closest to the human responses'
@@ -325,7 +361,7 @@ def main(argv=None):
             best[r["method"]] = r
     chosen = [(m, r["setting"]) for m, r in best.items()]
     test, test_ref = run_split("test", model, tok, heads, judge, rows, test_prompts, chosen, cfg, args.seed + 1,
-                               cfg["boot"], temp_heads)
+                               cfg["boot"], temp_heads, reused=reuse_test)
     paired = paired_against_best_baseline(test, cfg["boot"], args.seed)
     long_cfg = {**cfg, "samples": 1}
     judge.max_response = 2 * long_cfg["long_new_tokens"]
@@ -354,7 +390,7 @@ def main(argv=None):
     head = ["method", "setting", "n", "MAUVE [CI]", "judge NLL [CI]", "distinct-2 [CI]", "repetition [CI]", "words"]
 
     def rows_of(rs, with_mauve_ci):
-        return [[r["method"], str(r["setting"]), str(r["n"]), _fmt_ci(r["mauve"], r.get("mauve_ci")) if with_mauve_ci
+        return [[r["method"] + (" (reused)" if r.get("reused_from") else ""), str(r["setting"]), str(r["n"]), _fmt_ci(r["mauve"], r.get("mauve_ci")) if with_mauve_ci
                  else f"{r['mauve']:.3f}", _fmt_ci(r["judge_nll"], r["judge_nll_ci"]),
                  _fmt_ci(r["distinct2"], r["distinct2_ci"]), _fmt_ci(r["repetition"], r["repetition_ci"]),
                  f"{r['words']:.0f}"] for r in rs]
@@ -366,7 +402,11 @@ def main(argv=None):
             f"{cfg['new_tokens']} new tokens, seed {args.seed}. Human responses: judge NLL "
             f"{test_ref['judge_nll']:.3f} on the test prompts ({test_ref['n']} responses, {test_ref['words']:.0f} "
             f"words on average; generated responses are cut at {cfg['new_tokens']} tokens). Plot: `{png.name}`.\n\n"
-            f"## Test split (each method at the setting whose tuning distinct-2 is closest to the human responses')\n\n" + C.md_table(head, rows_of(test, True))
+            + (f"Rows marked (reused) are the baselines of an earlier run of this protocol (`--reuse`: same prompts, "
+               f"settings and seed; {len(reuse_tune)} tuning and {len(reuse_test)} test rows, from "
+               f"{(reuse_tune or reuse_test or [{}])[0].get('reused_from')}); every SDE method and the best "
+               f"baseline's test row were generated in this run.\n\n" if args.reuse else "")
+            + "## Test split (each method at the setting whose tuning distinct-2 is closest to the human responses')\n\n" + C.md_table(head, rows_of(test, True))
             + f"\n\n**{verdict}**\n\n" + paired_md(paired)
             + f"\n\n## Long generations ({long_cfg['long_new_tokens']} new tokens, test prompts x 1, chosen settings)\n\n"
             + "Where small models degenerate: repetition (share of repeated 4-grams) and judge NLL over the whole "
