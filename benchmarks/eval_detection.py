@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 import _common as C
 
@@ -70,7 +71,7 @@ def load_rows(n: int | None) -> list[dict]:
 
 
 # ----- scoring (cached: the SmolLM2 forward over 500 rows is the slow part) -----------------------------------
-def _save_scores(path, scores) -> None:
+def _save_scores(path, scores, seconds: float) -> None:
     import torch
     from safetensors.torch import save_file
 
@@ -79,7 +80,8 @@ def _save_scores(path, scores) -> None:
                for k in keys}
     lengths = {k: [int(s.steps[k].shape[0]) for s in scores] for k in keys}
     shapes = {k: list(scores[0].steps[k].shape[1:]) for k in keys}
-    save_file(tensors, str(path), metadata={"lengths": json.dumps(lengths), "shapes": json.dumps(shapes)})
+    save_file(tensors, str(path), metadata={"lengths": json.dumps(lengths), "shapes": json.dumps(shapes),
+                                            "score_seconds": f"{seconds:.1f}", "loadavg": json.dumps([round(x, 2) for x in os.getloadavg()])})
 
 
 def _load_scores(path):
@@ -92,6 +94,7 @@ def _load_scores(path):
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     lengths, shapes = json.loads(meta["lengths"]), json.loads(meta["shapes"])
+    cold = {"score_seconds": float(meta.get("score_seconds", "nan")), "loadavg_at_end": json.loads(meta.get("loadavg", "null"))}
     parts = {k: torch.split(v, lengths[k]) for k, v in tensors.items()}
     n = len(next(iter(lengths.values())))
     out = []
@@ -99,12 +102,14 @@ def _load_scores(path):
         steps = {k: parts[k][i].reshape(-1, *shapes[k]) for k in tensors}
         steps["positions"] = steps["positions"].long()
         out.append(summarize(i, steps, keep_steps=True))
-    return out
+    return out, cold
 
 
 def score_rows(model_name, model, tok, heads, heads_id, rows, template, cfg, progress):
-    """``score_texts(..., return_steps=True)`` of every row (cached by heads, rows, template and caps)."""
+    """``score_texts(..., return_steps=True)`` of every row (cached by heads, rows, template and caps), and the
+    time the scoring took when it ran (the cache records it)."""
     import hashlib
+    import time
 
     from hf_sde.scoring import score_texts
 
@@ -112,12 +117,15 @@ def score_rows(model_name, model, tok, heads, heads_id, rows, template, cfg, pro
                       template=template, max_length=cfg["max_length"], v=1)
     path = C.CACHE / f"detect-scores-{model_name}-{key}.safetensors"
     if path.is_file():
-        return _load_scores(path), True
+        return _load_scores(path)
+    t0 = time.perf_counter()
     scores = score_texts(model, tok, heads, rows, template=template, max_length=cfg["max_length"],
                          batch_size=cfg["batch"], return_steps=True, progress=progress)
     C.CACHE.mkdir(parents=True, exist_ok=True)
-    _save_scores(path, scores)
-    return scores, False
+    seconds = time.perf_counter() - t0
+    _save_scores(path, scores, seconds)
+    return scores, {"score_seconds": round(seconds, 1), "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
+                    "now": True}
 
 
 # ----- statistics ---------------------------------------------------------------------------------------------
@@ -244,7 +252,8 @@ def setup_smollm2(heads_dir, rows):
         raise SystemExit("These heads record no held-out prompts (config.data['heldout_prompt_sha1']): the "
                          "evaluation cannot tell unseen text from training text.")
     heldout = [group_hash(r["prompt"]) in held for r in rows]
-    return model, tok, heads, "helpsteer-chat", heldout, {"heads": str(heads_dir), "recorded_heldout_nll":
+    shown = os.path.relpath(heads_dir, C.REPO) if os.path.exists(str(heads_dir)) else str(heads_dir)
+    return model, tok, heads, "helpsteer-chat", heldout, {"heads": shown, "recorded_heldout_nll":
                                                            heads.config.heldout_nll}
 
 
@@ -341,7 +350,8 @@ def figure(results: dict, path) -> None:
             lo = [cell[s]["value"] - cell[s]["ci95"][0] for s in STATS]
             hi = [cell[s]["ci95"][1] - cell[s]["value"] for s in STATS]
             xs = [i + (j - (len(sets) - 1) / 2) * width for i in range(len(STATS))]
-            ax.bar(xs, vals, width, yerr=[lo, hi], capsize=2, label=name,
+            ax.bar(xs, vals, width, yerr=[lo, hi], capsize=2,
+                   label=f"{name} ({'SDE blue / baselines orange' if j == 0 else 'SDE green / baselines red'})",
                    color=[("C0" if s in SDE_STATS else "C1") if j == 0 else ("C2" if s in SDE_STATS else "C3")
                           for s in STATS], alpha=0.85 if j == 0 else 0.5)
         ax.axhline(0.5, color="k", lw=0.8)
@@ -387,9 +397,10 @@ def main(argv=None):
     else:
         model, tok, heads, template, heldout, info = setup_stories(rows, scale, args.seed)
         heads_id = C.cache_key(cfg=heads.config.__dict__)
-    scores, cached = score_rows(model_name, model, tok, heads, heads_id, rows, template, cfg, progress=scale != "smoke")
-    info["score_seconds"] = round(time.perf_counter() - t0, 1)
-    info["scores_from_cache"] = cached
+    scores, cold = score_rows(model_name, model, tok, heads, heads_id, rows, template, cfg, progress=scale != "smoke")
+    info["load_and_score_seconds"] = round(time.perf_counter() - t0, 1)
+    info["scores_from_cache"] = not cold.pop("now", False)
+    info["cold_scoring"] = cold
     train = [i for i, h in enumerate(heldout) if not h]
     held = [i for i, h in enumerate(heldout) if h]
     if len(train) < 2 or len(held) < 2:
@@ -412,6 +423,7 @@ def main(argv=None):
     results["verdict"] = {k: verdict(results[k], k) for k in ("held-out", "all rows (in-sample for the heads)")}
     fig_name = "eval_detection.png" if scale != "smoke" else None
     if fig_name:
+        C.Path(args.out).mkdir(parents=True, exist_ok=True)
         figure({k: v for k, v in results.items() if k in ("held-out", "all rows (in-sample for the heads)")},
                C.Path(args.out) / fig_name)
     body = _markdown(results, model_name, scale, fig_name)
@@ -434,8 +446,9 @@ def _markdown(results, model_name, scale, fig_name) -> str:
         f"training rows' paths. Held-out: {i['heldout_rows']} rows of {i['heldout_prompts']} prompts; pooled "
         f"held-out NLL {nll['sde']:.4f} (SDE) vs {nll['ou_refit']:.4f} (OU refit) nats/dim. Tube exit rate "
         f"(nominal {tube['nominal']:.2f}): {tube['train']:.3f} on training rows, {tube['heldout']:.3f} held out "
-        "(the increments are heavier-tailed than Gaussian). Scoring "
-        + ("from the cache" if i["scores_from_cache"] else f"took {i['score_seconds']:.0f} s") + ".",
+        "(the increments are heavier-tailed than Gaussian). Scoring the rows (one forward each, the slow part) took "
+        f"{i['cold_scoring']['score_seconds']:.0f} s, load average {i['cold_scoring']['loadavg_at_end']} at its end"
+        + ("; this run read those scores from `benchmarks/.cache`" if i["scores_from_cache"] else "") + ".",
         "Next-token error prediction (diffusion z + entropy vs entropy alone): see `eval_uncertainty.md`.",
     ]
     for name in ("held-out", "all rows (in-sample for the heads)"):
