@@ -28,8 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 # Evaluations first: they fit (and cache) the stories260K heads the performance benchmarks reuse.
-SCRIPTS = ["eval_fit", "eval_uncertainty", "eval_detection", "eval_control", "bench_extract", "bench_fit",
-           "bench_trace", "bench_overhead"]
+SCRIPTS = ["eval_fit", "eval_uncertainty", "eval_control", "bench_extract", "bench_fit", "bench_trace",
+           "bench_overhead"]
 
 
 def main(argv=None) -> int:
