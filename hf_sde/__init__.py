@@ -12,6 +12,8 @@ observe and control decoding. The main entry points, in the order of the data pa
   shipped heads: ``DEFAULT_HEADS``;
 - control: :class:`SDEControl` with :func:`sde_generate` or :func:`enable_sde_control` (then
   ``model.generate(..., sde_control=...)``), giving :class:`SDEGenerateOutput` and an :class:`SDETrace`;
+- detection: :func:`score_texts` -> :class:`TextScore` per text (mean surprise, tube exits, path NLL vs OU,
+  diffusion z, and the model's token NLL / entropy / length), :func:`fit_ou_baseline` for its OU column;
 - analysis: :func:`simulate`, :func:`build_report`; display: :func:`token_pieces`.
 
 The ``hf-sde`` command line (:mod:`hf_sde.commands`) sits on top of these; the library never imports it.
@@ -38,6 +40,7 @@ from .layers import decoder_layers, resolve_layer
 from .loading import DEFAULT_MODEL, SMOLLM2, STORIES260K, ModelSpec, load_model
 from .pretrained import DEFAULT_HEADS
 from .report import build_report
+from .scoring import TextScore, fit_ou_baseline, score_texts
 from .shards import extract_to_shards, load_shards
 from .simulate import BaselineSDE, simulate
 from .trajectories import Trajectories, extract_from_ids, extract_trajectories, self_generate
@@ -56,6 +59,8 @@ __all__ = [
     # decoding-time control
     "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep", "SDETemperatureLogitsProcessor", "SDETrace",
     "disable_sde_control", "enable_sde_control", "sde_generate", "sde_hooks",
+    # detection: sequence-level statistics of any text
+    "TextScore", "fit_ou_baseline", "score_texts",
     # analysis and display
     "BaselineSDE", "build_report", "simulate", "token_pieces",
     "__version__",

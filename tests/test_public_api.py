@@ -58,6 +58,9 @@ FACTORIES = {
     "SDEStep": lambda: hf_sde.SDEStep(0, *_vectors(5), None),
     "SDETrace": lambda: hf_sde.SDETrace(*_vectors(7)),
     "SDEGenerateOutput": lambda: hf_sde.SDEGenerateOutput(sequences=torch.zeros(1, 3, dtype=torch.long)),
+    "TextScore": lambda: hf_sde.TextScore(index=0, num_tokens=3, mean_surprise=0.0, tube_exit_rate=0.0, sde_nll=1.0,
+                                          ou_nll=None, sde_minus_ou_nll=None, mean_zscore=0.0, token_nll=2.0,
+                                          entropy=1.5),
 }
 
 

@@ -22,6 +22,7 @@ COMMANDS = {
     "push": "push",
     "generate": "generate",
     "analyze": "analyze",
+    "score": "score",
     "demo": "demo",
     "export-generate": "export_generate",
     "fit-distributed": "fit_distributed",

@@ -1,0 +1,107 @@
+"""``hf-sde score``: sequence-level SDE statistics of texts (``hf_sde.score_texts``), as a table or JSON."""
+
+from __future__ import annotations
+
+from . import _model
+from ._output import print_json
+from .generate import default_heads
+
+HELP = "score texts: mean surprise, tube exits, path NLL (SDE vs OU), diffusion z, token NLL, entropy"
+SMOKE = {"limit": 8, "max_length": 64, "ou_limit": 16}
+
+COLUMNS = (("num_tokens", "tokens", "{:>6d}"), ("mean_surprise", "surprise", "{:>8.3f}"),
+           ("tube_exit_rate", "tube-out", "{:>8.3f}"), ("sde_nll", "SDE NLL", "{:>8.4f}"),
+           ("ou_nll", "OU NLL", "{:>8.4f}"), ("sde_minus_ou_nll", "SDE-OU", "{:>8.4f}"),
+           ("mean_zscore", "diff z", "{:>7.3f}"), ("token_nll", "tok NLL", "{:>7.3f}"),
+           ("entropy", "entropy", "{:>7.3f}"))
+
+
+def add_arguments(p) -> None:
+    from ..scoring import DEFAULT_TUBE
+
+    p.add_argument("--heads", default=None,
+                   help="heads folder or hub repo id (default: the heads shipped with hf-sde)")
+    _model.add_model_args(p, from_heads=True)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--data", default=None, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
+    src.add_argument("--text", action="append", default=None, help="a text to score (repeat for several)")
+    p.add_argument("--prompt", action="append", default=None,
+                   help="with --text: the prompt each text answers (repeat, one per --text); the text is then read "
+                        "as the response in the tokenizer's chat template, as response heads were fitted")
+    p.add_argument("--template", default=None,
+                   help="row template for --data, e.g. helpsteer-chat (the response in the context of its prompt, "
+                        "as the shipped heads were fitted), helpsteer-response or chat")
+    p.add_argument("--text-column", default=None, help="text column of --data (default: text)")
+    p.add_argument("--limit", type=int, default=None, help="score only the first N documents")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="tokens of each text's path scored (default: as the heads were fitted)")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--tube", type=float, default=DEFAULT_TUBE,
+                   help="probability inside the tube: a step is outside when its standardized increment lies "
+                        "outside this central ellipsoid of the fitted transition (default %(default)s)")
+    p.add_argument("--ou-data", default=None,
+                   help="reference corpus to fit the OU baseline on (e.g. the heads' training data), for the OU "
+                        "NLL columns; without it they are empty (the heads do not store an OU fit)")
+    p.add_argument("--ou-template", default=None, help="row template for --ou-data (default: --template)")
+    p.add_argument("--ou-limit", type=int, default=None, help="use only the first N documents of --ou-data")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def _documents(args):
+    from ..corpus import load_texts
+
+    if args.data is not None:
+        if args.prompt:
+            raise ValueError("--prompt goes with --text; for --data use a chat template (--template helpsteer-chat "
+                             "or chat) to read each response in the context of its prompt.")
+        return load_texts(args.data, template=args.template, text_column=args.text_column, limit=args.limit), None
+    texts = args.text[: args.limit] if args.limit is not None else args.text
+    prompts = args.prompt
+    if prompts is not None:
+        if len(prompts) != len(args.text):
+            raise ValueError(f"got {len(prompts)} --prompt for {len(args.text)} --text; give one prompt per text.")
+        prompts = prompts[: len(texts)]
+    return texts, prompts
+
+
+def format_table(scores, texts) -> str:
+    """One line per text: the statistics (``-`` where there is no OU baseline) and the text's start."""
+    widths = [len(fmt.format(0.0 if "f" in fmt else 0)) for _, _, fmt in COLUMNS]
+    lines = [f"{'#':>4} " + " ".join(f"{label:>{w}}" for (_, label, _), w in zip(COLUMNS, widths, strict=True))
+             + "  text"]
+    for s in scores:
+        cells = []
+        for (key, _, fmt), width in zip(COLUMNS, widths, strict=True):
+            value = getattr(s, key)
+            cells.append(f"{'-':>{width}}" if value is None else fmt.format(value))
+        doc = texts[s.index]
+        text = doc[-1]["content"] if isinstance(doc, list) else doc
+        lines.append(f"{s.index:>4} " + " ".join(cells) + "  " + repr(text[:40])[1:-1])
+    return "\n".join(lines)
+
+
+def run(args) -> int:
+    from ..heads import SDEHeads
+    from ..scoring import fit_ou_baseline, score_texts
+
+    heads = SDEHeads.from_pretrained(args.heads or default_heads())
+    texts, prompts = _documents(args)  # before the model loads: a bad file fails fast
+    model, tokenizer = _model.load_model_from_args(args, heads.config)
+    ou = None
+    if args.ou_data is not None:
+        from ..corpus import load_texts
+
+        reference = load_texts(args.ou_data, template=args.ou_template or args.template,
+                               text_column=args.text_column, limit=args.ou_limit)
+        ou = fit_ou_baseline(model, tokenizer, heads, reference, max_length=args.max_length,
+                             batch_size=args.batch_size, progress=not args.quiet and not args.json)
+    scores = score_texts(model, tokenizer, heads, texts, prompts=prompts, ou=ou, tube=args.tube,
+                         batch_size=args.batch_size, max_length=args.max_length,
+                         progress=not args.quiet and not args.json)
+    if args.json:
+        print_json({"heads": str(args.heads or default_heads()), "model": args.model, "tube": args.tube,
+                    "ou_data": args.ou_data, "scores": [s.as_dict() for s in scores]})
+        return 0
+    print(format_table(scores, texts))
+    return 0
