@@ -37,10 +37,19 @@ MIDDLEWARE = "hf_sde.vllm.middleware.SDETraceMiddleware"
 def llm_kwargs(**overrides) -> dict:
     """Keyword arguments for ``vllm.LLM`` that hf-sde needs: its processor and worker extension, eager mode,
     float32 (exact comparisons with transformers)."""
-    kwargs = dict(logits_processors=[PROCESSOR], worker_extension_cls=WORKER_EXTENSION, enforce_eager=True,
-                  dtype="float32")
+    kwargs = dict(worker_extension_cls=WORKER_EXTENSION, enforce_eager=True, dtype="float32")
+    if not entry_point_installed():
+        kwargs["logits_processors"] = [PROCESSOR]
     kwargs.update(overrides)
     return kwargs
+
+
+def entry_point_installed() -> bool:
+    """Whether vLLM loads hf-sde's processor by itself (the ``vllm.logits_processors`` entry point)."""
+    from importlib.metadata import entry_points
+
+    return any(ep.value.replace(":", ".") == PROCESSOR.replace(":", ".")
+               for ep in entry_points(group="vllm.logits_processors"))
 
 
 def sde_args(heads: str | None = None, mode: str = "temperature", trace_id: str | None = None, **control) -> dict:
@@ -99,6 +108,7 @@ def get_traces(llm, keys: list[str], pop: bool = True) -> list[SDETrace | None]:
 
 __all__ = [
     "HEADS_ENV", "KEYS", "MIDDLEWARE", "PROCESSOR", "SUPPORTED_ARCHITECTURES", "WORKER_EXTENSION",
-    "SDELogitsProcessor", "SDERequest", "SDEWorkerExtension", "allowlist", "get_traces", "llm_kwargs",
+    "SDELogitsProcessor", "SDERequest", "SDEWorkerExtension", "allowlist", "entry_point_installed", "get_traces",
+    "llm_kwargs",
     "model_folder", "parse_request", "sde_args", "sde_prompt", "trace_from_dict",
 ]

@@ -88,6 +88,7 @@ class _ModelHooks:
     def __init__(self, model: torch.nn.Module, layers: torch.nn.ModuleList):
         self.model, self.layers = model, layers
         self.processor = None
+        self.owner = None  # weakref to the processor instance that acts (one, even if vLLM built two)
         self.hooked: set[int] = set()
         self.work: _Work | None = None
         self.forward_id = 0
@@ -201,7 +202,9 @@ class SDELogitsProcessor(LogitsProcessor):
             del self.slots[index]
 
     def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        work = self.hooks.work if self.hooks is not None else None
+        if self.hooks is None or self.hooks.owner() is not self:
+            return logits
+        work = self.hooks.work
         if not work or not work.tau:
             return logits
         rows = torch.tensor(list(work.tau), device=logits.device)
@@ -246,7 +249,10 @@ class SDELogitsProcessor(LogitsProcessor):
             if hooks is None:
                 hooks = _ModelHooks(model, decoder_layers(model))
                 model._hf_sde_hooks = hooks
+            # The newest instance acts. vLLM builds a second instance when hf-sde is both installed as an entry
+            # point and named in logits_processors; only one may divide the logits.
             hooks.processor = weakref.proxy(self)
+            hooks.owner = weakref.ref(self)
             self.hooks = hooks
         return self.hooks
 

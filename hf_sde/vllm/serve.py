@@ -19,7 +19,7 @@ MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 def build_argv(argv: list[str]) -> list[str]:
-    from . import MIDDLEWARE, PROCESSOR, WORKER_EXTENSION
+    from . import MIDDLEWARE, PROCESSOR, WORKER_EXTENSION, entry_point_installed
 
     args = list(argv)
 
@@ -36,7 +36,7 @@ def build_argv(argv: list[str]) -> list[str]:
         args.append("--enforce-eager")
     if not given("--dtype"):
         args += ["--dtype", "float32"]
-    if not given("--logits-processors"):
+    if not given("--logits-processors") and not entry_point_installed():
         args += ["--logits-processors", PROCESSOR]
     if not given("--worker-extension-cls"):
         args += ["--worker-extension-cls", WORKER_EXTENSION]
