@@ -34,6 +34,9 @@ os.environ.setdefault("HF_HUB_CACHE", str((ROOT / ".." / "shared" / "hf-cache" /
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+# One OpenMP thread: with two on 2 cores shared with other jobs, every oneDNN / vLLM CPU kernel waits ~3 ms at its
+# barrier for a descheduled thread (measured here: 1.3 tok/s batch 1 with two threads, 12 tok/s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ.setdefault("HF_SDE_VLLM_HEADS", "smollm2")
 
@@ -104,9 +107,7 @@ def bench_server(folder: str, tokens: int, repeats: int, streams: int = 8) -> li
                     break
             except httpx.HTTPError:
                 time.sleep(1)
-        client = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x")
-
-        async def one(question, xargs):
+        async def one(client, question, xargs):
             extra = {"ignore_eos": True}
             if xargs:
                 extra["vllm_xargs"] = dict(xargs)
@@ -124,7 +125,10 @@ def bench_server(folder: str, tokens: int, repeats: int, streams: int = 8) -> li
 
             def run(xargs=xargs):
                 async def all_streams():
-                    return await asyncio.gather(*(one(QUESTIONS[i % len(QUESTIONS)], xargs) for i in range(streams)))
+                    # a client per event loop (asyncio.run makes a new loop each time)
+                    async with openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x") as client:
+                        return await asyncio.gather(*(one(client, QUESTIONS[i % len(QUESTIONS)], xargs)
+                                                      for i in range(streams)))
                 asyncio.run(all_streams())
             run()  # warm-up
             seconds = timed(run, repeats)
@@ -204,6 +208,7 @@ def main() -> None:
     meta = dict(tokens=args.tokens, repeats=args.repeats, cpu_count=os.cpu_count(), platform=platform.platform(),
                 torch=torch.__version__, transformers=transformers.__version__, vllm=vllm.__version__,
                 loadavg_start=load_start, loadavg_end=load_end, dtype="float32", enforce_eager=True,
+                omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
                 command="nice -n 10 .venv-vllm/bin/python benchmarks/bench_vllm.py " + " ".join(sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -211,7 +216,8 @@ def main() -> None:
     lines = ["# hf-sde in vLLM: tokens/s with and without SDE control", "",
              f"SmolLM2-135M-Instruct float32, eager, greedy, {args.tokens} new tokens per request (ignore_eos), "
              f"median of {args.repeats}; vLLM {vllm.__version__} (CPU), transformers {transformers.__version__}, "
-             f"torch {torch.__version__}; {os.cpu_count()} cores shared with other jobs, load average "
+             f"torch {torch.__version__}; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}; {os.cpu_count()} cores "
+             f"shared with other jobs, load average "
              f"{load_start[0]:.1f} at start, {load_end[0]:.1f} at end.", "",
              "| engine | mode | batch | setting | s | tok/s | vs plain (same engine) | vs transformers (same setting) |",
              "|---|---|---|---|---|---|---|---|"]

@@ -17,6 +17,9 @@ os.environ.setdefault("HF_HUB_CACHE", str((_ROOT / ".." / "shared" / "hf-cache" 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+# One OpenMP thread: with two on 2 cores shared with other jobs, every oneDNN / vLLM CPU kernel waits ~3 ms at its
+# barrier for a descheduled thread (measured here: 1.3 tok/s batch 1 with two threads, 12 tok/s with one).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 os.environ["HF_SDE_VLLM_HEADS"] = "smollm2"
 
