@@ -112,3 +112,42 @@ def test_processor_is_inert_without_allowlist(monkeypatch):
     proc = SDELogitsProcessor(_config(**{"model_config.enforce_eager": False}), torch.device("cpu"), False)
     logits = torch.randn(2, 5)
     assert proc.apply(logits.clone()).equal(logits)
+
+
+class _FakeRunner:
+    """Stands in for vLLM's model runner: builds processors in a method, as vLLM does in its __init__."""
+
+    def __init__(self):
+        config = SimpleNamespace(num_hidden_layers=30, hidden_size=576)
+        config.get_text_config = lambda: config
+        self.model = torch.nn.Module()
+        self.model.config = config
+        self.model.model = torch.nn.Module()
+        self.model.model.layers = torch.nn.ModuleList(torch.nn.Identity() for _ in range(30))
+        self.input_batch = SimpleNamespace(req_ids=["a", "b"])
+
+    def get_model(self):
+        return self.model
+
+    def execute_model(self):  # pragma: no cover - only its presence matters
+        raise NotImplementedError
+
+    def build(self):
+        return SDELogitsProcessor(_config(), torch.device("cpu"), False)
+
+
+def test_only_one_of_two_processor_instances_divides_the_logits():
+    """vLLM builds two instances when hf-sde is an installed entry point *and* named in logits_processors."""
+    from vllm.v1.sample.logits_processor import BatchUpdate
+
+    runner = _FakeRunner()
+    first, second = runner.build(), runner.build()
+    params = SamplingParams(max_tokens=2, extra_args=sde_args(mode="temperature"))
+    update = BatchUpdate(batch_size=1, removed=[], added=[(0, params, [1, 2, 3], [])], moved=[])
+    first.update_state(update)
+    second.update_state(update)
+    assert first.hooks is second.hooks
+    first.hooks.work = SimpleNamespace(tau={0: torch.tensor(2.0)})
+    logits = torch.ones(1, 4)
+    out = second.apply(first.apply(logits.clone()))
+    assert torch.allclose(out, logits / 2)  # divided once, not by tau squared
