@@ -299,16 +299,20 @@ class SDELogitsProcessor(LogitsProcessor):
         if residual is not None and not isinstance(residual, torch.Tensor):
             raise RuntimeError(f"hf-sde: decoder block {layer} returned {type(residual).__name__} as its second "
                                "output, not the residual tensor: this architecture is not supported.")
-        state = hidden if residual is None else hidden + residual
+
+        def state(idx: torch.Tensor) -> torch.Tensor:
+            """The block output (hidden + residual) of the rows ``idx`` only, in float32."""
+            rows = hidden[idx] if residual is None else hidden[idx] + residual[idx]
+            return rows.float()
+
         for slot, rows, ks, record in work.read.get(layer, ()):
-            self._read(slot, rows, ks, record, state, work)
+            self._read(slot, rows, ks, record, state(torch.tensor(rows, device=hidden.device)), work)
         steer = work.steer.get(layer)
         if not steer:
             return None
         for slot, rows, unit, record in steer:
-            idx = torch.tensor(rows, device=state.device)
-            norm = torch.linalg.vector_norm(state[idx].float(), dim=-1, keepdim=True)
-            delta = unit * norm
+            idx = torch.tensor(rows, device=hidden.device)
+            delta = unit * torch.linalg.vector_norm(state(idx), dim=-1, keepdim=True)
             hidden.index_add_(0, idx, delta.to(hidden.dtype))
             if record:
                 slot.trace.set_steer_norm(torch.linalg.vector_norm(delta[-1]))
@@ -316,11 +320,11 @@ class SDELogitsProcessor(LogitsProcessor):
 
     def _read(self, slot: _Slot, rows: list[int], ks: list[int], record: bool, state: torch.Tensor,
               work: _Work) -> None:
+        """Heads on ``state`` (the block output of ``rows``): record the step, set its temperature and direction."""
         ctl = slot.control
         heads = ctl.heads
-        idx = torch.tensor(rows, device=state.device)
         with torch.no_grad():
-            z = heads.project(state[idx].float())
+            z = heads.project(state)
             origin = getattr(heads.config, "time_origin", "sequence")
             k = torch.tensor(ks, device=state.device)
             t = heads.times(k if origin == "prompt_end" else k + (slot.prompt_len - 1))
