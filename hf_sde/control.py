@@ -20,6 +20,7 @@ import contextlib
 import copy
 import functools
 import math
+import os
 import types
 import warnings
 from collections.abc import Callable
@@ -115,7 +116,7 @@ class SDEControl:
         >>> out.sde_trace.temperature.shape   # (batch, new_tokens)
     """
 
-    heads: SDEHeads | str
+    heads: SDEHeads | str | os.PathLike
     mode: str = "temperature"
     beta: float = 1.0
     temperature: float = 1.0
@@ -132,8 +133,8 @@ class SDEControl:
     on_trace: Callable[[SDETrace], None] | None = None
 
     def __post_init__(self):
-        if isinstance(self.heads, str):
-            self.heads = SDEHeads.from_pretrained(self.heads)
+        if isinstance(self.heads, (str, os.PathLike)):
+            self.heads = SDEHeads.from_pretrained(os.fspath(self.heads))
         # Duck-typed so heads from an installed hf_sde work with an exported custom_generate copy and back.
         if not all(hasattr(self.heads, a) for a in ("project", "lift", "diffusion_magnitude", "config")):
             raise TypeError(f"heads must be SDEHeads or a path / repo id, got {type(self.heads).__name__}")
@@ -171,6 +172,33 @@ class SDEControl:
         """``clip(tau_0 * exp(-beta * z), tau_min, tau_max)``."""
         tau = self.temperature * torch.exp(-self.beta * zscore)
         return tau.clamp(self.min_temperature, self.max_temperature)
+
+    def steering_vector(self, mean: torch.Tensor, z: torch.Tensor, zscore: torch.Tensor, lift: Callable,
+                        fixed: torch.Tensor | None = None, attractor: torch.Tensor | None = None) -> torch.Tensor:
+        """``alpha * gate(z) * unit(v)`` per row (``(N, hidden)``): the steering step before it is scaled by ``||h||``.
+
+        ``mean`` / ``z`` / ``zscore``: the heads' drift increment, state and z-score of the rows; ``lift`` maps SDE
+        coordinates to hidden space (``heads.lift``, or a precomputed matrix product); ``fixed``: the unit vector
+        of ``direction`` when it is a tensor (normalized here otherwise); ``attractor``: ``z*`` on the rows' device.
+        The one implementation, used by ``generate`` and by the vLLM processor.
+        """
+        if isinstance(self.direction, torch.Tensor):
+            unit = fixed if fixed is not None else self.direction.to(z) / self.direction.norm().clamp_min(1e-12)
+            unit = unit.expand(z.shape[0], -1)
+        else:
+            if self.direction == "drift":
+                v = lift(mean)
+            else:
+                target = attractor if attractor is not None else (
+                    self.attractor.to(z) if self.attractor is not None else torch.zeros_like(z[0]))
+                v = lift(target - z)
+            unit = v.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min_(1e-12))
+        return unit * (self.alpha if self.gate == "always" else self.alpha * self.gate_value(zscore).unsqueeze(-1))
+
+    @staticmethod
+    def steer_delta(step: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
+        """What steering adds to ``state`` (float32 rows): ``step * ||state||`` (``step``: :meth:`steering_vector`)."""
+        return step * torch.linalg.vector_norm(state, dim=-1, keepdim=True)
 
     def gate_value(self, zscore: torch.Tensor) -> torch.Tensor:
         if self.gate == "always":
@@ -321,6 +349,7 @@ class _Runtime:
         self.origin = getattr(self.heads.config, "time_origin", "sequence")
         # One table row per position the call can reach (prompt_end needs fewer; positions are recorded anyway).
         self.fused = _FusedHeads(self.heads, device, setup.capacity + setup.prompt_width + 1, self.origin)
+        self.attractor: torch.Tensor | None = None
         self.direction = self._fixed_direction(device)
         self.buf: _StepBuffers | None = None
         self.step = 0            # index of the next step to record
@@ -447,14 +476,8 @@ class _Runtime:
         self._record(buf.stats[:, :n], buf.out[:n])
 
     def _direction(self, buf: _StepBuffers, k: int, mean: torch.Tensor, z: torch.Tensor, device) -> None:
-        ctl = self.control
-        if self.direction is not None:
-            unit = self.direction.expand(z.shape[0], -1)
-        else:
-            v = (mean if ctl.direction == "drift" else self.attractor - z) @ self.fused.lift
-            unit = v.div_(torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min_(1e-12))
-        scale = ctl.alpha if ctl.gate == "always" else ctl.alpha * ctl.gate_value(buf.stats[1, k]).unsqueeze(-1)
-        self.unit = unit * scale
+        self.unit = self.control.steering_vector(mean, z, buf.stats[1, k], lambda v: v @ self.fused.lift,
+                                                 fixed=self.direction, attractor=self.attractor)
 
     def on_steer(self, hidden: torch.Tensor):
         if self.partial_prefill:
@@ -463,7 +486,7 @@ class _Runtime:
 
     def _steer(self, hidden: torch.Tensor) -> torch.Tensor:
         last = hidden[:, -1].float()
-        delta = self.unit * torch.linalg.vector_norm(last, dim=-1, keepdim=True)
+        delta = SDEControl.steer_delta(self.unit, last)
         torch.linalg.vector_norm(delta, dim=-1, out=self.buf.stats[4, self.current])
         out = hidden.clone()
         out[:, -1] = last + delta

@@ -70,3 +70,13 @@ def test_prompt_lookup_refused_clearly(llama):
     with pytest.raises(NotImplementedError, match="prompt-lookup decoding"):
         sde_generate(llama.model, input_ids=torch.tensor([[1, 5, 9, 5, 9]]), max_new_tokens=3,
                      prompt_lookup_num_tokens=2, sde_control=SDEControl(llama.heads, mode="observe"))
+
+
+def test_heads_given_as_a_path_or_string():
+    """``SDEControl(DEFAULT_HEADS)`` (a ``pathlib.Path``) loads the heads like its string form; other types are refused."""
+    from hf_sde.pretrained import DEFAULT_HEADS
+
+    by_path, by_str = SDEControl(DEFAULT_HEADS), SDEControl(str(DEFAULT_HEADS))
+    assert by_path.heads.config.layer == by_str.heads.config.layer == 22
+    with pytest.raises(TypeError, match="path / repo id"):
+        SDEControl(42)

@@ -12,7 +12,7 @@ Offline (``vllm.LLM``; in a script, under ``if __name__ == "__main__":`` since v
 
 Server: ``python -m hf_sde.vllm.serve --model FOLDER`` (vLLM's OpenAI server with hf-sde's processor, worker
 extension and middleware; requests pass ``vllm_xargs``; the response carries ``sde_trace``). See the README
-section "Serving with vLLM" (hf_sde/vllm/SERVING.md) and :mod:`hf_sde.vllm.args` for the per-request keys.
+section "Serving with vLLM" and :mod:`hf_sde.vllm.args` for the per-request keys.
 """
 
 from __future__ import annotations

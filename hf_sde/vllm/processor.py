@@ -32,6 +32,7 @@ import weakref
 
 import torch
 
+from ..control import SDEControl
 from ..layers import block_output, replace_block_output
 from . import traces
 from .args import SDERequest, check_sampling, parse_request
@@ -312,7 +313,7 @@ class SDELogitsProcessor(LogitsProcessor):
             return None
         for slot, rows, unit, record in steer:
             idx = torch.tensor(rows, device=hidden.device)
-            delta = unit * torch.linalg.vector_norm(state(idx), dim=-1, keepdim=True)
+            delta = SDEControl.steer_delta(unit, state(idx))
             hidden.index_add_(0, idx, delta.to(hidden.dtype))
             if record:
                 slot.trace.set_steer_norm(torch.linalg.vector_norm(delta[-1]))
@@ -339,13 +340,5 @@ class SDELogitsProcessor(LogitsProcessor):
                 if tau is not None:
                     work.tau[slot.trace.pending_slot] = tau
             if ctl.steers:
-                if isinstance(ctl.direction, torch.Tensor):
-                    v = ctl.direction.to(z).expand(z.shape[0], -1)
-                elif ctl.direction == "drift":
-                    v = heads.lift(mean)
-                else:
-                    target = ctl.attractor if ctl.attractor is not None else torch.zeros_like(z[0])
-                    v = heads.lift(target.to(z) - z)
-                unit = v / torch.linalg.vector_norm(v, dim=-1, keepdim=True).clamp_min(1e-12)
-                scale = ctl.alpha if ctl.gate == "always" else ctl.alpha * ctl.gate_value(zscore).unsqueeze(-1)
-                work.steer.setdefault(self._steer_layer(slot), []).append((slot, rows, unit * scale, record))
+                step = ctl.steering_vector(mean, z, zscore, heads.lift)
+                work.steer.setdefault(self._steer_layer(slot), []).append((slot, rows, step, record))
