@@ -5,7 +5,8 @@ the same fixed-seed sampling and ``min_new_tokens == max_new_tokens`` so every c
 of tokens. The figure is the per-round ratio ``t_mode / t_plain`` (median and quartiles over rounds), on
 SmolLM2-135M (batch 1 and 8; the model users meet by default) and stories260K (batch 1: a ~6 ms step, the
 hardest case). A separate instrumented call per mode measures the time spent inside the SDE callbacks
-(``_Runtime.on_forward_pre`` / ``on_read`` / ``on_steer`` / ``on_logits``): "hook us/step", the figure of
+(``_Runtime.on_forward_pre`` / ``on_read`` / ``on_steer`` / ``on_logits``, plus ``trace`` at the end of the call,
+where observe mode evaluates the heads once over all steps): "hook us/step", the figure of
 issue 13 (target <= 150 us at batch 8 with SmolLM2's sizes: hidden 576, projection 16, 2x128 MLPs).
 
 The SmolLM2 heads are throwaway heads fitted here on a few texts (their size is what matters, not their fit).
@@ -90,7 +91,8 @@ def prepare(name: str, scale: str):
 class HookTimer:
     """Accumulates wall time spent inside the SDE runtime's callbacks (monkeypatched for one call)."""
 
-    METHODS = ("on_forward_pre", "on_read", "on_steer", "on_logits")
+    # trace: the end-of-call work (observe mode runs the heads there, once over all steps), so it counts too.
+    METHODS = ("on_forward_pre", "on_read", "on_steer", "on_logits", "trace")
 
     def __init__(self):
         from hf_sde.control import _Runtime
