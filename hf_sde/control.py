@@ -3,9 +3,10 @@
 Per decoding step, one forward hook at the heads' layer reads the hidden state of the newest position and
 runs the fused step (:class:`_FusedHeads`): one matmul for the projection (plus the first MLP layer and the
 linear drift), one block-diagonal MLP for drift and diffusion together, time features looked up in a table
-built once per call, statistics written into buffers preallocated per call. Nothing in the step path reads a
-tensor value on the host, so it never waits for the device. A logits processor (temperature modes) divides
-the logits by the step's temperature; a hook (the same one when the
+built once per call, statistics computed in a work row whose views are bound once and saved into buffers
+preallocated per call. Nothing in the step path reads a tensor value on the host, so it never waits for the
+device. In temperature modes the step's temperature divides the LM head's input where that equals dividing the
+logits (:func:`_temperature_head`), else a logits processor divides the logits; a hook (the same one when the
 layers coincide) adds a steering vector to the newest position only, so positions already in the KV cache
 are never steered twice. Everything is installed for one ``generate`` call and removed afterwards, even when
 generation raises. A forward that ``generate`` would compile (``compile_config``, static cache on GPU) runs
@@ -218,17 +219,24 @@ def _block_diag_t(a: torch.nn.Linear, b: torch.nn.Linear) -> tuple[torch.Tensor,
     return torch.block_diag(a.weight, b.weight).T.contiguous(), torch.cat([a.bias, b.bias])
 
 
+# A step's record is one row of 3d + 5 floats: z | mu dt | sigma sqrt(dt) | these statistics. diffusion and
+# drift_norm are adjacent so that one matmul gives both squared norms.
+_COLS = ("diffusion", "drift_norm", "zscore", "temperature", "steer_norm")
+
+
 class _FusedHeads:
     """The heads' step as a few dense calls, built once per ``generate`` call on the model's device.
 
-    ``z = (h - m) @ (P / s)`` is one matmul; the ``z`` part of both nets' first layers and the linear drift
-    share a second one; the time part of the first layers is a table over every time index of the call; the
-    remaining layers of the two nets run side by side as block-diagonal matrices. It equals
-    ``heads(heads.project(h), heads.times(k))`` up to float rounding (tests/test_control_fused.py).
+    ``z = (h - m) @ (P / s)`` is one matmul; the ``z`` part of both nets' first layers, the linear drift and the
+    output biases share a second one; the time part of the first layers is a table over every time index of the
+    call; the remaining layers of the two nets run side by side as block-diagonal matrices (the output layer
+    adds the linear drift through its ``addmm`` input). Both norms of the output are one matmul of its squares
+    with the constants folded in. It equals ``heads(heads.project(h), heads.times(k))`` up to float rounding
+    (tests/test_control_fused.py).
     """
 
     @torch.no_grad()
-    def __init__(self, heads, device: torch.device, n_times: int, time_origin: str):
+    def __init__(self, heads, device: torch.device, n_times: int, time_origin: str, control: SDEControl):
         cfg = heads.config
         f32 = dict(device=device, dtype=torch.float32)
         d = cfg.proj_dim
@@ -237,8 +245,14 @@ class _FusedHeads:
         self.d, self.width = d, first_d.shape[0] + first_s.shape[0]
         self.mean = heads.proj_mean.to(**f32)
         self.basis = (heads.proj_basis.double() / heads.proj_scale.double()).to(**f32)  # (D, d)
-        # (d, 2w + d): [drift first layer | diffusion first layer | linear drift], z part only.
-        self.first = torch.cat([first_d[:, :d], first_s[:, :d], heads.drift_linear.weight]).T.contiguous().to(**f32)
+        out_w, out_b = _block_diag_t(drift[-1], diff[-1])
+        # (d, 2w + 2d) and its bias: [drift first layer | diffusion first layer | linear drift | 0], z part only;
+        # the bias is [0 (the time table has the first layers' biases) | output biases + linear drift bias].
+        self.first = torch.cat([first_d[:, :d], first_s[:, :d], heads.drift_linear.weight,
+                                torch.zeros_like(heads.drift_linear.weight)]).T.contiguous().to(**f32)
+        self.first_bias = torch.cat([torch.zeros(self.width, device=out_b.device, dtype=out_b.dtype),
+                                     out_b + torch.cat([heads.drift_linear.bias, torch.zeros_like(diff[-1].bias)])
+                                     ]).to(**f32)
         self.time_origin, self.horizon = time_origin, float(cfg.horizon)
         self._w_t = torch.cat([first_d[:, d:], first_s[:, d:]]).T.to(**f32)   # (1 + 2F, 2w)
         self._b1 = torch.cat([drift[0].bias, diff[0].bias]).to(**f32)
@@ -246,15 +260,21 @@ class _FusedHeads:
         self.table = self.time_table(n_times)
         self.hidden = [tuple(t.to(**f32) for t in _block_diag_t(a, b)) for a, b in zip(drift[1:-1], diff[1:-1],
                                                                                       strict=True)]
-        out_w, out_b = _block_diag_t(drift[-1], diff[-1])
         self.out_w = out_w.to(**f32)
-        self.out_b = (out_b + torch.cat([heads.drift_linear.bias, torch.zeros_like(diff[-1].bias)])).to(**f32)
         self.lift = (heads.proj_basis * heads.proj_scale).T.contiguous().to(**f32)  # (d, D): v = dz @ lift
-        self.sigma_floor = float(cfg.sigma_floor)
-        # zscore = (log s - mean) / std with s = ||sigma|| / sqrt(d dt): fold the constants.
-        self.diffusion_scale = 1.0 / math.sqrt(d * cfg.dt)
-        self.z_shift, self.z_scale = float(cfg.log_diffusion_mean), 1.0 / float(cfg.log_diffusion_std)
-        self.inv_dt = 1.0 / cfg.dt
+        # [diffusion, drift_norm]^2 = [mu dt | sigma sqrt(dt)]^2 @ norms: s = ||sigma|| / sqrt(d dt), ||mu||.
+        self.norms = torch.zeros(2 * d, 2, **f32)
+        self.norms[d:, 0] = 1.0 / (d * cfg.dt)
+        self.norms[:d, 1] = 1.0 / cfg.dt ** 2
+        # Scalars as 0-dim tensors: a Python number in a tensor op is wrapped into a new tensor at every call.
+        scalar = functools.partial(torch.tensor, **f32)
+        self.sigma_floor = scalar(cfg.sigma_floor)
+        # zscore = (log s - mean) / std = log s * z_scale + z_shift.
+        self.z_scale = 1.0 / float(cfg.log_diffusion_std)
+        self.z_shift = scalar(-float(cfg.log_diffusion_mean) * self.z_scale)
+        # The temperature law's ops (SDEControl.temperature_law) with these factors: bitwise the same values.
+        self.neg_beta, self.tau0 = scalar(-control.beta), scalar(control.temperature)
+        self.tau_bounds = (control.min_temperature, control.max_temperature)
 
     @torch.no_grad()
     def time_table(self, n: int) -> torch.Tensor:
@@ -264,42 +284,72 @@ class _FusedHeads:
         return torch.addmm(self._b1, feats.to(self._b1), self._w_t)
 
 
+class _Rows:
+    """Named views of a block of step records ``(N, 3d + 5)`` plus the work tensors of one step over it.
+
+    Bound once (for the current step, and for the deferred pass over all steps): a view costs microseconds,
+    which the step path would otherwise pay a dozen times per token.
+    """
+
+    def __init__(self, block: torch.Tensor, fused: _FusedHeads):
+        d, n = fused.d, block.shape[0]
+        e = functools.partial(torch.empty, device=block.device, dtype=torch.float32)
+        self.block = block
+        self.z, self.out, self.mean, self.std = block[:, :d], block[:, d:3 * d], block[:, d:2 * d], block[:, 2 * d:3 * d]
+        self.norms = block[:, 3 * d:3 * d + 2]
+        for i, name in enumerate(_COLS):
+            setattr(self, name, block[:, 3 * d + i])
+        self.tau = block[:, 3 * d + 3:3 * d + 4]               # (N, 1): divides the logits
+        self.first = e(n, fused.first.shape[1])
+        self.first_time, self.first_out = self.first[:, :fused.width], self.first[:, fused.width:]
+        self.act = (e(n, fused.width), e(n, fused.width))
+        self.squares, self.zero = e(n, 2 * d), torch.zeros(n, d, device=block.device)
+
+
 @dataclass
 class _StepBuffers:
-    """Preallocated per call (first read): the trace rows and the work tensors of one step."""
+    """Preallocated per call (first read): the records of every step and the current step's work space.
 
-    stats: torch.Tensor      # (5, capacity, batch): _STATS, step-major so a step's row is contiguous
+    The current step is computed in ``cur`` (views bound once) and copied into ``records`` with one copy when
+    the next step starts (or the trace is built), after steering and the logits have used it.
+    """
+
+    records: torch.Tensor    # (capacity, batch, 3d + 5) float32
     positions: torch.Tensor  # (capacity, batch) long
-    z: torch.Tensor          # (capacity, batch, d): the states, for the surprise (computed at the end)
-    out: torch.Tensor        # (capacity, batch, 2d): [mu dt | sigma sqrt(dt)] per step
+    cur: _Rows               # the step being computed: (batch, 3d + 5)
+    cur_positions: torch.Tensor  # (batch,) long
     centered: torch.Tensor   # (batch, D)
-    first: torch.Tensor      # (batch, 2w + d): first layers' z part and the linear drift
-    act: tuple[torch.Tensor, torch.Tensor]  # (batch, 2w) ping-pong
-    zero: torch.Tensor       # (batch, d) zeros, for softplus as logaddexp(x, 0)
 
     @classmethod
     def allocate(cls, fused: _FusedHeads, batch: int, hidden_size: int, capacity: int, base_temperature: float):
         dev = fused.basis.device
-        e = functools.partial(torch.empty, device=dev, dtype=torch.float32)
-        stats = torch.full((len(_STATS), capacity, batch), float("nan"), device=dev)
-        stats[_STATS.index("temperature")] = base_temperature
-        stats[_STATS.index("steer_norm")] = 0.0
-        return cls(stats, torch.full((capacity, batch), -1, device=dev, dtype=torch.long),
-                   e(capacity, batch, fused.d), e(capacity, batch, 2 * fused.d), e(batch, hidden_size),
-                   e(batch, fused.first.shape[1]), (e(batch, fused.width), e(batch, fused.width)),
-                   torch.zeros(batch, fused.d, device=dev))
+        width = 3 * fused.d + len(_COLS)
+        cur = _Rows(torch.full((batch, width), float("nan"), device=dev), fused)
+        cur.temperature.fill_(base_temperature)
+        cur.steer_norm.zero_()
+        return cls(torch.empty(capacity, batch, width, device=dev), torch.full((capacity, batch), -1, device=dev,
+                                                                                 dtype=torch.long),
+                   cur, torch.zeros(batch, device=dev, dtype=torch.long),
+                   torch.empty(batch, hidden_size, device=dev))
+
+    @property
+    def capacity(self) -> int:
+        return self.records.shape[0]
+
+    def save(self, k: int) -> None:
+        """Copy the current step into record ``k``."""
+        self.records[k].copy_(self.cur.block)
+        self.positions[k].copy_(self.cur_positions)
+
+    def stat(self, name: str, n: int) -> torch.Tensor:
+        """``(n, batch)``: one statistic of the first ``n`` records."""
+        return self.records[:n, :, self.records.shape[2] - len(_COLS) + _COLS.index(name)]
 
     def grown(self) -> _StepBuffers:
         """Twice the capacity (generate ran more steps than max_new_tokens said; rare, never per step)."""
-        cap = self.stats.shape[1]
-        stats = torch.cat([self.stats, self.stats[:, :1].expand(-1, cap, -1)], 1)
-        stats[_STATS.index("diffusion"), cap:] = float("nan")
-        stats[_STATS.index("zscore"), cap:] = float("nan")
-        stats[_STATS.index("drift_norm"), cap:] = float("nan")
-        stats[_STATS.index("steer_norm"), cap:] = 0.0  # temperature keeps the base value of row 0 (if not set)
-        return _StepBuffers(stats, torch.cat([self.positions, torch.full_like(self.positions, -1)]),
-                            torch.cat([self.z, torch.zeros_like(self.z)]), torch.cat([self.out, torch.zeros_like(self.out)]),
-                            self.centered, self.first, self.act, self.zero)
+        return _StepBuffers(torch.cat([self.records, torch.empty_like(self.records)]),
+                            torch.cat([self.positions, torch.full_like(self.positions, -1)]),
+                            self.cur, self.cur_positions, self.centered)
 
 
 class SDETemperatureLogitsProcessor(LogitsProcessor):
@@ -330,6 +380,7 @@ class _CallSetup:
     base_temperature: float
     eos_ids: list[int]
     scores_private: bool = False  # no output_logits: the logits processor may divide the scores in place
+    scale_head_input: bool = False  # the temperature divides the LM head's input (see _temperature_head)
 
 
 class _Runtime:
@@ -348,7 +399,7 @@ class _Runtime:
         device = _model_device(model)
         self.origin = getattr(self.heads.config, "time_origin", "sequence")
         # One table row per position the call can reach (prompt_end needs fewer; positions are recorded anyway).
-        self.fused = _FusedHeads(self.heads, device, setup.capacity + setup.prompt_width + 1, self.origin)
+        self.fused = _FusedHeads(self.heads, device, setup.capacity + setup.prompt_width + 1, self.origin, control)
         self.attractor: torch.Tensor | None = None
         self.direction = self._fixed_direction(device)
         self.buf: _StepBuffers | None = None
@@ -362,6 +413,9 @@ class _Runtime:
         self.handles: list = []
         # Observe without a live callback needs nothing per step but the state: the heads run once at the end.
         self.deferred = control.mode == "observe" and control.callback is None
+        # Temperature applied to the LM head's input (a few hundred numbers per row) instead of the logits (the
+        # vocabulary): set by install() where that gives the same scores (see _temperature_head).
+        self.head_scaled = -1    # the step whose LM-head input was divided by its temperature
 
     def _fixed_direction(self, device) -> torch.Tensor | None:
         ctl = self.control
@@ -373,7 +427,7 @@ class _Runtime:
             self.attractor = target.to(device, torch.float32)
         return None
 
-    # -- hooks (no host sync below this line: tests/test_control_nosync.py) ------------------------------
+    # -- hooks (no host sync below this line: tests/test_control_fused.py) ------------------------------
     def on_forward_pre(self, _module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         width = (ids if ids is not None else kwargs["inputs_embeds"]).shape[1]
@@ -398,85 +452,81 @@ class _Runtime:
         k = self.current = self.step
         self.step += 1
         buf = self._buffers(hidden, k)
-        f = self.fused
+        if k:
+            buf.save(k - 1)  # the previous step is complete (steered, logits processed)
+        f, cur = self.fused, buf.cur
         torch.sub(hidden[:, -1], f.mean, out=buf.centered)  # float32 whatever the model's dtype
-        z = torch.mm(buf.centered, f.basis, out=buf.z[k])
-        pos = torch.clamp(self._positions(k, hidden), 0, f.table.shape[0] - 1, out=buf.positions[k])
+        torch.mm(buf.centered, f.basis, out=cur.z)
+        pos = torch.clamp(self._positions(k, hidden), 0, f.table.shape[0] - 1, out=buf.cur_positions)
         if self.deferred:  # observe without a callback: the heads run once over all steps, in trace()
             return None
-        mean, _ = self._heads_step(z, pos if self.origin == "sequence" else f.table[k], buf.out[k], buf.first,
-                                   buf.act, buf.zero)
-        self._record(buf.stats[:, k], buf.out[k])
+        self._heads_step(cur, pos if self.origin == "sequence" else f.table[k])
+        self._record(cur)
         steered = None
         if self.control.steers:
-            self._direction(buf, k, mean, z, hidden.device)
+            self._direction(cur)
             if self.steer_layer == self.read_layer:
                 steered = self._steer(hidden)
         if self.control.callback is not None:
             # Here, not in the logits processor: every logits processor of this step (the caller's too) sees it.
-            # The stats are views of the buffers, so a later steer layer's steer_norm shows up in place.
-            stats = buf.stats
-            self.control.callback(SDEStep(k, *(stats[i, k] for i in range(len(_STATS))), self._surprise_previous(k)))
+            # The stats are views of the step's record, so a later steer layer's steer_norm shows up there
+            # when the step is saved again.
+            buf.save(k)
+            self.control.callback(SDEStep(k, *(buf.records[k, :, -len(_COLS) + _COLS.index(name)] for name in _STATS),
+                                          self._surprise_previous(k)))
         return steered
 
-    def _heads_step(self, z: torch.Tensor, time: torch.Tensor, out: torch.Tensor, first: torch.Tensor,
-                    act: tuple[torch.Tensor, torch.Tensor], zero: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The fused drift / diffusion step for rows ``z`` (N, d): ``out`` (N, 2d) gets ``[mu dt | sigma sqrt(dt)]``.
+    def _heads_step(self, rows: _Rows, time: torch.Tensor) -> None:
+        """The fused drift / diffusion step for ``rows.z`` (N, d): ``rows.out`` gets ``[mu dt | sigma sqrt(dt)]``.
 
         ``time`` is either the rows' time indices (N,) into the table or one table row (2w,) shared by all.
         The one implementation of the step: per decoding step (N = batch) and, for deferred observe calls,
         once over every step of the call (N = steps * batch).
         """
         f = self.fused
-        d, w = f.d, f.width
-        first = torch.mm(z, f.first, out=first)
-        act, spare = act
+        torch.addmm(f.first_bias, rows.z, f.first, out=rows.first)
+        act, spare = rows.act
         if time.dim() == 1 and time.dtype == torch.long:
             torch.index_select(f.table, 0, time, out=act)
-            act.add_(first[:, :w])
+            act.add_(rows.first_time)
         else:
-            torch.add(first[:, :w], time, out=act)
+            torch.add(rows.first_time, time, out=act)
         torch.nn.functional.silu(act, inplace=True)
         for weight, bias in f.hidden:
             torch.addmm(bias, act, weight, out=spare)
             torch.nn.functional.silu(spare, inplace=True)
             act, spare = spare, act
-        out = torch.addmm(f.out_b, act, f.out_w, out=out)
-        mean, std = out[..., :d], out[..., d:]
-        mean.add_(first[:, w:])                         # + the linear drift (its bias is in out_b)
-        torch.logaddexp(std, zero, out=std)             # softplus
+        torch.addmm(rows.first_out, act, f.out_w, out=rows.out)  # + biases and the linear drift
+        std = rows.std
+        torch.logaddexp(std, rows.zero, out=std)             # softplus
         std.add_(f.sigma_floor)
-        return mean, std
 
-    def _record(self, stats: torch.Tensor, out: torch.Tensor) -> None:
-        """Diffusion, z-score, drift norm (and the temperature) from ``out`` (..., 2d) into ``stats`` (5, ...)."""
-        f, d = self.fused, self.fused.d
-        mean, std = out[..., :d], out[..., d:]
-        diffusion, zscore, drift_norm, temperature = stats[0], stats[1], stats[2], stats[3]
-        torch.linalg.vector_norm(std, dim=-1, out=diffusion).mul_(f.diffusion_scale)
-        torch.log(diffusion, out=zscore).sub_(f.z_shift).mul_(f.z_scale)
-        torch.linalg.vector_norm(mean, dim=-1, out=drift_norm).mul_(f.inv_dt)
-        ctl = self.control
-        if ctl.controls_temperature:  # the ops of SDEControl.temperature_law, in place
-            torch.mul(zscore, -ctl.beta, out=temperature).exp_().mul_(ctl.temperature)
-            temperature.clamp_(ctl.min_temperature, ctl.max_temperature)
+    def _record(self, rows: _Rows) -> None:
+        """Diffusion, drift norm, z-score (and the temperature) of ``rows.out`` into the rows' statistics."""
+        f = self.fused
+        torch.mul(rows.out, rows.out, out=rows.squares)
+        torch.mm(rows.squares, f.norms, out=rows.norms).sqrt_()
+        torch.log(rows.diffusion, out=rows.zscore)
+        torch.add(f.z_shift, rows.zscore, alpha=f.z_scale, out=rows.zscore)
+        if self.control.controls_temperature:  # the ops of SDEControl.temperature_law
+            temperature = rows.temperature
+            torch.mul(rows.zscore, f.neg_beta, out=temperature).exp_().mul_(f.tau0)
+            temperature.clamp_(*f.tau_bounds)
 
     def _run_deferred(self, n: int) -> None:
         """Observe mode: the heads over the ``n`` recorded steps at once (same step function, N = n * batch)."""
         buf, f = self.buf, self.fused
-        rows = n * buf.z.shape[1]
-        z = buf.z[:n].reshape(rows, f.d)
+        batch = buf.records.shape[1]
+        rows = _Rows(buf.records[:n].view(n * batch, -1), f)
         if self.origin == "sequence":
-            time = buf.positions[:n].reshape(rows)
+            time = buf.positions[:n].reshape(-1)
         else:  # prompt_end: step k's row is table[k] for every sequence
-            time = f.table[:n].repeat_interleave(buf.z.shape[1], dim=0)
-        e = functools.partial(torch.empty, device=z.device, dtype=torch.float32)
-        self._heads_step(z, time, buf.out[:n].view(rows, 2 * f.d), e(rows, f.first.shape[1]),
-                         (e(rows, f.width), e(rows, f.width)), torch.zeros(rows, f.d, device=z.device))
-        self._record(buf.stats[:, :n], buf.out[:n])
+            time = f.table[:n].repeat_interleave(batch, dim=0)
+        self._heads_step(rows, time)
+        self._record(rows)
 
-    def _direction(self, buf: _StepBuffers, k: int, mean: torch.Tensor, z: torch.Tensor, device) -> None:
-        self.unit = self.control.steering_vector(mean, z, buf.stats[1, k], lambda v: v @ self.fused.lift,
+    def _direction(self, cur: _Rows) -> None:
+        self.unit = self.control.steering_vector(cur.mean, cur.z, cur.zscore, lambda v: v @ self.fused.lift,
                                                  fixed=self.direction, attractor=self.attractor)
 
     def on_steer(self, hidden: torch.Tensor):
@@ -487,19 +537,28 @@ class _Runtime:
     def _steer(self, hidden: torch.Tensor) -> torch.Tensor:
         last = hidden[:, -1].float()
         delta = SDEControl.steer_delta(self.unit, last)
-        torch.linalg.vector_norm(delta, dim=-1, out=self.buf.stats[4, self.current])
+        torch.linalg.vector_norm(delta, dim=-1, out=self.buf.cur.steer_norm)
         out = hidden.clone()
-        out[:, -1] = last + delta
+        if out.dtype == torch.float32:
+            out[:, -1].add_(delta)  # the same sum as below, without a temporary
+        else:
+            out[:, -1] = last + delta
         return out
+
+    def on_head_input(self, _module, args):
+        """LM-head pre-hook (where :func:`_temperature_head` allows it): divide its input by the temperature."""
+        if self.partial_prefill or self.current < 0:
+            return None
+        self.head_scaled = self.current
+        hidden = args[0]
+        return (hidden / self.buf.cur.tau.unsqueeze(-1), *args[1:])
 
     def on_logits(self, scores: torch.Tensor) -> torch.Tensor:
         k = self.current
         if k < 0:
             raise RuntimeError("SDE control saw logits without a hidden state for this step (unsupported decoding).")
-        ctl = self.control
-        stats = self.buf.stats
-        if ctl.controls_temperature:
-            tau = stats[3, k].unsqueeze(-1).to(scores.dtype)
+        if self.control.controls_temperature and self.head_scaled != k:
+            tau = self.buf.cur.tau if scores.dtype == torch.float32 else self.buf.cur.tau.to(scores.dtype)
             # In place when nothing else holds these scores (generate keeps raw logits only for output_logits).
             scores = scores.div_(tau) if self.setup.scores_private else scores / tau
         self.current = -1
@@ -515,20 +574,21 @@ class _Runtime:
         if self.buf is None:
             self.buf = _StepBuffers.allocate(self.fused, hidden.shape[0], hidden.shape[-1], self.setup.capacity,
                                              self.setup.base_temperature)
-        while k >= self.buf.stats.shape[1]:
+        while k >= self.buf.capacity:
             self.buf = self.buf.grown()
-            self.fused.table = self.fused.time_table(self.buf.stats.shape[1] + self.setup.prompt_width + 1)
+            self.fused.table = self.fused.time_table(self.buf.capacity + self.setup.prompt_width + 1)
         return self.buf
 
     def _surprise_previous(self, k: int) -> torch.Tensor | None:
         if k == 0:
             return None
-        buf, d = self.buf, self.fused.d
-        prev = buf.out[k - 1]
-        return self.heads.surprise(buf.z[k] - buf.z[k - 1], prev[:, :d], prev[:, d:])
+        rec, d = self.buf.records, self.fused.d
+        prev = rec[k - 1]
+        return self.heads.surprise(rec[k, :, :d] - prev[:, :d], prev[:, d:2 * d], prev[:, 2 * d:3 * d])
 
     # -- install / remove -----------------------------------------------------------------------------
-    def install(self) -> None:
+    def install(self, head: torch.nn.Module | None = None) -> None:
+        """Add the hooks; ``head``: the LM head whose input takes the temperature (see :func:`_temperature_head`)."""
         # Under a compiled forward (generate's compile_config, torch.compile) the hooks run eagerly between
         # compiled pieces: they keep Python state that dynamo would otherwise specialize on at every step.
         disable = torch.compiler.disable
@@ -536,6 +596,8 @@ class _Runtime:
         self.handles.append(register_block_hook(self.model, self.read_layer, disable(self.on_read)))
         if self.control.steers and self.steer_layer != self.read_layer:
             self.handles.append(register_block_hook(self.model, self.steer_layer, disable(self.on_steer)))
+        if head is not None and self.control.controls_temperature:
+            self.handles.append(head.register_forward_pre_hook(disable(self.on_head_input)))
 
     def remove(self) -> None:
         while self.handles:
@@ -554,18 +616,21 @@ class _Runtime:
                 "call runs eagerly)."
             )
         n = min(self.step, generated)
-        rows = sequences.shape[0] if self.buf is None else self.buf.stats.shape[2]
+        rows = sequences.shape[0] if self.buf is None else self.buf.records.shape[1]
         if n == 0 or self.buf is None:
             empty = torch.zeros(rows, 0)
             return SDETrace(**{name: empty.clone() for name in (*_STATS, "surprise")}, positions=empty.long())
+        buf, d = self.buf, self.fused.d
+        buf.save(self.step - 1)
         if self.deferred:
             self._run_deferred(n)
-        buf, d = self.buf, self.fused.d
-        stats = {name: buf.stats[i, :n].T.float().cpu() for i, name in enumerate(_STATS)}
+        stats = {name: buf.stat(name, n).T.float().cpu() for name in _STATS}
         surprise = torch.full((rows, n), float("nan"))
         if n > 1:
-            out = buf.out[: n - 1]
-            surprise[:, : n - 1] = self.heads.surprise(buf.z[1:n] - buf.z[: n - 1], out[..., :d], out[..., d:]).T.cpu()
+            rec = buf.records[:n]
+            out = rec[: n - 1]
+            surprise[:, : n - 1] = self.heads.surprise(rec[1:, :, :d] - rec[:-1, :, :d], out[..., d:2 * d],
+                                                       out[..., 2 * d:3 * d]).T.cpu()
         positions = buf.positions[:n].T.cpu()
         new = sequences[:, self.setup.returned_prompt: self.setup.returned_prompt + n].cpu()
         if self.setup.eos_ids:
@@ -596,7 +661,7 @@ def sde_hooks(model, control: SDEControl, setup: _CallSetup | None = None, *, pr
     """
     setup = setup or _CallSetup(prompt_width, prompt_width, max_new_tokens + 1, base_temperature, [])
     runtime = _Runtime(control, model, setup)
-    runtime.install()
+    runtime.install(model.get_output_embeddings() if setup.scale_head_input else None)
     try:
         yield runtime
     finally:
@@ -733,8 +798,35 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
                                                        eos if isinstance(eos, (list, tuple)) else [eos])]
     _check_horizon(model, ctl.heads, prompt_width, steps + 1)
     keeps_logits = bool(gc.return_dict_in_generate and gc.output_logits)
-    return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids,
-                      scores_private=not keeps_logits and not kwargs.get("logits_processor"))
+    private = not keeps_logits and not kwargs.get("logits_processor")
+    return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids, scores_private=private,
+                      scale_head_input=private and ctl.controls_temperature and _temperature_head(model, gc) is not None)
+
+
+# Generation options whose logits processors run before the temperature and do not commute with dividing the
+# logits by it (they add to the logits, mix in another forward or read early layers through the LM head).
+_SCALE_SENSITIVE = ("sequence_bias", "watermarking_config", "exponential_decay_length_penalty", "dola_layers")
+
+
+def _temperature_head(model, gc) -> torch.nn.Module | None:
+    """The LM head whose input the SDE temperature may divide instead of the logits, or ``None``.
+
+    ``lm_head(h / tau) = lm_head(h) / tau`` for a bias-free float32 linear head whose output the model does not
+    transform further (no logit soft-capping), and the processors that run before the temperature in ``generate``
+    (repetition penalty, bad words, min length, ...) commute with dividing by a positive number; the ones that
+    do not are refused by ``_SCALE_SENSITIVE`` and classifier-free guidance. The division then touches
+    ``hidden_size`` numbers per row instead of the vocabulary: on SmolLM2, 576 instead of 49,152. Callers that
+    keep the raw logits (``output_logits``) or pass their own processors get the scores divided instead.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32:
+        return None
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return None
+    if any(getattr(gc, name, None) for name in _SCALE_SENSITIVE) or (gc.guidance_scale or 1) != 1:
+        return None
+    return head
 
 
 def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=None, **kwargs):

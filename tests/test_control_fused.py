@@ -95,7 +95,7 @@ class NoSync(TorchFunctionMode):
 @contextlib.contextmanager
 def guarded_callbacks(mode: NoSync):
     cls = control_module._Runtime
-    saved = {m: getattr(cls, m) for m in ("on_forward_pre", "on_read", "on_steer", "on_logits")}
+    saved = {m: getattr(cls, m) for m in ("on_forward_pre", "on_read", "on_steer", "on_head_input", "on_logits")}
 
     def wrap(fn):
         def inner(*a, **k):

@@ -1,0 +1,94 @@
+"""Temperature on the LM head's input: ``lm_head(h / tau) = lm_head(h) / tau``, so SDE temperature control divides
+the head's input (hidden size numbers per row) instead of the logits (the vocabulary) where that gives the same
+scores, and divides the logits everywhere else (soft-capped, biased or non-float32 heads, processors that do not
+commute with the division, raw logits kept, the caller's own processors).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from control_fixtures import parity_bundle
+from transformers import GenerationConfig, LogitsProcessorList
+
+from hf_sde import SDEControl, sde_generate
+from hf_sde import control as control_module
+
+
+class _Identity:
+    """A caller's logits processor that changes nothing (its presence makes generate divide the logits)."""
+
+    def __call__(self, input_ids, scores):
+        return scores
+
+
+def _calibrated(heads):
+    """The random heads' log diffusion spans ~0.02 around 1.59: calibrate so that z-scores spread over ~[-1, 1]."""
+    heads = copy.deepcopy(heads)
+    heads.config.log_diffusion_mean, heads.config.log_diffusion_std = 1.587, 0.01
+    return heads
+
+
+def _run(model, heads, seed: int, **kw):
+    calls = []
+    original = control_module._Runtime.on_head_input
+
+    def spy(self, *a):
+        calls.append(self.current)
+        return original(self, *a)
+
+    ids = torch.tensor([[1, 5, 9, 13], [0, 1, 40, 41]])
+    control_module._Runtime.on_head_input = spy
+    try:
+        torch.manual_seed(seed)
+        out = sde_generate(model, input_ids=ids, attention_mask=(ids != 0).long(), do_sample=True, top_k=0,
+                           max_new_tokens=8, eos_token_id=None, return_dict_in_generate=True, output_scores=True,
+                           sde_control=SDEControl(_calibrated(heads), mode="temperature", beta=1.0), **kw)
+    finally:
+        control_module._Runtime.on_head_input = original
+    return out, calls
+
+
+@pytest.mark.parametrize(("family", "on_head"), [("llama", True), ("gpt2", True), ("qwen3", True),
+                                                 ("gemma2", False)])
+def test_head_input_scaling_equals_dividing_the_logits(family, on_head):
+    bundle = parity_bundle(family)
+    folded, calls = _run(bundle.model, bundle.heads, 3)
+    divided, no_calls = _run(bundle.model, bundle.heads, 3, logits_processor=LogitsProcessorList([_Identity()]))
+    assert bool(calls) is on_head and not no_calls  # gemma2 caps its logits: never on the head
+    if on_head:
+        assert calls == list(range(8))  # once per step, prefill included
+    tau = folded.sde_trace.temperature
+    assert tau.std() > 0.1 and ((tau > 0.3) & (tau < 1.5)).any()  # a real, varying temperature
+    assert torch.equal(folded.sequences, divided.sequences)
+    torch.testing.assert_close(folded.sde_trace.temperature, divided.sde_trace.temperature)
+    for a, b in zip(folded.scores, divided.scores, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_where_the_head_cannot_take_the_temperature():
+    model = parity_bundle("llama").model
+    gc = GenerationConfig(do_sample=True)
+    assert control_module._temperature_head(model, gc) is model.get_output_embeddings()
+    for name, value in (("sequence_bias", {(5,): 1.0}), ("exponential_decay_length_penalty", (2, 1.1)),
+                        ("dola_layers", "low"), ("guidance_scale", 1.5)):
+        other = copy.deepcopy(gc)
+        setattr(other, name, value)
+        assert control_module._temperature_head(model, other) is None, name
+    biased = copy.deepcopy(model)
+    biased.lm_head.bias = torch.nn.Parameter(torch.zeros(biased.config.vocab_size))
+    assert control_module._temperature_head(biased, gc) is None
+    assert control_module._temperature_head(copy.deepcopy(model).to(torch.bfloat16), gc) is None
+    assert control_module._temperature_head(parity_bundle("gemma2").model, gc) is None
+
+
+def test_raw_logits_stay_raw():
+    """With output_logits the logits are returned untouched (the scores are divided instead)."""
+    bundle = parity_bundle("llama")
+    out, calls = _run(bundle.model, bundle.heads, 5, output_logits=True)
+    assert not calls
+    tau = out.sde_trace.temperature
+    for k, (logits, scores) in enumerate(zip(out.logits, out.scores, strict=True)):
+        torch.testing.assert_close(scores, logits / tau[:, k:k + 1])
