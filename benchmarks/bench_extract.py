@@ -3,7 +3,7 @@
 The baseline does exactly the forward passes extraction does (same corpus, same length-sorted batches,
 same right padding, ``use_cache=False``) and throws the output away; extraction adds the block hook, the
 copy of each row's states and the finiteness check. Throughput is real (unpadded) tokens per second;
-the figure is the per-round ratio extraction / plain (interleaved rounds), target >= 0.95.
+the figure is the per-round ratio extraction / plain (interleaved rounds), target >= 0.97 (issue 13).
 
     python benchmarks/bench_extract.py [--smoke | --full]
 """
@@ -17,13 +17,17 @@ import _common as C
 
 SETTINGS = {
     "smoke": {"cells": [("stories260K", "tinystories", 2, 32)], "batch_size": 8, "reps": (1, 1, 0)},
+    # SmolLM2 (issue 13's row): HelpSteer responses at the last layer and at the shipped heads' layer 22.
     "default": {"cells": [("stories260K", "helpsteer", 500, 256), ("stories260K", "tinystories", 5, 512),
-                          ("gpt2-124M", "random", 24, 128)],
-                "batch_size": 8, "reps": (6, 20, 90), "reps_gpt2": (4, 6, 150)},
+                          ("gpt2-124M", "random", 24, 128), ("SmolLM2", "helpsteer", 32, 256)],
+                "batch_size": 8, "reps": (6, 20, 90), "reps_big": (4, 6, 150)},
     "full": {"cells": [("stories260K", "helpsteer", 500, 256), ("stories260K", "tinystories", 5, 512),
-                       ("gpt2-124M", "random", 64, 256)],
-             "batch_size": 8, "reps": (5, 20, 120), "reps_gpt2": (3, 6, 400)},
+                       ("gpt2-124M", "random", 64, 256), ("SmolLM2", "helpsteer", 128, 256)],
+             "batch_size": 8, "reps": (5, 20, 120), "reps_big": (3, 6, 400)},
 }
+# Layers extracted besides the last one (each an extra variant of the cell).
+EXTRA_LAYERS = {"SmolLM2": [22]}
+TARGET = 0.97  # issue 13: extraction >= 0.97 of a plain batched forward
 
 
 def plain_forward(model, token_ids, batch_size):
@@ -63,6 +67,8 @@ def main(argv=None):
             model = None
             if name == "stories260K":
                 model, tok = C.load_stories()
+            elif name == "SmolLM2":
+                model, tok = C.load_smollm2()
             else:
                 model = C.build_gpt2(name.split("-", 1)[1], args.seed)
             current = name
@@ -90,10 +96,13 @@ def main(argv=None):
         # Not a baseline but the headroom: the same forwards without the LM head (extraction needs only the
         # block output; for GPT-2 the 768 x 50257 head is over a third of the forward).
         fns["decoder_only_forward"] = functools.partial(plain_forward, model.base_model, ids, bs)
+        for layer in EXTRA_LAYERS.get(name, []):
+            fns[f"extract_from_ids (layer {layer})"] = functools.partial(hf_sde.extract_from_ids, model, ids, layer,
+                                                                        batch_size=bs, progress=False)
         if texts is not None:  # the text entry point: tokenization included
             fns["extract_trajectories"] = functools.partial(hf_sde.extract_trajectories, model, tok, texts, -1,
                                                             max_length=max_length, batch_size=bs, progress=False)
-        reps = cfg.get("reps_gpt2", cfg["reps"]) if name == "gpt2-124M" else cfg["reps"]
+        reps = cfg.get("reps_big", cfg["reps"]) if name in ("gpt2-124M", "SmolLM2") else cfg["reps"]
         times, rounds = C.interleaved(fns, min_reps=reps[0], max_reps=reps[1], budget_s=reps[2], seed=args.seed)
         ratios = C.paired_ratios(times, "plain_forward")
         cell = {"sequences": len(ids), "tokens": tokens, "rounds": rounds, "times": times, "throughput": {}}
@@ -102,18 +111,18 @@ def main(argv=None):
             rel = [1 / r for r in [a / b for a, b in zip(times[k], times["plain_forward"], strict=True)]]
             cell["throughput"][k] = {"tokens_per_s": C.summarize(tput), "ratio_vs_plain": C.summarize(rel)}
             q = cell["throughput"][k]["ratio_vs_plain"]
-            met = "-" if k in ("plain_forward", "decoder_only_forward") else ("yes" if q["median"] >= 0.95 else "no")
+            met = "-" if k in ("plain_forward", "decoder_only_forward") else ("yes" if q["median"] >= TARGET else "no")
             rows.append([name, corpus, str(len(ids)), str(tokens), k, f"{cell['throughput'][k]['tokens_per_s']['median']:.0f}",
                          q["median"], f"{q['q25']:.3f}–{q['q75']:.3f}", str(rounds), met])
         cell["ratios"] = ratios
         results[f"{name}/{corpus}"] = cell
     body = (f"Batch size {cfg['batch_size']}, layer -1, length-sorted batches with right padding. "
             "Throughput ratio = (tokens/s of the variant) / (tokens/s of the plain forward) per interleaved "
-            "round; target >= 0.95. `extract_trajectories` includes tokenization of the texts. "
+            f"round; target >= {TARGET}. `extract_trajectories` includes tokenization of the texts. "
             "`decoder_only_forward` (no LM head) is not a baseline but the headroom an extraction that skips "
             "the head (or stops after the hooked block) would have.\n\n"
             + C.md_table(["model", "corpus", "seqs", "tokens", "variant", "tokens/s (median)", "ratio vs plain",
-                          "IQR", "rounds", ">= 0.95"], rows))
+                          "IQR", "rounds", f">= {TARGET}"], rows))
     run.finish(results, body)
     print(body)
     return results
