@@ -1,8 +1,8 @@
 """Decoding-time SDE control: ``model.generate(..., sde_control=SDEControl(heads, ...))``.
 
 Per decoding step, one forward hook at the heads' layer reads the hidden state of the newest position and
-runs the fused step (:class:`_FusedHeads`): one matmul for the projection (plus the first MLP layer and the
-linear drift), one block-diagonal MLP for drift and diffusion together, time features looked up in a table
+runs the fused step (:class:`_FusedHeads`): one matmul for the projection, one for the first MLP layers and the
+linear drift, drift and diffusion nets side by side, time features looked up in a table
 built once per call, statistics computed in a work row whose views are bound once and saved into buffers
 preallocated per call. Nothing in the step path reads a tensor value on the host, so it never waits for the
 device. In temperature modes the step's temperature divides the LM head's input where that equals dividing the
@@ -229,8 +229,8 @@ class _FusedHeads:
 
     ``z = (h - m) @ (P / s)`` is one matmul; the ``z`` part of both nets' first layers, the linear drift and the
     output biases share a second one; the time part of the first layers is a table over every time index of the
-    call; the remaining layers of the two nets run side by side as block-diagonal matrices (the output layer
-    adds the linear drift through its ``addmm`` input). Both norms of the output are one matmul of its squares
+    call; the hidden layers of the two nets run side by side on halves of one work tensor, and the output layers
+    as one block-diagonal matrix that adds the linear drift through its ``addmm`` input. Both norms of the output are one matmul of its squares
     with the constants folded in. It equals ``heads(heads.project(h), heads.times(k))`` up to float rounding
     (tests/test_control_fused.py).
     """
@@ -258,8 +258,10 @@ class _FusedHeads:
         self._b1 = torch.cat([drift[0].bias, diff[0].bias]).to(**f32)
         self._heads = heads
         self.table = self.time_table(n_times)
-        self.hidden = [tuple(t.to(**f32) for t in _block_diag_t(a, b)) for a, b in zip(drift[1:-1], diff[1:-1],
-                                                                                      strict=True)]
+        # Hidden layers side by side, each net's own (w, w) weight: a block-diagonal (2w, 2w) matrix would be one
+        # call but twice the bytes, and on CPU those evict the model's weights from the cache between tokens.
+        self.hidden = [tuple(t.detach().to(**f32) for t in (a.weight.T.contiguous(), a.bias, b.weight.T.contiguous(), b.bias))
+                       for a, b in zip(drift[1:-1], diff[1:-1], strict=True)]
         self.out_w = out_w.to(**f32)
         self.lift = (heads.proj_basis * heads.proj_scale).T.contiguous().to(**f32)  # (d, D): v = dz @ lift
         # [diffusion, drift_norm]^2 = [mu dt | sigma sqrt(dt)]^2 @ norms: s = ||sigma|| / sqrt(d dt), ||mu||.
@@ -303,6 +305,8 @@ class _Rows:
         self.first = e(n, fused.first.shape[1])
         self.first_time, self.first_out = self.first[:, :fused.width], self.first[:, fused.width:]
         self.act = (e(n, fused.width), e(n, fused.width))
+        half = fused.width // 2
+        self.halves = tuple((a[:, :half], a[:, half:]) for a in self.act)  # each net's part of act
         self.squares, self.zero = e(n, 2 * d), torch.zeros(n, d, device=block.device)
 
 
@@ -415,7 +419,7 @@ class _Runtime:
         self.deferred = control.mode == "observe" and control.callback is None
         # Temperature applied to the LM head's input (a few hundred numbers per row) instead of the logits (the
         # vocabulary): set by install() where that gives the same scores (see _temperature_head).
-        self.head_scaled = -1    # the step whose LM-head input was divided by its temperature
+        self.head_scaled = 0     # steps whose LM-head input was divided by their temperature
 
     def _fixed_direction(self, device) -> torch.Tensor | None:
         ctl = self.control
@@ -486,16 +490,18 @@ class _Runtime:
         f = self.fused
         torch.addmm(f.first_bias, rows.z, f.first, out=rows.first)
         act, spare = rows.act
+        act_h, spare_h = rows.halves
         if time.dim() == 1 and time.dtype == torch.long:
             torch.index_select(f.table, 0, time, out=act)
             act.add_(rows.first_time)
         else:
             torch.add(rows.first_time, time, out=act)
         torch.nn.functional.silu(act, inplace=True)
-        for weight, bias in f.hidden:
-            torch.addmm(bias, act, weight, out=spare)
+        for w_d, b_d, w_s, b_s in f.hidden:
+            torch.addmm(b_d, act_h[0], w_d, out=spare_h[0])
+            torch.addmm(b_s, act_h[1], w_s, out=spare_h[1])
             torch.nn.functional.silu(spare, inplace=True)
-            act, spare = spare, act
+            act, spare, act_h, spare_h = spare, act, spare_h, act_h
         torch.addmm(rows.first_out, act, f.out_w, out=rows.out)  # + biases and the linear drift
         std = rows.std
         torch.logaddexp(std, rows.zero, out=std)             # softplus
@@ -549,7 +555,7 @@ class _Runtime:
         """LM-head pre-hook (where :func:`_temperature_head` allows it): divide its input by the temperature."""
         if self.partial_prefill or self.current < 0:
             return None
-        self.head_scaled = self.current
+        self.head_scaled += 1
         hidden = args[0]
         return (hidden / self.buf.cur.tau.unsqueeze(-1), *args[1:])
 
@@ -557,7 +563,7 @@ class _Runtime:
         k = self.current
         if k < 0:
             raise RuntimeError("SDE control saw logits without a hidden state for this step (unsupported decoding).")
-        if self.control.controls_temperature and self.head_scaled != k:
+        if self.control.controls_temperature:
             tau = self.buf.cur.tau if scores.dtype == torch.float32 else self.buf.cur.tau.to(scores.dtype)
             # In place when nothing else holds these scores (generate keeps raw logits only for output_logits).
             scores = scores.div_(tau) if self.setup.scores_private else scores / tau
@@ -614,6 +620,13 @@ class _Runtime:
                 "(a torch.compile'd forward traced before they were installed does not call hooks added later). "
                 "Generate with SDE control on an uncompiled forward (generate's own compile_config is handled: that "
                 "call runs eagerly)."
+            )
+        if self.setup.scale_head_input and self.control.controls_temperature and self.head_scaled < self.step:
+            raise RuntimeError(
+                f"The SDE temperature reached the LM head in {self.head_scaled} of {self.step} steps: this model "
+                "computes its logits without calling get_output_embeddings() as a module, so the sampled tokens did "
+                "not get the SDE temperature. Please report the model; meanwhile pass any logits_processor (the "
+                "temperature then divides the logits)."
             )
         n = min(self.step, generated)
         rows = sequences.shape[0] if self.buf is None else self.buf.records.shape[1]
@@ -806,6 +819,9 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
 # Generation options whose logits processors run before the temperature and do not commute with dividing the
 # logits by it (they add to the logits, mix in another forward or read early layers through the LM head).
 _SCALE_SENSITIVE = ("sequence_bias", "watermarking_config", "exponential_decay_length_penalty", "dola_layers")
+# Scale the head's input only where the vocabulary is this many times the hidden size: below it (stories260K: 512
+# vs 64) the logits are divided as cheaply as the hook on the head costs (~15 us per step on 2 CPU cores).
+HEAD_SCALING_MIN_RATIO = 16
 
 
 def _temperature_head(model, gc) -> torch.nn.Module | None:
@@ -821,6 +837,8 @@ def _temperature_head(model, gc) -> torch.nn.Module | None:
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32:
         return None
+    if head.out_features < HEAD_SCALING_MIN_RATIO * head.in_features:
+        return None  # a small vocabulary: dividing the logits is cheaper than one more module hook
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     if getattr(config, "final_logit_softcapping", None) is not None:
         return None
@@ -845,7 +863,9 @@ def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=
     setup = _call_setup(model, args, kwargs, ctl)
     with sde_hooks(model, ctl, setup) as runtime:
         processors = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-        if ctl.controls_temperature:
+        if ctl.controls_temperature and not setup.scale_head_input:
+            # (transformers inspects every processor's signature at every step: none is added where the head
+            # takes the temperature)
             processors.append(SDETemperatureLogitsProcessor(runtime))
         out = generate(*args, logits_processor=processors, **kwargs)
     return_dict = not isinstance(out, torch.Tensor)

@@ -51,9 +51,15 @@ def _run(model, heads, seed: int, **kw):
     return out, calls
 
 
+@pytest.fixture
+def small_vocab_on_head(monkeypatch):
+    """The tiny models' vocabulary is 4x their hidden size: let the head take the temperature anyway."""
+    monkeypatch.setattr(control_module, "HEAD_SCALING_MIN_RATIO", 0)
+
+
 @pytest.mark.parametrize(("family", "on_head"), [("llama", True), ("gpt2", True), ("qwen3", True),
                                                  ("gemma2", False)])
-def test_head_input_scaling_equals_dividing_the_logits(family, on_head):
+def test_head_input_scaling_equals_dividing_the_logits(family, on_head, small_vocab_on_head):
     bundle = parity_bundle(family)
     folded, calls = _run(bundle.model, bundle.heads, 3)
     divided, no_calls = _run(bundle.model, bundle.heads, 3, logits_processor=LogitsProcessorList([_Identity()]))
@@ -68,7 +74,15 @@ def test_head_input_scaling_equals_dividing_the_logits(family, on_head):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_where_the_head_cannot_take_the_temperature():
+def test_small_vocabularies_divide_the_logits():
+    """Below HEAD_SCALING_MIN_RATIO x hidden size the logits are divided (cheaper than a hook on the head)."""
+    bundle = parity_bundle("llama")
+    assert bundle.model.config.vocab_size < control_module.HEAD_SCALING_MIN_RATIO * bundle.model.config.hidden_size
+    assert control_module._temperature_head(bundle.model, GenerationConfig(do_sample=True)) is None
+    assert not _run(bundle.model, bundle.heads, 3)[1]
+
+
+def test_where_the_head_cannot_take_the_temperature(small_vocab_on_head):
     model = parity_bundle("llama").model
     gc = GenerationConfig(do_sample=True)
     assert control_module._temperature_head(model, gc) is model.get_output_embeddings()
@@ -84,7 +98,18 @@ def test_where_the_head_cannot_take_the_temperature():
     assert control_module._temperature_head(parity_bundle("gemma2").model, gc) is None
 
 
-def test_raw_logits_stay_raw():
+def test_a_head_that_is_never_called_is_an_error_not_a_silent_plain_sample(small_vocab_on_head):
+    """If a model computed its logits without calling its output-embedding module, the temperature would never
+    reach the tokens: the call must fail, not return plain samples with a trace claiming otherwise."""
+    bundle = parity_bundle("llama")
+    model = copy.deepcopy(bundle.model)
+    decoy = copy.deepcopy(model.lm_head)
+    model.get_output_embeddings = lambda: decoy  # the hook lands on a module the forward never calls
+    with pytest.raises(RuntimeError, match="reached the LM head in 0 of"):
+        _run(model, bundle.heads, 3)
+
+
+def test_raw_logits_stay_raw(small_vocab_on_head):
     """With output_logits the logits are returned untouched (the scores are divided instead)."""
     bundle = parity_bundle("llama")
     out, calls = _run(bundle.model, bundle.heads, 5, output_logits=True)
@@ -92,3 +117,13 @@ def test_raw_logits_stay_raw():
     tau = out.sde_trace.temperature
     for k, (logits, scores) in enumerate(zip(out.logits, out.scores, strict=True)):
         torch.testing.assert_close(scores, logits / tau[:, k:k + 1])
+
+
+def test_head_scaling_never_syncs(small_vocab_on_head):
+    from test_control_fused import NoSync, guarded_callbacks
+
+    bundle = parity_bundle("llama")
+    mode = NoSync()
+    with guarded_callbacks(mode), mode:
+        _, calls = _run(bundle.model, bundle.heads, 3)
+    assert calls and mode.checked > 50
