@@ -224,15 +224,20 @@ def _block_diag_t(a: torch.nn.Linear, b: torch.nn.Linear) -> tuple[torch.Tensor,
 _COLS = ("diffusion", "drift_norm", "zscore", "temperature", "steer_norm")
 
 
+def _column(d: int, name: str) -> int:
+    """Where statistic ``name`` sits in a step's record."""
+    return 3 * d + _COLS.index(name)
+
+
 class _FusedHeads:
     """The heads' step as a few dense calls, built once per ``generate`` call on the model's device.
 
     ``z = (h - m) @ (P / s)`` is one matmul; the ``z`` part of both nets' first layers, the linear drift and the
     output biases share a second one; the time part of the first layers is a table over every time index of the
     call; the hidden layers of the two nets run side by side on halves of one work tensor, and the output layers
-    as one block-diagonal matrix that adds the linear drift through its ``addmm`` input. Both norms of the output are one matmul of its squares
-    with the constants folded in. It equals ``heads(heads.project(h), heads.times(k))`` up to float rounding
-    (tests/test_control_fused.py).
+    as one block-diagonal matrix that adds the linear drift through its ``addmm`` input. Both norms of the
+    output are one matmul of its squares with the constants folded in. It equals
+    ``heads(heads.project(h), heads.times(k))`` up to float rounding (tests/test_control_fused.py).
     """
 
     @torch.no_grad()
@@ -260,7 +265,8 @@ class _FusedHeads:
         self.table = self.time_table(n_times)
         # Hidden layers side by side, each net's own (w, w) weight: a block-diagonal (2w, 2w) matrix would be one
         # call but twice the bytes, and on CPU those evict the model's weights from the cache between tokens.
-        self.hidden = [tuple(t.detach().to(**f32) for t in (a.weight.T.contiguous(), a.bias, b.weight.T.contiguous(), b.bias))
+        self.hidden = [tuple(t.detach().to(**f32) for t in (a.weight.T.contiguous(), a.bias,
+                                                            b.weight.T.contiguous(), b.bias))
                        for a, b in zip(drift[1:-1], diff[1:-1], strict=True)]
         self.out_w = out_w.to(**f32)
         self.lift = (heads.proj_basis * heads.proj_scale).T.contiguous().to(**f32)  # (d, D): v = dz @ lift
@@ -299,9 +305,10 @@ class _Rows:
         self.block = block
         self.z, self.out, self.mean, self.std = block[:, :d], block[:, d:3 * d], block[:, d:2 * d], block[:, 2 * d:3 * d]
         self.norms = block[:, 3 * d:3 * d + 2]
-        for i, name in enumerate(_COLS):
-            setattr(self, name, block[:, 3 * d + i])
-        self.tau = block[:, 3 * d + 3:3 * d + 4]               # (N, 1): divides the logits
+        for name in _COLS:
+            setattr(self, name, block[:, _column(d, name)])
+        tau = _column(d, "temperature")
+        self.tau = block[:, tau:tau + 1]                       # (N, 1): divides the logits
         self.first = e(n, fused.first.shape[1])
         self.first_time, self.first_out = self.first[:, :fused.width], self.first[:, fused.width:]
         self.act = (e(n, fused.width), e(n, fused.width))
@@ -345,9 +352,9 @@ class _StepBuffers:
         self.records[k].copy_(self.cur.block)
         self.positions[k].copy_(self.cur_positions)
 
-    def stat(self, name: str, n: int) -> torch.Tensor:
-        """``(n, batch)``: one statistic of the first ``n`` records."""
-        return self.records[:n, :, self.records.shape[2] - len(_COLS) + _COLS.index(name)]
+    def stat(self, name: str, steps: slice | int) -> torch.Tensor:
+        """One statistic of the records ``steps``: ``(n, batch)`` for a slice, ``(batch,)`` for one step."""
+        return self.records[steps, :, _column(self.cur.z.shape[1], name)]
 
     def grown(self) -> _StepBuffers:
         """Twice the capacity (generate ran more steps than max_new_tokens said; rare, never per step)."""
@@ -476,8 +483,7 @@ class _Runtime:
             # The stats are views of the step's record, so a later steer layer's steer_norm shows up there
             # when the step is saved again.
             buf.save(k)
-            self.control.callback(SDEStep(k, *(buf.records[k, :, -len(_COLS) + _COLS.index(name)] for name in _STATS),
-                                          self._surprise_previous(k)))
+            self.control.callback(SDEStep(k, *(buf.stat(name, k) for name in _STATS), self._surprise_previous(k)))
         return steered
 
     def _heads_step(self, rows: _Rows, time: torch.Tensor) -> None:
@@ -637,7 +643,7 @@ class _Runtime:
         buf.save(self.step - 1)
         if self.deferred:
             self._run_deferred(n)
-        stats = {name: buf.stat(name, n).T.float().cpu() for name in _STATS}
+        stats = {name: buf.stat(name, slice(n)).T.float().cpu() for name in _STATS}
         surprise = torch.full((rows, n), float("nan"))
         if n > 1:
             rec = buf.records[:n]
