@@ -7,6 +7,7 @@ tensors; nothing per batch goes through Python floats.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -14,6 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from .heads import SDEHeads
+
+logger = logging.getLogger(__name__)
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 GRAD_CLIP = 10.0
@@ -46,13 +49,25 @@ class HeadsOnInputs:
                 p.copy_(s)
 
 
-def make_optimizer(heads: SDEHeads, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(heads: SDEHeads, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW; the linear drift (already at its least-squares optimum) gets a 10x smaller step and no decay,
-    so Adam's unit-size first steps do not knock it off while the MLPs learn the nonlinear correction."""
+    so Adam's unit-size first steps do not knock it off while the MLPs learn the nonlinear correction.
+
+    ``fused=True`` uses the one-kernel AdamW update (CPU and CUDA in torch >= 2.4): at batch 512 the
+    per-tensor update was ~20 % of an epoch on CPU (1.1 ms of ~5 ms per batch). The same update rule, so
+    the fit agrees with the unfused one up to float rounding. Where the fused kernel is refused (a device or
+    dtype without it), the default implementation is used.
+    """
     linear = list(heads.drift_linear.parameters())
     others = [p for n, p in heads.named_parameters() if not n.startswith("drift_linear.")]
-    return torch.optim.AdamW([{"params": others, "lr": lr, "weight_decay": weight_decay},
-                              {"params": linear, "lr": lr * 0.1, "weight_decay": 0.0}])
+    groups = [{"params": others, "lr": lr, "weight_decay": weight_decay},
+              {"params": linear, "lr": lr * 0.1, "weight_decay": 0.0}]
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True)
+        except (RuntimeError, ValueError) as e:
+            logger.info("fused AdamW unavailable (%s); using the default implementation", e)
+    return torch.optim.AdamW(groups)
 
 
 def _sync(params: list[torch.Tensor], parts: torch.Tensor, n_local: int, count: int | None, env) -> tuple[int, torch.Tensor]:
