@@ -62,6 +62,31 @@ def trajectories(scale: str):
     return traj
 
 
+def train_flops_per_transition(d: int, width: int = 128, depth: int = 2, time_frequencies: int = 4) -> int:
+    """Multiply-add FLOPs of one training transition: forward of the drift and diffusion MLPs (inputs d + time
+    features) and the linear drift, backward twice that (input and weight gradients) less the input
+    gradients of the first layers and of the linear drift, which nothing needs."""
+    inp = d + 2 * time_frequencies + 1
+    dims = [inp] + [width] * depth + [d]
+    mlp = sum(2 * a * b for a, b in zip(dims[:-1], dims[1:], strict=True))
+    fwd = 2 * mlp + 2 * d * d
+    return 3 * fwd - 2 * 2 * inp * width - 2 * d * d
+
+
+def matmul_gflops(rows: int, width: int = 128, seconds: float = 0.3) -> float:
+    """Achieved GFLOP/s of the fit's dominant product, (rows x width) @ (width x width), at the current threads."""
+    import torch
+
+    a, b = torch.randn(rows, width), torch.randn(width, width)
+    for _ in range(3):
+        a @ b
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        n += 1
+    return 2 * rows * width * width * n / (time.perf_counter() - t0) / 1e9
+
+
 def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = None, compile: bool = False) -> dict:
     import torch
 
@@ -93,6 +118,8 @@ def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = 
             "transitions_per_s": n_train / per_epoch,
             "peak_mb": mem.peak_mb, "memory_method": mem.method, "first_fit_s": first,
             "compile_s": max(first - total, 0.0) if compile else 0.0, "compile": compile,
+            "matmul_gflops": matmul_gflops(min(batch_size or 512, 8192)),
+            "flops_per_transition": train_flops_per_transition(dim),
             "threads": torch.get_num_threads(),
             "batch_size": batch_size or inspect.signature(hf_sde.fit_heads).parameters["batch_size"].default}
 
@@ -164,9 +191,9 @@ def main(argv=None):
     table = {}
     for key, rs in raw.items():
         table[key] = {k: C.summarize([r[k] for r in rs]) for k in ("per_epoch_s", "transitions_per_s", "peak_mb",
-                                                                    "setup_s", "compile_s")}
+                                                                    "setup_s", "compile_s", "matmul_gflops")}
         table[key].update({k: rs[0][k] for k in ("n_sequences", "proj_dim", "train_transitions", "epochs",
-                                                 "threads", "batch_size", "compile")})
+                                                 "threads", "batch_size", "compile", "flops_per_transition")})
     ref = table[f"n{sizes[0]}/d{REF_DIM}"]
     rows = []
     for n, d, *_ in [c for c in configs if tuple(c[2:]) == plain]:
@@ -196,11 +223,15 @@ def main(argv=None):
         k = key_of(n, d, t, b, c, plain)
         e = table[k]
         e["speedup_vs_speed_ref"] = e["transitions_per_s"]["median"] / speed_ref
+        # The matmul ceiling: every FLOP at the GFLOP/s the dominant product reaches at this batch and threads.
+        e["matmul_ceiling_transitions_per_s"] = e["matmul_gflops"]["median"] * 1e9 / e["flops_per_transition"]
+        e["fraction_of_ceiling"] = e["transitions_per_s"]["median"] / e["matmul_ceiling_transitions_per_s"]
         speed_table[k] = e
         speed_rows.append([str(e["threads"]), str(e["batch_size"]), "compiled" if c else "eager",
                            e["per_epoch_s"]["median"], f"{e['transitions_per_s']['median']:,.0f}",
                            e["speedup_vs_speed_ref"], e["compile_s"]["median"] if c else "-",
-                           str(e["per_epoch_s"]["n"])])
+                           f"{e['matmul_gflops']['median']:.0f}", f"{e['matmul_ceiling_transitions_per_s']:,.0f}",
+                           e["fraction_of_ceiling"], str(e["per_epoch_s"]["n"])])
     best_key = max(speed_table, key=lambda k: speed_table[k]["transitions_per_s"]["median"])
     best = speed_table[best_key]
     head_key = f"n{n_max}/d{HEADLINE_DIM}"
@@ -219,9 +250,12 @@ def main(argv=None):
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration, all configurations "
             f"shuffled and interleaved, {cfg['reps']} round(s).\n\n"
             f"Speed at d = {HEADLINE_DIM}, {n_max} sequences (ratio: transitions/s against 1 thread, batch {batch}, "
-            "eager; compile s: the one-off compilation, paid by the first fit of a process):\n\n"
-            + C.md_table(["threads", "batch", "loss", "s/epoch", "transitions/s", "speedup", "compile s", "reps"],
-                         speed_rows)
+            "eager; compile s: the one-off compilation, paid by the first fit of a process; ceiling: "
+            f"{train_flops_per_transition(HEADLINE_DIM):,} training FLOPs per transition at the GFLOP/s that "
+            "a (batch x 128) @ (128 x 128) product reaches in the same process, i.e. every FLOP at matmul speed "
+            "and everything else free):\n\n"
+            + C.md_table(["threads", "batch", "loss", "s/epoch", "transitions/s", "speedup", "compile s",
+                          "matmul GFLOP/s", "ceiling tr/s", "of ceiling", "reps"], speed_rows)
             + f"\n\nScaling ({args.threads} thread(s), batch {batch}, eager; ratios against n={sizes[0]}, "
             f"d={REF_DIM}):\n\n"
             + C.md_table(["sequences", "proj_dim", "train transitions", "s/epoch", "transitions/s", "epoch ratio",
