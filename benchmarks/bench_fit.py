@@ -158,6 +158,10 @@ def main(argv=None):
         return None
     import torch
 
+    # The probes' idle OpenMP threads sleep instead of spinning (unless the caller chose): on a shared 2-core
+    # box a 2-thread fit beside one busy process ran > 10x slower spinning (did not finish 3 epochs in 40 s)
+    # and at 135k transitions/s passive; on a quiet box both ran at ~255k (batch 4096, d = 32).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]
     run = C.Run("bench_fit", args, cfg)
@@ -238,6 +242,7 @@ def main(argv=None):
     headline = table[head_key]["transitions_per_s"]["median"] if head_key in table else None
     results = {"configs": table, "raw": raw, "growth_exponents": growth, "reference": f"n{sizes[0]}/d{REF_DIM}",
                "batch_size": batch, "speed_reference": speed_ref_key, "machine_threads": machine_threads(),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
                "headline": {"config": head_key, "transitions_per_s_per_epoch": headline,
                             "best_config": best_key, "best_transitions_per_s_per_epoch":
                                 best["transitions_per_s"]["median"]}}
@@ -248,7 +253,7 @@ def main(argv=None):
             f"{'compiled' if best['compile'] else 'eager'}: {best['speedup_vs_speed_ref']:.2f}x).\n\n")
     body = (lead + f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, "
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration, all configurations "
-            f"shuffled and interleaved, {cfg['reps']} round(s).\n\n"
+            f"shuffled and interleaved, {cfg['reps']} round(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}.\n\n"
             f"Speed at d = {HEADLINE_DIM}, {n_max} sequences (ratio: transitions/s against 1 thread, batch {batch}, "
             "eager; compile s: the one-off compilation, paid by the first fit of a process; ceiling: "
             f"{train_flops_per_transition(HEADLINE_DIM):,} training FLOPs per transition at the GFLOP/s that "
