@@ -13,7 +13,8 @@ least-squares slopes of log(cost) on log(size).
 Speed table (issue 13's figure, d = 32, the largest corpus): 1 thread and all the machine's threads, the
 default batch and ``--large-batch``, eager and ``compile=True``, each in its own process, shuffled and
 interleaved with the scaling configurations; ratios against default batch / 1 thread / eager. The compiled
-probe's first fit pays the compilation (``compile s`` = first fit - timed fit, which reuses the graph).
+probe's first fit pays the compilation (``compile s`` = first fit - timed fit, which reuses the graph; a
+cold compilation: each compiled probe gets an empty inductor cache directory).
 
     python benchmarks/bench_fit.py [--smoke | --full] [--large-batch 4096]
 """
@@ -27,6 +28,7 @@ import math
 import os
 import random
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,6 +155,8 @@ def main(argv=None):
     C.setup_env(args.threads)
     if args.probe:
         spec = json.loads(args.probe)
+        if spec.get("compile"):  # a cold compilation: inductor's on-disk caches would hide its cost
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_fit_inductor_")
         print(json.dumps(measure(spec["scale"], spec["n"], spec["dim"], spec["epochs"], spec.get("batch_size"),
                                  spec.get("compile", False))))
         return None
@@ -255,7 +259,7 @@ def main(argv=None):
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration, all configurations "
             f"shuffled and interleaved, {cfg['reps']} round(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}.\n\n"
             f"Speed at d = {HEADLINE_DIM}, {n_max} sequences (ratio: transitions/s against 1 thread, batch {batch}, "
-            "eager; compile s: the one-off compilation, paid by the first fit of a process; ceiling: "
+            "eager; compile s: the one-off cold compilation, paid by the first fit of a process; ceiling: "
             f"{train_flops_per_transition(HEADLINE_DIM):,} training FLOPs per transition at the GFLOP/s that "
             "a (batch x 128) @ (128 x 128) product reaches in the same process, i.e. every FLOP at matmul speed "
             "and everything else free):\n\n"
