@@ -22,11 +22,13 @@ cold compilation: each compiled probe gets an empty inductor cache directory).
 from __future__ import annotations
 
 import argparse
+import atexit
 import inspect
 import json
 import math
 import os
 import random
+import shutil
 import sys
 import tempfile
 import time
@@ -156,7 +158,8 @@ def main(argv=None):
     if args.probe:
         spec = json.loads(args.probe)
         if spec.get("compile"):  # a cold compilation: inductor's on-disk caches would hide its cost
-            os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="bench_fit_inductor_")
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="bench_fit_inductor_")
+            atexit.register(shutil.rmtree, cache, True)
         print(json.dumps(measure(spec["scale"], spec["n"], spec["dim"], spec["epochs"], spec.get("batch_size"),
                                  spec.get("compile", False))))
         return None
