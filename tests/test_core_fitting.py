@@ -418,3 +418,27 @@ def test_fit_options_are_checked():
         fit_heads(traj, **{**WELL_FIT, "batch_size": 0})
     with pytest.raises(TypeError, match="compile must be True or False"):
         fit_heads(traj, compile="yes", **WELL_FIT)
+
+
+def test_dynamic_compiled_loss_equals_eager_on_varying_batches():
+    """rows=None (per-process batch sizes that vary: the multi-process exact fit): one dynamic-shape graph,
+    the same loss and gradients as eager at every size."""
+    from hf_sde.training import BatchLoss, HeadsOnInputs, batch_parts
+
+    heads = fit_heads(simulate_double_well(num_paths=8), **{**WELL_FIT, "epochs": 0}).heads
+    model = HeadsOnInputs(heads)
+    loss = BatchLoss(model, compile=True, rows=None)
+    width = heads.config.proj_dim + heads.time_features(torch.zeros(1)).shape[1]
+    g = torch.Generator().manual_seed(0)
+    for n in (7, 13, 7, 31):
+        x, dz = torch.randn(n, width, generator=g), torch.randn(n, heads.config.proj_dim, generator=g)
+        grads = []
+        for fn in (loss, lambda a, b: batch_parts(model, a, b)):
+            for p in model.params:
+                p.grad = None
+            out = fn(x, dz)
+            out.sum().backward()
+            grads.append((out.detach(), [p.grad.clone() for p in model.params]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads[0][1], grads[1][1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
