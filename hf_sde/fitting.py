@@ -52,6 +52,12 @@ TRANSITIONS_PER_COEFFICIENT = 10
 #: increments, with a standard error of about (2 n d)^-1/2 nats/dim; at n = 2 (d + 1) that is ~0.03 for
 #: d = 16, the size of the gaps between the heads and the baselines it has to resolve.
 HELDOUT_PER_COEFFICIENT = 2
+#: Training batch size of ``fit_heads`` / ``fit_heads_distributed`` / ``hf-sde fit --fit-batch-size``.
+#: Larger batches run an epoch faster (fewer, larger products) but need more epochs: on stories260K HelpSteer
+#: trajectories (400 sequences, 1 thread, early stopping) batch 1024 with lr x sqrt(2) ended within 0.001
+#: nats/dim of batch 512 in 5-8 % less wall time (one seed; within the machine's noise), batch 2048 with
+#: lr x 2 needed 41-59 epochs against 29-37 and more wall time, and 4096 lost 0.002-0.01 nats/dim. So 512.
+DEFAULT_BATCH_SIZE = 512
 
 
 def gaussian_nll_parts(dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -240,7 +246,7 @@ class _Options:
     depth: int = 2
     time_frequencies: int = 4
     epochs: int = 60
-    batch_size: int = 512
+    batch_size: int = DEFAULT_BATCH_SIZE
     lr: float = 1e-3
     weight_decay: float = 1e-4
     patience: int = 10
@@ -250,6 +256,13 @@ class _Options:
     seed: int = 0
     progress: bool = True
     config: dict = field(default_factory=dict)  # SDEHeadsConfig fields from the data and the caller
+    compile: bool = False
+
+    def __post_init__(self):
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True or False, got {self.compile!r}")
 
 
 def init_at_ou(heads: SDEHeads, ou: OUBaseline) -> None:
@@ -305,7 +318,7 @@ def _fit(source, env, mode: str, opts: _Options) -> FitResult:
     bar = tqdm(range(opts.epochs), desc=desc, disable=not opts.progress or not env.is_main, unit="epoch")
     history, best_epoch = train_heads(model, data, env, plan.has_es, bar, lr=opts.lr,
                                       weight_decay=opts.weight_decay, patience=opts.patience,
-                                      evaluate=evaluate)
+                                      evaluate=evaluate, compile=opts.compile)
     _calibrate(heads, model, data, env)
     parts = {"neural": evaluate(model, data.chunks("heldout"), env),
              "ou": evaluate(_on_inputs(ou.predict, d), data.chunks("heldout"), env),
@@ -354,7 +367,7 @@ def fit_heads(
     depth: int = 2,
     time_frequencies: int = 4,
     epochs: int = 60,
-    batch_size: int = 512,
+    batch_size: int = DEFAULT_BATCH_SIZE,
     lr: float = 1e-3,
     weight_decay: float = 1e-4,
     patience: int = 10,
@@ -368,6 +381,7 @@ def fit_heads(
     gguf_file: str | None = None,
     model_type: str | None = None,
     data_description: dict | None = None,
+    compile: bool = False,
 ) -> FitResult:
     """Fit drift and diffusion heads on hidden-state trajectories by Gaussian likelihood (one process).
 
@@ -376,6 +390,10 @@ def fit_heads(
     ``"auto"`` choice from 10 training groups up) or, for smaller corpora, of the training transitions
     (``"transitions"``). The held-out sequences never choose anything. Seeded and deterministic on CPU.
     Raises ``ValueError`` when the data are too small for ``proj_dim`` (the message says how much is needed).
+
+    ``compile=True`` runs the per-batch loss through ``torch.compile`` (full batches; the last partial batch
+    of an epoch runs eagerly): the same fit up to float rounding, after a one-off compilation of ~10-20 s on
+    CPU; it pays for long fits at large batches (see ``benchmarks/results/bench_fit.md``).
 
     Example:
         >>> result = fit_heads(traj, proj_dim=16, epochs=60)
@@ -390,7 +408,7 @@ def fit_heads(
                          model_type, data_description)
     opts = _Options(proj_dim, standardize, horizon, width, depth, time_frequencies, epochs, batch_size, lr,
                     weight_decay, patience, heldout_fraction, early_stopping_fraction, early_stopping, seed,
-                    progress, cfg)
+                    progress, cfg, compile)
     return _fit(MemorySource(trajectories), SingleProcess(), "exact", opts)
 
 

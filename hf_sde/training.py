@@ -7,6 +7,7 @@ tensors; nothing per batch goes through Python floats.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable
 
@@ -14,6 +15,8 @@ import torch
 from torch.nn import functional as F
 
 from .heads import SDEHeads
+
+logger = logging.getLogger(__name__)
 
 HALF_LOG_2PI = 0.5 * math.log(2 * math.pi)
 GRAD_CLIP = 10.0
@@ -46,13 +49,25 @@ class HeadsOnInputs:
                 p.copy_(s)
 
 
-def make_optimizer(heads: SDEHeads, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+def make_optimizer(heads: SDEHeads, lr: float, weight_decay: float, fused: bool = True) -> torch.optim.Optimizer:
     """AdamW; the linear drift (already at its least-squares optimum) gets a 10x smaller step and no decay,
-    so Adam's unit-size first steps do not knock it off while the MLPs learn the nonlinear correction."""
+    so Adam's unit-size first steps do not knock it off while the MLPs learn the nonlinear correction.
+
+    ``fused=True`` uses the one-kernel AdamW update (CPU and CUDA in torch >= 2.4): at batch 512 the
+    per-tensor update was ~20 % of an epoch on CPU (1.1 ms of ~5 ms per batch). The same update rule, so
+    the fit agrees with the unfused one up to float rounding. Where the fused kernel is refused (a device or
+    dtype without it), the default implementation is used.
+    """
     linear = list(heads.drift_linear.parameters())
     others = [p for n, p in heads.named_parameters() if not n.startswith("drift_linear.")]
-    return torch.optim.AdamW([{"params": others, "lr": lr, "weight_decay": weight_decay},
-                              {"params": linear, "lr": lr * 0.1, "weight_decay": 0.0}])
+    groups = [{"params": others, "lr": lr, "weight_decay": weight_decay},
+              {"params": linear, "lr": lr * 0.1, "weight_decay": 0.0}]
+    if fused:
+        try:
+            return torch.optim.AdamW(groups, fused=True)
+        except (RuntimeError, ValueError) as e:
+            logger.info("fused AdamW unavailable (%s); using the default implementation", e)
+    return torch.optim.AdamW(groups)
 
 
 def _sync(params: list[torch.Tensor], parts: torch.Tensor, n_local: int, count: int | None, env) -> tuple[int, torch.Tensor]:
@@ -71,21 +86,60 @@ def _sync(params: list[torch.Tensor], parts: torch.Tensor, n_local: int, count: 
     return n, bundle[-3:-1]
 
 
-def _train_epoch(model: HeadsOnInputs, opt: torch.optim.Optimizer, data, env, epoch: int) -> tuple[int, torch.Tensor]:
+def batch_parts(model: HeadsOnInputs, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+    """Summed ``[drift, diffusion]`` NLL parts of one batch, per dimension (the training objective's terms)."""
+    mean, std = model(x)
+    r = (dz - mean) / std
+    return torch.stack([0.5 * r.pow(2).sum(), std.log().sum()]) / model.d
+
+
+class BatchLoss:
+    """:func:`batch_parts` as the loop calls it: eager, or ``torch.compile``-d (inductor; the backward through
+    AOTAutograd) for the one batch shape that repeats.
+
+    The compiled graph is specialised to ``rows`` rows (``dynamic=False``: no shape guards, no symbolic
+    shapes); any other batch (the last, partial one of an epoch) runs eagerly, so every transition is still
+    trained on exactly as in eager mode. With ``rows=None`` (per-process batch sizes that vary, e.g. the
+    multi-process exact fit) one dynamic-shape graph serves all batches.
+    """
+
+    def __init__(self, model: HeadsOnInputs, compile: bool = False, rows: int | None = None):
+        self.model, self.rows = model, rows
+        self.compiled = None
+        if compile:
+            self.compiled = torch.compile(self._eager, dynamic=rows is None, fullgraph=True)
+
+    def _eager(self, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        return batch_parts(self.model, x, dz)
+
+    def __call__(self, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
+        if self.compiled is None or (self.rows is not None and x.shape[0] != self.rows):
+            return self._eager(x, dz)
+        try:
+            return self.compiled(x, dz)
+        except Exception as e:  # inductor needs a working C++ (CPU) or Triton (GPU) toolchain
+            raise RuntimeError(f"compile=True: torch.compile of the training loss failed ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else ''}). Fit without --compile / "
+                               "compile=False (same result, eager speed).") from e
+
+
+def _train_epoch(model: HeadsOnInputs, opt: torch.optim.Optimizer, data, env, epoch: int,
+                 loss: BatchLoss | None = None) -> tuple[int, torch.Tensor]:
     """One pass over the global batches; returns (transitions seen, summed [drift, diffusion] parts)."""
-    d, params = model.d, model.params
+    params = model.params
+    loss = loss or BatchLoss(model)
     seen, sums = 0, torch.zeros(2, dtype=torch.float64)
+    sync = env.world_size > 1
     for batch, count in data.batches(epoch):
         for p in params:
             p.grad = None
-        parts = torch.zeros(2)
         if batch is not None and len(batch):
-            mean, std = model(batch.x)
-            r = (batch.dz - mean) / std
-            parts = torch.stack([0.5 * r.pow(2).sum(), std.log().sum()]) / d
+            parts = loss(batch.x, batch.dz)
             (parts.sum() / (count or 1)).backward()
             parts = parts.detach()
-        if env.world_size > 1 or count is None:
+        else:
+            parts = torch.zeros(2)
+        if sync or count is None:
             count, parts = _sync(params, parts, 0 if batch is None else len(batch), count, env)
             if count == 0:  # stream mode: every process is out of batches
                 break
@@ -97,10 +151,12 @@ def _train_epoch(model: HeadsOnInputs, opt: torch.optim.Optimizer, data, env, ep
 
 
 def train_heads(model: HeadsOnInputs, data, env, has_es: bool, epochs, *, lr: float, weight_decay: float,
-                patience: int, evaluate: Callable) -> tuple[dict[str, list[float]], int]:
+                patience: int, evaluate: Callable, compile: bool = False) -> tuple[dict[str, list[float]], int]:
     """AdamW with a cosine schedule and early stopping on the early-stopping data (else the training loss);
-    the best state (epoch -1: the OU starting point) is restored. Returns (history, best epoch)."""
+    the best state (epoch -1: the OU starting point) is restored. Returns (history, best epoch).
+    ``compile``: :class:`BatchLoss` compiles the per-batch loss for ``data.full_rows``-row batches."""
     opt = make_optimizer(model.heads, lr, weight_decay)
+    loss = BatchLoss(model, compile, data.full_rows)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(len(epochs), 1), eta_min=lr * 0.05)
     history: dict[str, list[float]] = {f"{s}_{p}": [] for s in ("train", "val") for p in ("total", "drift", "diffusion")}
     history["early_stopping"] = []
@@ -111,7 +167,7 @@ def train_heads(model: HeadsOnInputs, data, env, has_es: bool, epochs, *, lr: fl
 
     best, bad = (monitor(math.inf), -1, model.state()), 0
     for epoch in epochs:
-        seen, sums = _train_epoch(model, opt, data, env, epoch)
+        seen, sums = _train_epoch(model, opt, data, env, epoch, loss)
         sched.step()
         drift, diffusion = float(sums[0]) / max(seen, 1), float(sums[1]) / max(seen, 1) + HALF_LOG_2PI
         for k, v in (("drift", drift), ("diffusion", diffusion), ("total", drift + diffusion)):

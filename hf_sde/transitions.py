@@ -238,6 +238,9 @@ class ExactData:
             self.es_ids, self.train_ids = perm[:n_es], perm[n_es:]
         es_local = self.local_of[self.es_ids]
         self.es = self.train.rows(es_local[es_local >= 0])
+        #: Rows of every full batch on this process (None: they vary, as when transitions are spread over
+        #: processes); a compiled loss is specialised to it.
+        self.full_rows = batch_size if len(self.local_of) == len(self.train.x) else None
 
     def chunks(self, kind: str, size: int = 65536) -> Iterator[Chunk]:
         """``kind``: "train" (all training transitions), "es" (early-stopping ones) or "heldout"."""
@@ -277,6 +280,7 @@ class StreamData:
                  world_size: int, rank: int):
         self.plan, self.project, self.features, self.d = plan, project, features, d
         self.batch_size, self.rank = max(1, batch_size // world_size), rank
+        self.full_rows = self.batch_size  # rows of every full local batch (see ExactData.full_rows)
 
     def _local(self, kind: str, sequences: Iterator | None = None) -> Iterator[tuple[int, Chunk]]:
         plan = self.plan

@@ -315,3 +315,130 @@ def test_heads_record_heldout_groups_as_hashes():
     assert recorded == {group_hash(groups[i]) for i in res.heldout_indices}
     assert not recorded & {group_hash(groups[i]) for i in res.train_indices}
     assert group_hash(" prompt 0 ") == hashlib.sha1(b"prompt 0").hexdigest()[:12]
+
+
+def simulate_double_well(num_paths: int = 24, steps: int = 81, seed: int = 0) -> Trajectories:
+    """2-D paths of dZ = 8 (Z - Z^3) dt + 0.5 dW: a drift the linear (OU) start cannot express, so training
+    moves the heads away from it (best epoch >= 0) and fits can be compared weight by weight."""
+    g = torch.Generator().manual_seed(seed)
+    dt = 1.0 / steps
+    paths = []
+    for _ in range(num_paths):
+        z = torch.empty(steps, 2)
+        z[0] = 1.5 * torch.randn(2, generator=g)
+        for k in range(steps - 1):
+            z[k + 1] = z[k] + 8 * (z[k] - z[k] ** 3) * dt + 0.5 * math.sqrt(dt) * torch.randn(2, generator=g)
+        paths.append(z)
+    return Trajectories(paths, layer=0, hidden_size=2, num_layers=1, model_id="simulated/double-well")
+
+
+# 1520 training transitions: 15 full batches of 100 and a last one of 20 (run eagerly under compile).
+WELL_FIT = dict(proj_dim=None, standardize=False, epochs=4, width=16, progress=False, seed=0, batch_size=100, lr=1e-2)
+
+
+@pytest.fixture(scope="module")
+def well_fit():
+    traj = simulate_double_well()
+    result = fit_heads(traj, **WELL_FIT)
+    assert result.best_epoch >= 0 and result.heldout_nll["neural"] < result.heldout_nll["ou"] - 0.1
+    return traj, result
+
+
+def _assert_same_fit(a, b, tol: float) -> None:
+    assert a.best_epoch == b.best_epoch
+    for k in ("train_total", "val_total", "early_stopping"):
+        assert a.history[k] == pytest.approx(b.history[k], abs=tol), k
+    for name, tensor in a.heads.state_dict().items():
+        torch.testing.assert_close(b.heads.state_dict()[name], tensor, atol=tol, rtol=0.0, msg=name)
+    for k, v in a.heldout_nll.items():
+        assert b.heldout_nll[k] == pytest.approx(v, abs=tol), k
+
+
+def test_fused_adamw_fit_equals_the_unfused_one(well_fit, monkeypatch):
+    """The fit's AdamW is the fused kernel; the per-tensor implementation it replaced gives the same fit."""
+    import hf_sde.training as training
+
+    traj, fused = well_fit
+    heads = fused.heads
+    assert training.make_optimizer(heads, 1e-3, 0.0).defaults["fused"]
+    original = training.make_optimizer
+    monkeypatch.setattr(training, "make_optimizer", lambda h, lr, wd: original(h, lr, wd, fused=False))
+    unfused = fit_heads(traj, **WELL_FIT)
+    _assert_same_fit(fused, unfused, 1e-5)
+
+
+def test_optimizer_falls_back_when_fused_is_refused(monkeypatch):
+    """A device or dtype without the fused kernel gets the default AdamW, with the same parameter groups."""
+    heads = fit_heads(simulate_double_well(num_paths=8), **{**WELL_FIT, "epochs": 0}).heads
+    real = torch.optim.AdamW
+
+    def refuse_fused(params, **kw):
+        if kw.get("fused"):
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    import hf_sde.training as training
+
+    monkeypatch.setattr(training.torch.optim, "AdamW", refuse_fused)
+    opt = training.make_optimizer(heads, 1e-3, 1e-4)
+    assert not opt.defaults.get("fused")
+    assert [g["lr"] for g in opt.param_groups] == [1e-3, pytest.approx(1e-4)]
+    assert [g["weight_decay"] for g in opt.param_groups] == [1e-4, 0.0]
+
+
+def test_compiled_loss_fit_equals_eager(well_fit):
+    """compile=True: the same fit up to float rounding, the last partial batch included."""
+    from torch._dynamo.utils import counters
+
+    traj, eager = well_fit
+    before = counters["stats"]["unique_graphs"]
+    compiled = fit_heads(traj, compile=True, **WELL_FIT)
+    assert counters["stats"]["unique_graphs"] > before  # it did compile
+    _assert_same_fit(eager, compiled, 1e-5)
+
+
+def test_compiled_loss_runs_other_batch_shapes_eagerly():
+    from hf_sde.training import BatchLoss, HeadsOnInputs, batch_parts
+
+    heads = fit_heads(simulate_double_well(num_paths=8), **{**WELL_FIT, "epochs": 0}).heads
+    model = HeadsOnInputs(heads)
+    loss = BatchLoss(model, compile=True, rows=8)
+    calls = []
+    loss.compiled = lambda x, dz: calls.append(len(x)) or batch_parts(model, x, dz)
+    width = heads.config.proj_dim + heads.time_features(torch.zeros(1)).shape[1]
+    for n in (8, 5, 8):
+        out = loss(torch.randn(n, width), torch.randn(n, heads.config.proj_dim))
+        assert out.shape == (2,)
+    assert calls == [8, 8]
+
+
+def test_fit_options_are_checked():
+    traj = simulate_double_well(num_paths=8)
+    with pytest.raises(ValueError, match="batch_size must be a positive integer"):
+        fit_heads(traj, **{**WELL_FIT, "batch_size": 0})
+    with pytest.raises(TypeError, match="compile must be True or False"):
+        fit_heads(traj, compile="yes", **WELL_FIT)
+
+
+def test_dynamic_compiled_loss_equals_eager_on_varying_batches():
+    """rows=None (per-process batch sizes that vary: the multi-process exact fit): one dynamic-shape graph,
+    the same loss and gradients as eager at every size."""
+    from hf_sde.training import BatchLoss, HeadsOnInputs, batch_parts
+
+    heads = fit_heads(simulate_double_well(num_paths=8), **{**WELL_FIT, "epochs": 0}).heads
+    model = HeadsOnInputs(heads)
+    loss = BatchLoss(model, compile=True, rows=None)
+    width = heads.config.proj_dim + heads.time_features(torch.zeros(1)).shape[1]
+    g = torch.Generator().manual_seed(0)
+    for n in (7, 13, 7, 31):
+        x, dz = torch.randn(n, width, generator=g), torch.randn(n, heads.config.proj_dim, generator=g)
+        grads = []
+        for fn in (loss, lambda a, b: batch_parts(model, a, b)):
+            for p in model.params:
+                p.grad = None
+            out = fn(x, dz)
+            out.sum().backward()
+            grads.append((out.detach(), [p.grad.clone() for p in model.params]))
+        torch.testing.assert_close(grads[0][0], grads[1][0], atol=1e-5, rtol=1e-5)
+        for a, b in zip(grads[0][1], grads[1][1], strict=True):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

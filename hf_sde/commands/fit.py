@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+from ..fitting import DEFAULT_BATCH_SIZE
 from ..trajectories import DEFAULT_MAX_LENGTH
 from . import _model
 from ._output import atomic_output_dir, check_output_dir
@@ -26,7 +27,10 @@ def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--fit-batch-size", type=int, default=512, help=fit_batch_size_help)
+    p.add_argument("--fit-batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+                   help=fit_batch_size_help or "training batch size (default: %(default)s)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the training loss (same fit; ~10-20 s to compile, pays on long fits)")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
@@ -105,6 +109,7 @@ def run(args) -> int:
         patience=args.patience, early_stopping=args.early_stopping, progress=not args.quiet,
         base_model=source.get("name_or_path"), base_model_revision=source.get("revision"),
         gguf_file=source.get("gguf_file"), model_type=model.config.model_type, data_description=data_desc,
+        compile=args.compile,
     )
     summary = result.summary()
     with atomic_output_dir(args.out, args.overwrite) as tmp:

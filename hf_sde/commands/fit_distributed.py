@@ -38,7 +38,7 @@ def add_arguments(p) -> None:
     p.add_argument("--shard-size", type=int, default=256, help="documents per trajectory shard")
     p.add_argument("--mode", choices=("exact", "stream"), default="exact",
                    help="exact: equals the single-process fit; stream: one shard in memory at a time")
-    add_fit_arguments(p, fit_batch_size_help="global batch size (all processes together)")
+    add_fit_arguments(p, fit_batch_size_help="global batch size (all processes together; default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder for the heads (written by rank 0; new or empty, "
                                                  "else --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
@@ -104,7 +104,7 @@ def _run(args, env, clear_shards, extract_to_shards, fit_heads_distributed) -> i
         lr=args.lr, batch_size=args.fit_batch_size, heldout_fraction=args.heldout_fraction, seed=args.seed,
         patience=args.patience, progress=not args.quiet, base_model=source.get("name_or_path"),
         base_model_revision=source.get("revision"), gguf_file=source.get("gguf_file"), model_type=model_type,
-        data_description=data_desc, env=env,
+        data_description=data_desc, env=env, compile=args.compile,
     )
     summary = result.summary()
     final_shards = shard_dir if args.shards else os.path.join(args.out, "trajectories")
