@@ -30,7 +30,7 @@ SETTINGS = {
     "smoke": {"cells": [("stories260K", 1), ("smollm2-sized", 8)], "new_tokens": 4, "prompt_tokens": 4,
               "reps": (1, 1, 0), "hook_tokens": 4},
     "default": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 64,
-                "prompt_tokens": 16, "reps": (5, 12, 120), "hook_tokens": 32},
+                "prompt_tokens": 16, "reps": (5, 12, 240), "hook_tokens": 32},
     "full": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 128,
              "prompt_tokens": 16, "reps": (10, 30, 600), "hook_tokens": 64},
 }
@@ -92,7 +92,7 @@ class HookTimer:
     """Accumulates wall time spent inside the SDE runtime's callbacks (monkeypatched for one call)."""
 
     # trace: the end-of-call work (observe mode runs the heads there, once over all steps), so it counts too.
-    METHODS = ("on_forward_pre", "on_read", "on_steer", "on_logits", "trace")
+    METHODS = ("on_forward_pre", "on_read", "on_steer", "on_head_input", "on_logits", "trace")
 
     def __init__(self):
         from hf_sde.control import _Runtime
