@@ -279,24 +279,32 @@ def cached_fit(name: str, key: dict, build: Callable[[], tuple]):
 
 # ----- timing ---------------------------------------------------------------------------------------
 def interleaved(fns: dict[str, Callable[[], object]], *, min_reps: int, max_reps: int, budget_s: float,
-                seed: int = 0, warmup: bool = True) -> tuple[dict[str, list[float]], int]:
+                seed: int = 0, warmup: bool = True,
+                cpu_times: dict[str, list[float]] | None = None) -> tuple[dict[str, list[float]], int]:
     """Time each callable once per round, rounds in shuffled order (A/B interleaving), until ``max_reps``
-    rounds or (after ``min_reps``) ``budget_s`` seconds. Returns per-name lists of seconds and the rounds."""
+    rounds or (after ``min_reps``) ``budget_s`` seconds. Returns per-name lists of seconds and the rounds.
+
+    ``cpu_times``: a dict that receives each call's process CPU seconds too (for one-thread work, the work
+    done, without the time the process waited for a CPU on a shared machine)."""
     rng = random.Random(seed)
     names = list(fns)
     if warmup:
         for n in names:
             fns[n]()
     times: dict[str, list[float]] = {n: [] for n in names}
+    if cpu_times is not None:
+        cpu_times.update({n: [] for n in names})
     start = time.perf_counter()
     rounds = 0
     while rounds < max_reps and (rounds < min_reps or time.perf_counter() - start < budget_s):
         order = names[:]
         rng.shuffle(order)
         for n in order:
-            t0 = time.perf_counter()
+            c0, t0 = time.process_time(), time.perf_counter()
             fns[n]()
             times[n].append(time.perf_counter() - t0)
+            if cpu_times is not None:
+                cpu_times[n].append(time.process_time() - c0)
         rounds += 1
     return times, rounds
 
