@@ -54,6 +54,14 @@ def make_stories(stories_model, stories_trajectories):
     return lambda: stories_bundle(stories_model, stories_trajectories)
 
 
+@pytest.fixture(scope="module", name="sb")
+def enabled_stories(stories_model, stories_trajectories) -> Bundle:
+    """``sb``: one stories260K bundle per test module, with SDE control enabled on its model (a private copy)."""
+    bundle = stories_bundle(stories_model, stories_trajectories)
+    hf_sde.enable_sde_control(bundle.model)
+    return bundle
+
+
 def tiny_llama_config(hidden_size: int = 32, num_layers: int = 3, vocab_size: int = 64) -> LlamaConfig:
     return LlamaConfig(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,

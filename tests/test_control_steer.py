@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import control_fixtures
 import pytest
 import torch
-from control_fixtures import PROMPTS, all_hooks, encode, run, stories_bundle, tiny_bundle
+from control_fixtures import PROMPTS, all_hooks, encode, run, tiny_bundle
 from transformers import GenerationConfig
 
 from hf_sde import SDEControl, enable_sde_control
@@ -13,11 +14,7 @@ from hf_sde.layers import decoder_layers
 NEW = 10
 
 
-@pytest.fixture(scope="module")
-def sb(stories_model, stories_trajectories):
-    bundle = stories_bundle(stories_model, stories_trajectories)
-    enable_sde_control(bundle.model)
-    return bundle
+sb = control_fixtures.enabled_stories  # a fixture: stories260K with SDE control enabled, one per module
 
 
 class Capture:

@@ -9,7 +9,7 @@ import threading
 import control_fixtures
 import pytest
 import torch
-from control_fixtures import PROMPTS, all_hooks, encode, run, stories_bundle, tiny_bundle
+from control_fixtures import PROMPTS, all_hooks, encode, run, tiny_bundle
 from transformers import LogitsProcessor, TextIteratorStreamer
 
 from hf_sde import SDEControl, SDEStep, enable_sde_control, sde_generate
@@ -21,11 +21,7 @@ FIELDS = ("diffusion", "zscore", "drift_norm", "temperature", "steer_norm", "sur
 FLOAT_FIELDS = FIELDS[:-1]
 
 
-@pytest.fixture(scope="module")
-def sb(stories_model, stories_trajectories):
-    bundle = stories_bundle(stories_model, stories_trajectories)
-    enable_sde_control(bundle.model)
-    return bundle
+sb = control_fixtures.enabled_stories  # a fixture: stories260K with SDE control enabled, one per module
 
 
 # ----- the temperature law ----------------------------------------------------------------------------

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import sys
 
+import control_fixtures
 import pytest
 import torch
-from control_fixtures import PROMPTS, REPO, encode, run, stories_bundle
+from control_fixtures import PROMPTS, REPO, encode, run
 from transformers import LogitsProcessorList
 
-from hf_sde import SDEControl, enable_sde_control
+from hf_sde import SDEControl
 
 sys.path.insert(0, str(REPO / "benchmarks"))
 import _designs as D  # noqa: E402
@@ -18,11 +19,7 @@ import _designs as D  # noqa: E402
 NEW = 10
 
 
-@pytest.fixture(scope="module")
-def sb(stories_model, stories_trajectories):
-    bundle = stories_bundle(stories_model, stories_trajectories)
-    enable_sde_control(bundle.model)
-    return bundle
+sb = control_fixtures.enabled_stories  # a fixture: stories260K with SDE control enabled, one per module
 
 
 def _sample(sb, make_processor, seed=0, **kw):
