@@ -1,10 +1,11 @@
 """Decoding-time SDE control: ``model.generate(..., sde_control=SDEControl(heads, ...))``.
 
 Per decoding step, one forward hook at the heads' layer reads the hidden state of the newest position and
-runs the fused step (:class:`_FusedHeads`): one matmul for the projection, one for the first MLP layers and the
-linear drift, drift and diffusion nets side by side, time features looked up in a table
-built once per call, statistics computed in a work row whose views are bound once and saved into buffers
-preallocated per call. Nothing in the step path reads a tensor value on the host, so it never waits for the
+runs the fused step (:class:`_FusedHeads`): one matmul for the projection, then only the nets the control reads
+(the diffusion net for the temperature, the drift net for drift steering; none in observe mode), each as a few
+dense calls with its time features looked up in a table built once per call. Statistics are computed in a work
+row whose views are bound once and saved into buffers preallocated per call; the nets no control read run once
+over all steps when the trace is built. Nothing in the step path reads a tensor value on the host, so it never waits for the
 device. In temperature modes the step's temperature divides the LM head's input where that equals dividing the
 logits (:func:`_temperature_head`), else a logits processor divides the logits; a hook (the same one when the
 layers coincide) adds a steering vector to the newest position only, so positions already in the KV cache
@@ -214,69 +215,63 @@ def _linears(net: torch.nn.Module) -> list[torch.nn.Linear]:
     return [m for m in net.modules() if isinstance(m, torch.nn.Linear)]
 
 
-def _block_diag_t(a: torch.nn.Linear, b: torch.nn.Linear) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(in_a + in_b, out_a + out_b)`` weight (transposed, for ``addmm``) and bias of two side-by-side layers."""
-    return torch.block_diag(a.weight, b.weight).T.contiguous(), torch.cat([a.bias, b.bias])
+NETS = ("drift", "diffusion")
 
 
-# A step's record is one row of 3d + 5 floats: z | mu dt | sigma sqrt(dt) | these statistics. diffusion and
-# drift_norm are adjacent so that one matmul gives both squared norms.
-_COLS = ("diffusion", "drift_norm", "zscore", "temperature", "steer_norm")
+class _FusedNet:
+    """One head MLP (drift or diffusion) as dense calls: ``out = silu(...silu(t_row + z W)...) W_out + (z L + b)``.
 
+    The first layer's time part, its bias and the output bias (plus the linear drift's bias) form a table row per
+    time index; the first layer's ``z`` part and the linear drift (zero for the diffusion net) are one
+    ``(d, w + d)`` matrix added to that row in place, so a step starts with two calls.
+    """
 
-def _column(d: int, name: str) -> int:
-    """Where statistic ``name`` sits in a step's record."""
-    return 3 * d + _COLS.index(name)
+    @torch.no_grad()
+    def __init__(self, net: torch.nn.Module, linear: torch.nn.Linear | None, d: int, f32: dict):
+        layers = _linears(net)
+        first, out = layers[0], layers[-1]
+        self.width = first.out_features
+        skip = linear.weight if linear is not None else torch.zeros(d, d, device=first.weight.device)
+        self.first = torch.cat([first.weight[:, :d], skip]).T.contiguous().to(**f32)   # (d, w + d)
+        self._w_t = first.weight[:, d:].detach().T.to(**f32)                                     # (1 + 2F, w)
+        self._b1 = first.bias.detach().to(**f32)
+        self._b_out = (out.bias + (linear.bias if linear is not None else 0)).detach().to(**f32)
+        self.hidden = [(a.weight.T.contiguous().to(**f32), a.bias.detach().to(**f32)) for a in layers[1:-1]]
+        self.out_w = out.weight.T.contiguous().to(**f32)                                # (w, d)
+        self.table: torch.Tensor | None = None
+
+    def time_table(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(n, w + d)``: ``[first layer's time part + bias | output bias]`` for ``n`` time-feature rows."""
+        return torch.cat([torch.addmm(self._b1, feats, self._w_t), self._b_out.expand(feats.shape[0], -1)], 1)
 
 
 class _FusedHeads:
-    """The heads' step as a few dense calls, built once per ``generate`` call on the model's device.
+    """The heads' step as a few dense calls per net, built once per ``generate`` call on the model's device.
 
-    ``z = (h - m) @ (P / s)`` is one matmul; the ``z`` part of both nets' first layers, the linear drift and the
-    output biases share a second one; the time part of the first layers is a table over every time index of the
-    call; the hidden layers of the two nets run side by side on halves of one work tensor, and the output layers
-    as one block-diagonal matrix that adds the linear drift through its ``addmm`` input. Both norms of the
-    output are one matmul of its squares with the constants folded in. It equals
-    ``heads(heads.project(h), heads.times(k))`` up to float rounding (tests/test_control_fused.py).
+    ``z = (h - m) @ (P / s)`` is one matmul; each net (:class:`_FusedNet`) then runs on its own, so a step runs
+    only the nets its control reads (the diffusion net for the temperature, the drift net for drift steering) and
+    the rest runs once over all steps when the trace is built. It equals ``heads(heads.project(h),
+    heads.times(k))`` up to float rounding (tests/test_control_fused.py).
     """
 
     @torch.no_grad()
     def __init__(self, heads, device: torch.device, n_times: int, time_origin: str, control: SDEControl):
         cfg = heads.config
         f32 = dict(device=device, dtype=torch.float32)
-        d = cfg.proj_dim
-        drift, diff = _linears(heads.drift_net), _linears(heads.diffusion_net)
-        first_d, first_s = drift[0].weight, diff[0].weight
-        self.d, self.width = d, first_d.shape[0] + first_s.shape[0]
+        d = self.d = cfg.proj_dim
         self.mean = heads.proj_mean.to(**f32)
         self.basis = (heads.proj_basis.double() / heads.proj_scale.double()).to(**f32)  # (D, d)
-        out_w, out_b = _block_diag_t(drift[-1], diff[-1])
-        # (d, 2w + 2d) and its bias: [drift first layer | diffusion first layer | linear drift | 0], z part only;
-        # the bias is [0 (the time table has the first layers' biases) | output biases + linear drift bias].
-        self.first = torch.cat([first_d[:, :d], first_s[:, :d], heads.drift_linear.weight,
-                                torch.zeros_like(heads.drift_linear.weight)]).T.contiguous().to(**f32)
-        self.first_bias = torch.cat([torch.zeros(self.width, device=out_b.device, dtype=out_b.dtype),
-                                     out_b + torch.cat([heads.drift_linear.bias, torch.zeros_like(diff[-1].bias)])
-                                     ]).to(**f32)
+        self.nets = {"drift": _FusedNet(heads.drift_net, heads.drift_linear, d, f32),
+                     "diffusion": _FusedNet(heads.diffusion_net, None, d, f32)}
         self.time_origin, self.horizon = time_origin, float(cfg.horizon)
-        self._w_t = torch.cat([first_d[:, d:], first_s[:, d:]]).T.to(**f32)   # (1 + 2F, 2w)
-        self._b1 = torch.cat([drift[0].bias, diff[0].bias]).to(**f32)
         self._heads = heads
-        self.table = self.time_table(n_times)
-        # Hidden layers side by side, each net's own (w, w) weight: a block-diagonal (2w, 2w) matrix would be one
-        # call but twice the bytes, and on CPU those evict the model's weights from the cache between tokens.
-        self.hidden = [tuple(t.detach().to(**f32) for t in (a.weight.T.contiguous(), a.bias,
-                                                            b.weight.T.contiguous(), b.bias))
-                       for a, b in zip(drift[1:-1], diff[1:-1], strict=True)]
-        self.out_w = out_w.to(**f32)
+        self.time_tables(n_times)
         self.lift = (heads.proj_basis * heads.proj_scale).T.contiguous().to(**f32)  # (d, D): v = dz @ lift
-        # [diffusion, drift_norm]^2 = [mu dt | sigma sqrt(dt)]^2 @ norms: s = ||sigma|| / sqrt(d dt), ||mu||.
-        self.norms = torch.zeros(2 * d, 2, **f32)
-        self.norms[d:, 0] = 1.0 / (d * cfg.dt)
-        self.norms[:d, 1] = 1.0 / cfg.dt ** 2
         # Scalars as 0-dim tensors: a Python number in a tensor op is wrapped into a new tensor at every call.
         scalar = functools.partial(torch.tensor, **f32)
         self.sigma_floor = scalar(cfg.sigma_floor)
+        # diffusion s = ||sigma sqrt(dt)|| / sqrt(d dt); drift norm ||mu|| = ||mu dt|| / dt.
+        self.diffusion_scale, self.drift_scale = scalar(1.0 / math.sqrt(d * cfg.dt)), scalar(1.0 / cfg.dt)
         # zscore = (log s - mean) / std = log s * z_scale + z_shift.
         self.z_scale = 1.0 / float(cfg.log_diffusion_std)
         self.z_shift = scalar(-float(cfg.log_diffusion_mean) * self.z_scale)
@@ -285,36 +280,52 @@ class _FusedHeads:
         self.tau_bounds = (control.min_temperature, control.max_temperature)
 
     @torch.no_grad()
-    def time_table(self, n: int) -> torch.Tensor:
-        """``(n, 2w)``: the time part of the first layers (biases included) for time indices ``0..n-1``."""
-        k = torch.arange(n, device=self._b1.device)
-        feats = self._heads.time_features(k.to(torch.float32) / self.horizon)
-        return torch.addmm(self._b1, feats.to(self._b1), self._w_t)
+    def time_tables(self, n: int) -> None:
+        """Each net's table over time indices ``0..n-1`` (grown with the step buffers)."""
+        k = torch.arange(n, device=self.mean.device)
+        feats = self._heads.time_features(k.to(torch.float32) / self.horizon).to(self.mean)
+        for net in self.nets.values():
+            net.table = net.time_table(feats)
+
+    @property
+    def n_times(self) -> int:
+        return self.nets["drift"].table.shape[0]
+
+
+# A step's record is one row of 3d + 5 floats: z | mu dt | sigma sqrt(dt) | these statistics.
+_COLS = ("diffusion", "drift_norm", "zscore", "temperature", "steer_norm")
+
+
+def _column(d: int, name: str) -> int:
+    """Where statistic ``name`` sits in a step's record."""
+    return 3 * d + _COLS.index(name)
 
 
 class _Rows:
-    """Named views of a block of step records ``(N, 3d + 5)`` plus the work tensors of one step over it.
+    """Named views of a block of step records ``(N, 3d + 5)`` plus each net's work tensors over it.
 
     Bound once (for the current step, and for the deferred pass over all steps): a view costs microseconds,
     which the step path would otherwise pay a dozen times per token.
     """
 
-    def __init__(self, block: torch.Tensor, fused: _FusedHeads):
+    def __init__(self, block: torch.Tensor, fused: _FusedHeads, nets: tuple[str, ...]):
         d, n = fused.d, block.shape[0]
         e = functools.partial(torch.empty, device=block.device, dtype=torch.float32)
         self.block = block
-        self.z, self.out, self.mean, self.std = block[:, :d], block[:, d:3 * d], block[:, d:2 * d], block[:, 2 * d:3 * d]
-        self.norms = block[:, 3 * d:3 * d + 2]
+        self.z, self.mean, self.std = block[:, :d], block[:, d:2 * d], block[:, 2 * d:3 * d]
         for name in _COLS:
             setattr(self, name, block[:, _column(d, name)])
         tau = _column(d, "temperature")
         self.tau = block[:, tau:tau + 1]                       # (N, 1): divides the logits
-        self.first = e(n, fused.first.shape[1])
-        self.first_time, self.first_out = self.first[:, :fused.width], self.first[:, fused.width:]
-        self.act = (e(n, fused.width), e(n, fused.width))
-        half = fused.width // 2
-        self.halves = tuple((a[:, :half], a[:, half:]) for a in self.act)  # each net's part of act
-        self.squares, self.zero = e(n, 2 * d), torch.zeros(n, d, device=block.device)
+        self.dest = {"drift": self.mean, "diffusion": self.std}
+        # Per net that runs over these rows: the first layer's output [pre-activation | output bias + linear
+        # drift], and a spare for the hidden layers (they alternate between the pre-activation view and the spare).
+        self.work = {}
+        for name in nets:
+            net = fused.nets[name]
+            first = e(n, net.width + d)
+            self.work[name] = (first, first[:, :net.width], first[:, net.width:], e(n, net.width))
+        self.zero = torch.zeros(n, d, device=block.device)
 
 
 @dataclass
@@ -332,10 +343,11 @@ class _StepBuffers:
     centered: torch.Tensor   # (batch, D)
 
     @classmethod
-    def allocate(cls, fused: _FusedHeads, batch: int, hidden_size: int, capacity: int, base_temperature: float):
+    def allocate(cls, fused: _FusedHeads, nets: tuple[str, ...], batch: int, hidden_size: int, capacity: int,
+                 base_temperature: float):
         dev = fused.basis.device
         width = 3 * fused.d + len(_COLS)
-        cur = _Rows(torch.full((batch, width), float("nan"), device=dev), fused)
+        cur = _Rows(torch.full((batch, width), float("nan"), device=dev), fused, nets)
         cur.temperature.fill_(base_temperature)
         cur.steer_norm.zero_()
         return cls(torch.empty(capacity, batch, width, device=dev), torch.full((capacity, batch), -1, device=dev,
@@ -394,6 +406,18 @@ class _CallSetup:
     scale_head_input: bool = False  # the temperature divides the LM head's input (see _temperature_head)
 
 
+def _nets_per_step(control: SDEControl) -> tuple[str, ...]:
+    """The nets whose output a step of ``control`` reads before its token is sampled."""
+    if control.callback is not None:  # live statistics: everything, every step
+        return NETS
+    need = set()
+    if control.controls_temperature or (control.steers and control.gate != "always"):
+        need.add("diffusion")
+    if control.steers and isinstance(control.direction, str) and control.direction == "drift":
+        need.add("drift")
+    return tuple(n for n in NETS if n in need)
+
+
 class _Runtime:
     """The per-call state shared by the hooks and the logits processor (lives for one ``generate`` call)."""
 
@@ -422,8 +446,9 @@ class _Runtime:
         self.positions: torch.Tensor | None = None
         self.unit: torch.Tensor | None = None
         self.handles: list = []
-        # Observe without a live callback needs nothing per step but the state: the heads run once at the end.
-        self.deferred = control.mode == "observe" and control.callback is None
+        # The nets a step needs now (what its control reads); the others run once over all steps in trace().
+        self.now = _nets_per_step(control)
+        self.later = tuple(n for n in NETS if n not in self.now)
         # Temperature applied to the LM head's input (a few hundred numbers per row) instead of the logits (the
         # vocabulary): set by install() where that gives the same scores (see _temperature_head).
         self.head_scaled = 0     # steps whose LM-head input was divided by their temperature
@@ -468,11 +493,9 @@ class _Runtime:
         f, cur = self.fused, buf.cur
         torch.sub(hidden[:, -1], f.mean, out=buf.centered)  # float32 whatever the model's dtype
         torch.mm(buf.centered, f.basis, out=cur.z)
-        pos = torch.clamp(self._positions(k, hidden), 0, f.table.shape[0] - 1, out=buf.cur_positions)
-        if self.deferred:  # observe without a callback: the heads run once over all steps, in trace()
-            return None
-        self._heads_step(cur, pos if self.origin == "sequence" else f.table[k])
-        self._record(cur)
+        pos = torch.clamp(self._positions(k, hidden), 0, f.n_times - 1, out=buf.cur_positions)
+        for name in self.now:  # none for observe without a callback: the heads then run in trace()
+            self._net_step(cur, name, pos if self.origin == "sequence" else k)
         steered = None
         if self.control.steers:
             self._direction(cur)
@@ -486,56 +509,53 @@ class _Runtime:
             self.control.callback(SDEStep(k, *(buf.stat(name, k) for name in _STATS), self._surprise_previous(k)))
         return steered
 
-    def _heads_step(self, rows: _Rows, time: torch.Tensor) -> None:
-        """The fused drift / diffusion step for ``rows.z`` (N, d): ``rows.out`` gets ``[mu dt | sigma sqrt(dt)]``.
+    def _net_step(self, rows: _Rows, name: str, time: torch.Tensor | int) -> None:
+        """Net ``name`` (``"drift"`` / ``"diffusion"``) on ``rows.z`` (N, d) into ``rows.mean`` / ``rows.std``,
+        and the statistics that need only its output.
 
-        ``time`` is either the rows' time indices (N,) into the table or one table row (2w,) shared by all.
-        The one implementation of the step: per decoding step (N = batch) and, for deferred observe calls,
-        once over every step of the call (N = steps * batch).
+        ``time`` is the rows' time indices (N,) into the net's table, or one index shared by all rows. The one
+        implementation of the step: per decoding step (N = batch) and, for the nets no control reads, once over
+        every step of the call (N = steps * batch).
         """
         f = self.fused
-        torch.addmm(f.first_bias, rows.z, f.first, out=rows.first)
-        act, spare = rows.act
-        act_h, spare_h = rows.halves
-        if time.dim() == 1 and time.dtype == torch.long:
-            torch.index_select(f.table, 0, time, out=act)
-            act.add_(rows.first_time)
+        net = f.nets[name]
+        first, act, first_out, spare = rows.work[name]
+        if isinstance(time, int):
+            first.copy_(net.table[time])
         else:
-            torch.add(rows.first_time, time, out=act)
+            torch.index_select(net.table, 0, time, out=first)
+        first.addmm_(rows.z, net.first)               # [first layer | linear drift + output bias]
         torch.nn.functional.silu(act, inplace=True)
-        for w_d, b_d, w_s, b_s in f.hidden:
-            torch.addmm(b_d, act_h[0], w_d, out=spare_h[0])
-            torch.addmm(b_s, act_h[1], w_s, out=spare_h[1])
+        for w, b in net.hidden:
+            torch.addmm(b, act, w, out=spare)
             torch.nn.functional.silu(spare, inplace=True)
-            act, spare, act_h, spare_h = spare, act, spare_h, act_h
-        torch.addmm(rows.first_out, act, f.out_w, out=rows.out)  # + biases and the linear drift
-        std = rows.std
-        torch.logaddexp(std, rows.zero, out=std)             # softplus
-        std.add_(f.sigma_floor)
-
-    def _record(self, rows: _Rows) -> None:
-        """Diffusion, drift norm, z-score (and the temperature) of ``rows.out`` into the rows' statistics."""
-        f = self.fused
-        torch.mul(rows.out, rows.out, out=rows.squares)
-        torch.mm(rows.squares, f.norms, out=rows.norms).sqrt_()
+            act, spare = spare, act
+        out = rows.dest[name]
+        torch.addmm(first_out, act, net.out_w, out=out)
+        if name == "drift":
+            torch.linalg.vector_norm(out, dim=-1, out=rows.drift_norm).mul_(f.drift_scale)
+            return
+        torch.logaddexp(out, rows.zero, out=out)      # softplus
+        out.add_(f.sigma_floor)
+        torch.linalg.vector_norm(out, dim=-1, out=rows.diffusion).mul_(f.diffusion_scale)
         torch.log(rows.diffusion, out=rows.zscore)
         torch.add(f.z_shift, rows.zscore, alpha=f.z_scale, out=rows.zscore)
-        if self.control.controls_temperature:  # the ops of SDEControl.temperature_law
+        if self.control.controls_temperature and rows is self.buf.cur:  # the ops of SDEControl.temperature_law
             temperature = rows.temperature
             torch.mul(rows.zscore, f.neg_beta, out=temperature).exp_().mul_(f.tau0)
             temperature.clamp_(*f.tau_bounds)
 
     def _run_deferred(self, n: int) -> None:
-        """Observe mode: the heads over the ``n`` recorded steps at once (same step function, N = n * batch)."""
-        buf, f = self.buf, self.fused
+        """The nets no control read, over the ``n`` recorded steps at once (the same step, N = n * batch)."""
+        buf = self.buf
         batch = buf.records.shape[1]
-        rows = _Rows(buf.records[:n].view(n * batch, -1), f)
+        rows = _Rows(buf.records[:n].view(n * batch, -1), self.fused, self.later)
         if self.origin == "sequence":
             time = buf.positions[:n].reshape(-1)
-        else:  # prompt_end: step k's row is table[k] for every sequence
-            time = f.table[:n].repeat_interleave(batch, dim=0)
-        self._heads_step(rows, time)
-        self._record(rows)
+        else:  # prompt_end: step k's time index is k for every sequence
+            time = torch.arange(n, device=buf.positions.device).repeat_interleave(batch)
+        for name in self.later:
+            self._net_step(rows, name, time)
 
     def _direction(self, cur: _Rows) -> None:
         self.unit = self.control.steering_vector(cur.mean, cur.z, cur.zscore, lambda v: v @ self.fused.lift,
@@ -584,11 +604,11 @@ class _Runtime:
 
     def _buffers(self, hidden: torch.Tensor, k: int) -> _StepBuffers:
         if self.buf is None:
-            self.buf = _StepBuffers.allocate(self.fused, hidden.shape[0], hidden.shape[-1], self.setup.capacity,
+            self.buf = _StepBuffers.allocate(self.fused, self.now, hidden.shape[0], hidden.shape[-1], self.setup.capacity,
                                              self.setup.base_temperature)
         while k >= self.buf.capacity:
             self.buf = self.buf.grown()
-            self.fused.table = self.fused.time_table(self.buf.capacity + self.setup.prompt_width + 1)
+            self.fused.time_tables(self.buf.capacity + self.setup.prompt_width + 1)
         return self.buf
 
     def _surprise_previous(self, k: int) -> torch.Tensor | None:
@@ -641,7 +661,7 @@ class _Runtime:
             return SDETrace(**{name: empty.clone() for name in (*_STATS, "surprise")}, positions=empty.long())
         buf, d = self.buf, self.fused.d
         buf.save(self.step - 1)
-        if self.deferred:
+        if self.later:
             self._run_deferred(n)
         stats = {name: buf.stat(name, slice(n)).T.float().cpu() for name in _STATS}
         surprise = torch.full((rows, n), float("nan"))

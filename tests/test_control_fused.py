@@ -29,11 +29,24 @@ def _with_origin(heads, origin: str):
     return heads
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["deferred", "per-step"])
+# Which nets run per step (the rest once over all steps in the trace) depends on what the control reads.
+STEP_SPLITS = {
+    "observe-deferred": ((), dict(mode="observe")),
+    "observe-live": (("drift", "diffusion"), dict(mode="observe", callback=lambda step: None)),
+    "temperature": (("diffusion",), dict(mode="temperature", beta=0.5)),
+    "steer-drift": (("drift",), dict(mode="steer", alpha=0.05)),
+    "steer-attractor": ((), dict(mode="steer", alpha=0.05, direction="attractor")),
+    "steer-gated": (("drift", "diffusion"), dict(mode="temperature+steer", alpha=0.05, gate="sigmoid")),
+}
+
+
+@pytest.mark.parametrize("split", list(STEP_SPLITS))
 @pytest.mark.parametrize("origin", ["sequence", "prompt_end"])
-def test_fused_step_equals_heads(origin, live):
-    """The trace equals the heads applied post hoc, whether the step runs per decoding step (a callback wants
-    live stats) or once over all steps at the end (observe without a callback)."""
+def test_fused_step_equals_heads(origin, split):
+    """The trace equals the heads applied post hoc, whichever nets run per decoding step (those the control
+    reads: all when a callback wants live stats) and whichever run once over all steps when the trace is built."""
+    nets, ctl_kwargs = STEP_SPLITS[split]
+    assert control_module._nets_per_step(SDEControl(tiny_bundle(layer=1).heads, **ctl_kwargs)) == nets
     tb = tiny_bundle(layer=1)
     heads = _with_origin(tb.heads, origin)
     torch.manual_seed(0)  # the random weights below (the test must not depend on what ran before it)
@@ -52,8 +65,7 @@ def test_fused_step_equals_heads(origin, live):
     try:
         out = model.generate(input_ids=ids, attention_mask=(ids != 0).long(), do_sample=False, max_new_tokens=6,
                              eos_token_id=None, return_dict_in_generate=True,
-                             sde_control=SDEControl(heads, mode="observe",
-                                                    callback=(lambda step: None) if live else None))
+                             sde_control=SDEControl(heads, **ctl_kwargs))
     finally:
         handle.remove()
     tr = out.sde_trace
