@@ -275,7 +275,8 @@ class _FusedHeads:
         # zscore = (log s - mean) / std = log s * z_scale + z_shift.
         self.z_scale = 1.0 / float(cfg.log_diffusion_std)
         self.z_shift = scalar(-float(cfg.log_diffusion_mean) * self.z_scale)
-        # The temperature law's ops (SDEControl.temperature_law) with these factors: bitwise the same values.
+        # The temperature law's ops (SDEControl.temperature_law) with these factors: bitwise the same values. (A
+        # power of the norm would skip the log / exp, but differs from the law of the recorded z-score by 1e-4.)
         self.neg_beta, self.tau0 = scalar(-control.beta), scalar(control.temperature)
         self.tau_bounds = (control.min_temperature, control.max_temperature)
 
@@ -418,6 +419,13 @@ def _nets_per_step(control: SDEControl) -> tuple[str, ...]:
     return tuple(n for n in NETS if n in need)
 
 
+def _stats_per_step(control: SDEControl) -> tuple[str, ...]:
+    """The nets whose statistics a step of ``control`` reads (the drift norm is read by callbacks only)."""
+    if control.callback is not None:
+        return NETS
+    return ("diffusion",) if control.controls_temperature or (control.steers and control.gate != "always") else ()
+
+
 class _Runtime:
     """The per-call state shared by the hooks and the logits processor (lives for one ``generate`` call)."""
 
@@ -447,8 +455,9 @@ class _Runtime:
         self.unit: torch.Tensor | None = None
         self.handles: list = []
         # The nets a step needs now (what its control reads); the others run once over all steps in trace().
-        self.now = _nets_per_step(control)
+        self.now, self.stats_now = _nets_per_step(control), _stats_per_step(control)
         self.later = tuple(n for n in NETS if n not in self.now)
+        self.stats_later = tuple(n for n in NETS if n not in self.stats_now)
         # Temperature applied to the LM head's input (a few hundred numbers per row) instead of the logits (the
         # vocabulary): set by install() where that gives the same scores (see _temperature_head).
         self.head_scaled = 0     # steps whose LM-head input was divided by their temperature
@@ -496,6 +505,10 @@ class _Runtime:
         pos = torch.clamp(self._positions(k, hidden), 0, f.n_times - 1, out=buf.cur_positions)
         for name in self.now:  # none for observe without a callback: the heads then run in trace()
             self._net_step(cur, name, pos if self.origin == "sequence" else k)
+        for name in self.stats_now:
+            self._stats(cur, name)
+        if self.control.controls_temperature:
+            self._temperature(cur)
         steered = None
         if self.control.steers:
             self._direction(cur)
@@ -510,8 +523,7 @@ class _Runtime:
         return steered
 
     def _net_step(self, rows: _Rows, name: str, time: torch.Tensor | int) -> None:
-        """Net ``name`` (``"drift"`` / ``"diffusion"``) on ``rows.z`` (N, d) into ``rows.mean`` / ``rows.std``,
-        and the statistics that need only its output.
+        """Net ``name`` (``"drift"`` / ``"diffusion"``) on ``rows.z`` (N, d) into ``rows.mean`` / ``rows.std``.
 
         ``time`` is the rows' time indices (N,) into the net's table, or one index shared by all rows. The one
         implementation of the step: per decoding step (N = batch) and, for the nets no control reads, once over
@@ -532,21 +544,27 @@ class _Runtime:
             act, spare = spare, act
         out = rows.dest[name]
         torch.addmm(first_out, act, net.out_w, out=out)
+        if name == "diffusion":
+            torch.logaddexp(out, rows.zero, out=out)  # softplus
+            out.add_(f.sigma_floor)
+
+    def _stats(self, rows: _Rows, name: str) -> None:
+        """The statistics of net ``name``'s output: the drift norm, or the diffusion magnitude and its z-score."""
+        f = self.fused
         if name == "drift":
-            torch.linalg.vector_norm(out, dim=-1, out=rows.drift_norm).mul_(f.drift_scale)
+            torch.linalg.vector_norm(rows.mean, dim=-1, out=rows.drift_norm).mul_(f.drift_scale)
             return
-        torch.logaddexp(out, rows.zero, out=out)      # softplus
-        out.add_(f.sigma_floor)
-        torch.linalg.vector_norm(out, dim=-1, out=rows.diffusion).mul_(f.diffusion_scale)
+        torch.linalg.vector_norm(rows.std, dim=-1, out=rows.diffusion).mul_(f.diffusion_scale)
         torch.log(rows.diffusion, out=rows.zscore)
         torch.add(f.z_shift, rows.zscore, alpha=f.z_scale, out=rows.zscore)
-        if self.control.controls_temperature and rows is self.buf.cur:  # the ops of SDEControl.temperature_law
-            temperature = rows.temperature
-            torch.mul(rows.zscore, f.neg_beta, out=temperature).exp_().mul_(f.tau0)
-            temperature.clamp_(*f.tau_bounds)
+
+    def _temperature(self, rows: _Rows) -> None:
+        """:meth:`SDEControl.temperature_law` of the rows' z-score, with the same ops (bitwise the same values)."""
+        f = self.fused
+        torch.mul(rows.zscore, f.neg_beta, out=rows.temperature).exp_().mul_(f.tau0).clamp_(*f.tau_bounds)
 
     def _run_deferred(self, n: int) -> None:
-        """The nets no control read, over the ``n`` recorded steps at once (the same step, N = n * batch)."""
+        """The nets and statistics no step read, over the ``n`` recorded steps at once (the same calls, N = n * batch)."""
         buf = self.buf
         batch = buf.records.shape[1]
         rows = _Rows(buf.records[:n].view(n * batch, -1), self.fused, self.later)
@@ -556,6 +574,8 @@ class _Runtime:
             time = torch.arange(n, device=buf.positions.device).repeat_interleave(batch)
         for name in self.later:
             self._net_step(rows, name, time)
+        for name in self.stats_later:
+            self._stats(rows, name)
 
     def _direction(self, cur: _Rows) -> None:
         self.unit = self.control.steering_vector(cur.mean, cur.z, cur.zscore, lambda v: v @ self.fused.lift,
@@ -661,7 +681,7 @@ class _Runtime:
             return SDETrace(**{name: empty.clone() for name in (*_STATS, "surprise")}, positions=empty.long())
         buf, d = self.buf, self.fused.d
         buf.save(self.step - 1)
-        if self.later:
+        if self.stats_later:
             self._run_deferred(n)
         stats = {name: buf.stat(name, slice(n)).T.float().cpu() for name in _STATS}
         surprise = torch.full((rows, n), float("nan"))
