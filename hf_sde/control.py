@@ -1,10 +1,11 @@
 """Decoding-time SDE control: ``model.generate(..., sde_control=SDEControl(heads, ...))``.
 
 Per decoding step, one forward hook at the heads' layer reads the hidden state of the newest position and
-runs the fused step (:class:`_FusedHeads`): one matmul for the projection, then only the nets the control reads
-(the diffusion net for the temperature, the drift net for drift steering; none in observe mode), each as a few
+runs the fused step (:class:`_FusedHeads`): one matmul for the projection, then only the nets the step reads
+(the diffusion net for the temperature or a gate, the drift net for drift steering, both for a live callback,
+none otherwise), each as a few
 dense calls with its time features looked up in a table built once per call. Statistics are computed in a work
-row whose views are bound once and saved into buffers preallocated per call; the nets no control read run once
+row whose views are bound once and saved into buffers preallocated per call; the nets no step reads run once
 over all steps when the trace is built. Nothing in the step path reads a tensor value on the host, so it never waits for the
 device. In temperature modes the step's temperature divides the LM head's input where that equals dividing the
 logits (:func:`_temperature_head`), else a logits processor divides the logits; a hook (the same one when the
@@ -681,7 +682,7 @@ class _Runtime:
             return SDETrace(**{name: empty.clone() for name in (*_STATS, "surprise")}, positions=empty.long())
         buf, d = self.buf, self.fused.d
         buf.save(self.step - 1)
-        if self.stats_later:
+        if self.later or self.stats_later:
             self._run_deferred(n)
         stats = {name: buf.stat(name, slice(n)).T.float().cpu() for name in _STATS}
         surprise = torch.full((rows, n), float("nan"))
