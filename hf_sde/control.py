@@ -222,9 +222,10 @@ NETS = ("drift", "diffusion")
 class _FusedNet:
     """One head MLP (drift or diffusion) as dense calls: ``out = silu(...silu(t_row + z W)...) W_out + (z L + b)``.
 
-    The first layer's time part, its bias and the output bias (plus the linear drift's bias) form a table row per
-    time index; the first layer's ``z`` part and the linear drift (zero for the diffusion net) are one
-    ``(d, w + d)`` matrix added to that row in place, so a step starts with two calls.
+    The first layer's time part and bias form a table row per time index; for the drift net the row also holds
+    the output bias plus the linear drift's bias, and the first layer's ``z`` part and the linear drift are one
+    ``(d, w + d)`` matrix added to that row in place, so a step starts with two calls. The diffusion net (no
+    linear part) has a ``(n, w)`` table, a ``(d, w)`` first matrix and its output bias as a vector.
     """
 
     @torch.no_grad()
@@ -232,18 +233,21 @@ class _FusedNet:
         layers = _linears(net)
         first, out = layers[0], layers[-1]
         self.width = first.out_features
-        skip = linear.weight if linear is not None else torch.zeros(d, d, device=first.weight.device)
-        self.first = torch.cat([first.weight[:, :d], skip]).T.contiguous().to(**f32)   # (d, w + d)
+        self.skip = d if linear is not None else 0          # columns of the linear drift after the first layer
+        parts = [first.weight[:, :d]] + ([linear.weight] if linear is not None else [])
+        self.first = torch.cat(parts).T.contiguous().to(**f32)                         # (d, w + skip)
         self._w_t = first.weight[:, d:].detach().T.to(**f32)                                     # (1 + 2F, w)
         self._b1 = first.bias.detach().to(**f32)
-        self._b_out = (out.bias + (linear.bias if linear is not None else 0)).detach().to(**f32)
+        self.b_out = (out.bias + (linear.bias if linear is not None else 0)).detach().to(**f32)
         self.hidden = [(a.weight.T.contiguous().to(**f32), a.bias.detach().to(**f32)) for a in layers[1:-1]]
         self.out_w = out.weight.T.contiguous().to(**f32)                                # (w, d)
         self.table: torch.Tensor | None = None
 
     def time_table(self, feats: torch.Tensor) -> torch.Tensor:
-        """``(n, w + d)``: ``[first layer's time part + bias | output bias]`` for ``n`` time-feature rows."""
-        return torch.cat([torch.addmm(self._b1, feats, self._w_t), self._b_out.expand(feats.shape[0], -1)], 1)
+        """``(n, w + skip)``: ``[first layer's time part + bias | output bias]`` (the second part for the drift
+        net only) for ``n`` time-feature rows."""
+        row = torch.addmm(self._b1, feats, self._w_t)
+        return torch.cat([row, self.b_out.expand(feats.shape[0], -1)], 1) if self.skip else row
 
 
 class _FusedHeads:
@@ -321,13 +325,15 @@ class _Rows:
         self.tau = block[:, tau:tau + 1]                       # (N, 1): divides the logits
         self.dest = {"drift": self.mean, "diffusion": self.std}
         # Per net that runs over these rows: the first layer's output [pre-activation | output bias + linear
-        # drift], and a spare for the hidden layers (they alternate between the pre-activation view and the spare).
+        # drift] (the diffusion net: the pre-activation, and its output bias as a vector), and a spare for the
+        # hidden layers (they alternate between the pre-activation view and the spare).
         self.work = {}
         for name in nets:
             net = fused.nets[name]
-            first = e(n, net.width + d)
-            self.work[name] = (first, first[:, :net.width], first[:, net.width:], e(n, net.width))
-        self.zero = torch.zeros(n, d, device=block.device)
+            first = e(n, net.width + net.skip)
+            out_base = first[:, net.width:] if net.skip else net.b_out
+            self.work[name] = (first, first[:, :net.width], out_base, e(n, net.width))
+        self.zero = torch.zeros(n, d, device=block.device) if "diffusion" in nets else None  # softplus's 0
 
 
 @dataclass
@@ -532,7 +538,7 @@ class _Runtime:
         """
         f = self.fused
         net = f.nets[name]
-        first, act, first_out, spare = rows.work[name]
+        first, act, out_base, spare = rows.work[name]
         if isinstance(time, int):
             first.copy_(net.table[time])
         else:
@@ -544,7 +550,7 @@ class _Runtime:
             torch.nn.functional.silu(spare, inplace=True)
             act, spare = spare, act
         out = rows.dest[name]
-        torch.addmm(first_out, act, net.out_w, out=out)
+        torch.addmm(out_base, act, net.out_w, out=out)
         if name == "diffusion":
             torch.logaddexp(out, rows.zero, out=out)  # softplus
             out.add_(f.sigma_floor)
