@@ -396,13 +396,14 @@ class PeakRSS:
         self.rss_after = _status_mb("VmRSS")
 
 
-def run_probe(script: Path, spec: dict, threads: int, timeout: float = 1200) -> dict:
-    """Run ``script --probe JSON`` in a fresh interpreter and parse the JSON it prints last.
+def run_probe(script: Path, spec: dict, threads: int, timeout: float = 1200, env: dict | None = None) -> dict:
+    """Run ``script --probe JSON`` in a fresh interpreter (``env``: variables set for it only) and parse the
+    JSON it prints last.
 
     A fresh process per measurement makes ``ru_maxrss`` deltas meaningful: the high-water mark starts
     from the same warmed-up state for every variant."""
     cmd = [sys.executable, str(script), "--probe", json.dumps(spec), "--threads", str(threads)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     if proc.returncode != 0:
         raise RuntimeError(f"probe {spec} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])

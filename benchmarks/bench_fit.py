@@ -14,7 +14,10 @@ Speed table (issue 13's figure, d = 32, the largest corpus): 1 thread and all th
 default batch and ``--large-batch``, eager and ``compile=True``, each in its own process, shuffled and
 interleaved with the scaling configurations; ratios against default batch / 1 thread / eager. The compiled
 probe's first fit pays the compilation (``compile s`` = first fit - timed fit, which reuses the graph; a
-cold compilation: each compiled probe gets an empty inductor cache directory).
+cold compilation: each compiled probe gets an empty inductor cache directory). The probes run in the caller's
+environment (OpenMP's default wait policy unless ``OMP_WAIT_POLICY`` is set: what ``hf-sde fit`` gets); the
+all-threads large-batch rows are measured again with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep:
+robust beside a busy process, but every parallel region pays a wake-up).
 
     python benchmarks/bench_fit.py [--smoke | --full] [--large-batch 4096]
 """
@@ -140,11 +143,13 @@ def machine_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def key_of(n: int, d: int, threads: int, batch: int | None, compile: bool, plain: tuple) -> str:
-    """Scaling configurations (``plain``: the run's threads and batch, eager) keep their short keys."""
-    if (threads, batch, compile) == plain:
+def key_of(n: int, d: int, threads: int, batch: int | None, compile: bool, plain: tuple, policy: str | None = None) -> str:
+    """Scaling configurations (``plain``: the run's threads and batch, eager) keep their short keys; ``policy``: an
+    ``OMP_WAIT_POLICY`` set for this probe only (None: the caller's environment)."""
+    if (threads, batch, compile, policy) == (*plain, None):
         return f"n{n}/d{d}"
-    return f"n{n}/d{d}/t{threads}/b{batch or 'default'}/{'compiled' if compile else 'eager'}"
+    return (f"n{n}/d{d}/t{threads}/b{batch or 'default'}/{'compiled' if compile else 'eager'}"
+            + (f"/omp-{policy.lower()}" if policy else ""))
 
 
 def main(argv=None):
@@ -165,10 +170,10 @@ def main(argv=None):
         return None
     import torch
 
-    # The probes' idle OpenMP threads sleep instead of spinning (unless the caller chose): on a shared 2-core
-    # box a 2-thread fit beside one busy process ran > 10x slower spinning (did not finish 3 epochs in 40 s)
-    # and at 135k transitions/s passive; on a quiet box both ran at ~255k (batch 4096, d = 32).
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # The probes run in the caller's environment: OpenMP's default wait policy (threads spin a while before
+    # sleeping) unless OMP_WAIT_POLICY is set, which is what `hf-sde fit` gets. On a quiet 2-core box that ran
+    # 2-thread fits at ~350k transitions/s against ~230k with PASSIVE (batch 4096, d = 32); beside a busy
+    # process spinning was > 10x slower. So the all-threads large-batch rows are measured with PASSIVE too.
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]
     run = C.Run("bench_fit", args, cfg)
@@ -179,22 +184,26 @@ def main(argv=None):
     configs = {(n, REF_DIM, *plain) for n in sizes} | {(n_max, d, *plain) for d in cfg["dims"]}
     threads_list = list(dict.fromkeys(t or machine_threads() for t in cfg["speed"]["threads"]))
     batches = list(dict.fromkeys([args.batch_size, args.large_batch]))
-    speed = [(n_max, HEADLINE_DIM, t, b, c) for t in threads_list for b in batches for c in cfg["speed"]["compile"]]
-    configs = sorted(configs | set(speed), key=lambda c: (c[0], c[1], c[2], c[3] or 0, c[4]))
+    speed = [(n_max, HEADLINE_DIM, t, b, c, None) for t in threads_list for b in batches for c in cfg["speed"]["compile"]]
+    if cfg["subprocess"] and threads_list[-1] > 1:  # the policy only matters with several threads
+        speed += [(n_max, HEADLINE_DIM, threads_list[-1], args.large_batch, c, "PASSIVE") for c in cfg["speed"]["compile"]]
+    configs = {(*c, None) for c in configs}
+    configs = sorted(configs | set(speed), key=lambda c: (c[0], c[1], c[2], c[3] or 0, c[4], c[5] or ""))
     rng = random.Random(args.seed)
     raw: dict = {}
     script = Path(__file__).resolve()
     for rep in range(cfg["reps"]):
         order = configs[:]
         rng.shuffle(order)
-        for n, d, t, b, c in order:
+        for n, d, t, b, c, pol in order:
             spec = {"scale": scale, "n": n, "dim": d, "epochs": cfg["epochs"], "batch_size": b, "compile": c}
             if cfg["subprocess"]:
-                r = C.run_probe(script, spec, t)
+                r = C.run_probe(script, spec, t, env={"OMP_WAIT_POLICY": pol} if pol else None)
             else:
                 torch.set_num_threads(t)
                 r = measure(scale, n, d, cfg["epochs"], b, c)
-            key = key_of(n, d, t, b, c, plain)
+            r["omp_wait_policy"] = pol or os.environ.get("OMP_WAIT_POLICY") or "default"
+            key = key_of(n, d, t, b, c, plain, pol)
             raw.setdefault(key, []).append(r)
             print(f"fit {key} rep{rep}: {r['per_epoch_s']:.2f} s/epoch, {r['transitions_per_s']:,.0f} tr/s, "
                   f"{r['peak_mb']:.1f} MiB", file=sys.stderr)
@@ -204,10 +213,11 @@ def main(argv=None):
         table[key] = {k: C.summarize([r[k] for r in rs]) for k in ("per_epoch_s", "transitions_per_s", "peak_mb",
                                                                     "setup_s", "compile_s", "matmul_gflops")}
         table[key].update({k: rs[0][k] for k in ("n_sequences", "proj_dim", "train_transitions", "epochs",
-                                                 "threads", "batch_size", "compile", "flops_per_transition")})
+                                                 "threads", "batch_size", "compile", "flops_per_transition",
+                                                 "omp_wait_policy")})
     ref = table[f"n{sizes[0]}/d{REF_DIM}"]
     rows = []
-    for n, d, *_ in [c for c in configs if tuple(c[2:]) == plain]:
+    for n, d, *_ in [c for c in configs if tuple(c[2:]) == (*plain, None)]:
         t = table[f"n{n}/d{d}"]
         t["per_epoch_ratio_vs_ref"] = t["per_epoch_s"]["median"] / ref["per_epoch_s"]["median"]
         t["peak_ratio_vs_ref"] = (t["peak_mb"]["median"] / ref["peak_mb"]["median"]
@@ -230,15 +240,15 @@ def main(argv=None):
     speed_ref_key = key_of(n_max, HEADLINE_DIM, threads_list[0], args.batch_size, False, plain)
     speed_ref = table[speed_ref_key]["transitions_per_s"]["median"]
     speed_rows, speed_table = [], {}
-    for n, d, t, b, c in speed:
-        k = key_of(n, d, t, b, c, plain)
+    for n, d, t, b, c, pol in speed:
+        k = key_of(n, d, t, b, c, plain, pol)
         e = table[k]
         e["speedup_vs_speed_ref"] = e["transitions_per_s"]["median"] / speed_ref
         # The matmul ceiling: every FLOP at the GFLOP/s the dominant product reaches at this batch and threads.
         e["matmul_ceiling_transitions_per_s"] = e["matmul_gflops"]["median"] * 1e9 / e["flops_per_transition"]
         e["fraction_of_ceiling"] = e["transitions_per_s"]["median"] / e["matmul_ceiling_transitions_per_s"]
         speed_table[k] = e
-        speed_rows.append([str(e["threads"]), str(e["batch_size"]), "compiled" if c else "eager",
+        speed_rows.append([str(e["threads"]), str(e["batch_size"]), "compiled" if c else "eager", e["omp_wait_policy"],
                            e["per_epoch_s"]["median"], f"{e['transitions_per_s']['median']:,.0f}",
                            e["speedup_vs_speed_ref"], e["compile_s"]["median"] if c else "-",
                            f"{e['matmul_gflops']['median']:.0f}", f"{e['matmul_ceiling_transitions_per_s']:,.0f}",
@@ -249,7 +259,7 @@ def main(argv=None):
     headline = table[head_key]["transitions_per_s"]["median"] if head_key in table else None
     results = {"configs": table, "raw": raw, "growth_exponents": growth, "reference": f"n{sizes[0]}/d{REF_DIM}",
                "batch_size": batch, "speed_reference": speed_ref_key, "machine_threads": machine_threads(),
-               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+               "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY") or "default",
                "headline": {"config": head_key, "transitions_per_s_per_epoch": headline,
                             "best_config": best_key, "best_transitions_per_s_per_epoch":
                                 best["transitions_per_s"]["median"]}}
@@ -257,16 +267,18 @@ def main(argv=None):
     lead = (f"**d = {HEADLINE_DIM}, {n_head} training transitions: {speed_ref:,.0f} transitions/s/epoch** "
             f"(batch {batch}, 1 thread, eager); fastest: **{best['transitions_per_s']['median']:,.0f}** "
             f"({best['threads']} thread(s), batch {best['batch_size']}, "
-            f"{'compiled' if best['compile'] else 'eager'}: {best['speedup_vs_speed_ref']:.2f}x).\n\n")
+            f"{'compiled' if best['compile'] else 'eager'}, OpenMP wait policy {best['omp_wait_policy']}: "
+            f"{best['speedup_vs_speed_ref']:.2f}x).\n\n")
     body = (lead + f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, "
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration, all configurations "
-            f"shuffled and interleaved, {cfg['reps']} round(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}.\n\n"
+            f"shuffled and interleaved, {cfg['reps']} round(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset (OpenMP default)'} "
+            "unless the row says PASSIVE.\n\n"
             f"Speed at d = {HEADLINE_DIM}, {n_max} sequences (ratio: transitions/s against 1 thread, batch {batch}, "
             "eager; compile s: the one-off cold compilation, paid by the first fit of a process; ceiling: "
             f"{train_flops_per_transition(HEADLINE_DIM):,} training FLOPs per transition at the GFLOP/s that "
             "a (batch x 128) @ (128 x 128) product reaches in the same process, i.e. every FLOP at matmul speed "
             "and everything else free):\n\n"
-            + C.md_table(["threads", "batch", "loss", "s/epoch", "transitions/s", "speedup", "compile s",
+            + C.md_table(["threads", "batch", "loss", "OMP wait", "s/epoch", "transitions/s", "speedup", "compile s",
                           "matmul GFLOP/s", "ceiling tr/s", "of ceiling", "reps"], speed_rows)
             + f"\n\nScaling ({args.threads} thread(s), batch {batch}, eager; ratios against n={sizes[0]}, "
             f"d={REF_DIM}):\n\n"
