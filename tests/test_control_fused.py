@@ -17,7 +17,7 @@ import torch
 from control_fixtures import tiny_bundle
 from torch.overrides import TorchFunctionMode
 
-from hf_sde import SDEControl, enable_sde_control
+from hf_sde import SDEControl, SDEHeads, enable_sde_control
 from hf_sde import control as control_module
 
 SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
@@ -51,7 +51,26 @@ def test_fused_step_equals_heads(origin, split):
     nets, ctl_kwargs = STEP_SPLITS[split]
     assert control_module._nets_per_step(SDEControl(tiny_bundle(layer=1).heads, **ctl_kwargs)) == nets
     tb = tiny_bundle(layer=1)
-    heads = _with_origin(tb.heads, origin)
+    _assert_trace_equals_heads(tb.model, _with_origin(tb.heads, origin), ctl_kwargs, origin)
+
+
+@pytest.mark.parametrize("split", ["temperature", "observe-deferred"])
+@pytest.mark.parametrize("depth", [1, 3])
+def test_fused_step_equals_heads_at_other_depths(depth, split):
+    """Depth 1 (no hidden-to-hidden layer: the first layer feeds the output) and depth 3 (two of them: the work
+    tensors alternate), per step and deferred."""
+    tb = tiny_bundle(layer=1)
+    cfg = copy.deepcopy(tb.heads.config)
+    cfg.depth = depth
+    heads = SDEHeads(cfg)
+    with torch.no_grad():
+        for name in ("proj_mean", "proj_basis", "proj_scale"):
+            getattr(heads, name).copy_(getattr(tb.heads, name))
+    assert len(heads.diffusion_net) == 2 * depth + 1
+    _assert_trace_equals_heads(tb.model, heads, STEP_SPLITS[split][1], "sequence")
+
+
+def _assert_trace_equals_heads(model, heads, ctl_kwargs: dict, origin: str) -> None:
     torch.manual_seed(0)  # the random weights below (the test must not depend on what ran before it)
     with torch.no_grad():  # make every part matter: non-trivial scale, mean and linear drift
         heads.proj_scale.uniform_(0.5, 2.0)
@@ -60,7 +79,7 @@ def test_fused_step_equals_heads(origin, split):
         heads.drift_linear.bias.normal_(0, 0.3)
         for p in (*heads.drift_net.parameters(), *heads.diffusion_net.parameters()):
             p.normal_(0, 0.3)
-    model = enable_sde_control(tb.model)
+    model = enable_sde_control(model)
     ids = torch.tensor([[1, 5, 9, 13, 17, 21], [0, 0, 1, 40, 41, 42]])
     captured = []
     handle = model.model.layers[1].register_forward_hook(lambda m, a, o: captured.append(
