@@ -7,7 +7,10 @@ SmolLM2-135M (batch 1 and 8; the model users meet by default) and stories260K (b
 hardest case). A separate instrumented call per mode measures the time spent inside the SDE callbacks
 (``_Runtime.on_forward_pre`` / ``on_read`` / ``on_steer`` / ``on_logits``, plus ``trace`` at the end of the call,
 where observe mode evaluates the heads once over all steps): "hook us/step", the figure of
-issue 13 (target <= 150 us at batch 8 with SmolLM2's sizes: hidden 576, projection 16, 2x128 MLPs).
+issue 13 (target <= 150 us at batch 8 with SmolLM2's sizes: hidden 576, projection 16, 2x128 MLPs). Beside it,
+the step itself (``on_read``: projection, the nets the control reads, statistics, temperature or steering) inside
+``generate`` and hot: called back to back on one hidden state, with nothing between calls to evict the heads'
+weights or torch's dispatcher from the cache. The difference is what the model's forward costs the step.
 
 The SmolLM2 heads are throwaway heads fitted here on a few texts (their size is what matters, not their fit).
 
@@ -28,11 +31,11 @@ SETTINGS = {
     # cells: (model, batch); reps: (min rounds, max rounds, budget seconds per cell)
     # smoke (the test-suite): a random model of SmolLM2's sizes stands in for SmolLM2 (no 30-50 s load).
     "smoke": {"cells": [("stories260K", 1), ("smollm2-sized", 8)], "new_tokens": 4, "prompt_tokens": 4,
-              "reps": (1, 1, 0), "hook_tokens": 4},
+              "reps": (1, 1, 0), "hook_tokens": 4, "hot_calls": 20},
     "default": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 64,
-                "prompt_tokens": 16, "reps": (5, 12, 240), "hook_tokens": 32},
+                "prompt_tokens": 16, "reps": (5, 12, 240), "hook_tokens": 32, "hot_calls": 2000},
     "full": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 128,
-             "prompt_tokens": 16, "reps": (10, 30, 600), "hook_tokens": 64},
+             "prompt_tokens": 16, "reps": (10, 30, 600), "hook_tokens": 64, "hot_calls": 5000},
 }
 MODES = {"observe": {"mode": "observe"}, "temperature": {"mode": "temperature", "beta": 1.0},
          "steer": {"mode": "steer", "alpha": 0.05}}
@@ -159,6 +162,29 @@ def hook_time(call, n_hook: int) -> dict:
     return hook
 
 
+def hot_step(model, heads, batch: int, calls: int) -> dict:
+    """``on_read`` per call (us) when called back to back on one hidden state, per mode: the step hot."""
+    import torch
+
+    import hf_sde
+    from hf_sde.control import sde_hooks
+
+    hidden = torch.randn(batch, 1, model.config.hidden_size)
+    out = {}
+    for m, kw in MODES.items():
+        with torch.inference_mode(), sde_hooks(model, hf_sde.SDEControl(heads, **kw), prompt_width=16,
+                                               max_new_tokens=64) as rt:
+            rt.prefilled, rt.positions = True, torch.full((batch,), 20)  # as after a 16-token prompt's prefill
+            for _ in range(10):
+                rt.on_read(hidden)
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                rt.step = 5  # the same record slot every call: no buffer growth
+                rt.on_read(hidden)
+            out[m] = (time.perf_counter() - t0) / calls * 1e6
+    return out
+
+
 def bench_cell(model, heads, vocab, batch, cfg, seed):
     import torch
 
@@ -178,6 +204,7 @@ def bench_cell(model, heads, vocab, batch, cfg, seed):
     return {"rounds": rounds, "times": times, "ratios": C.paired_ratios(times, "plain"),
             "cpu_times": cpu, "cpu_ratios": C.paired_ratios(cpu, "plain"),
             "hook_time": hook_time(call, min(n, cfg["hook_tokens"])),
+            "step_hot_us": hot_step(model, heads, batch, cfg["hot_calls"]),
             "plain_tokens_per_s": batch * n / C.summarize(times["plain"])["median"]}
 
 
@@ -189,8 +216,10 @@ def _rows(name: str, batch: int, r: dict) -> list[list]:
         us = r["hook_time"][m]["per_step_us"]
         hook_ok = "" if not (name.lower().startswith("smollm2") and batch == 8) else f"; hook {'yes' if us <= HOOK_TARGET_US else 'no'}"
         met = f"wall {'yes' if q['median'] <= target else 'no'}, CPU {'yes' if c['median'] <= target else 'no'}"
+        ht = r["hook_time"][m]
         rows.append([name, str(batch), m, q["median"], f"{q['q25']:.3f}–{q['q75']:.3f}", c["median"],
-                     f"{c['q25']:.3f}–{c['q75']:.3f}", r["hook_time"][m]["hook_share"] * 100, us,
+                     f"{c['q25']:.3f}–{c['q75']:.3f}", ht["hook_share"] * 100, us,
+                     ht["breakdown_seconds"]["on_read"] / ht["tokens"] * 1e6, r["step_hot_us"][m],
                      f"{r['ratios']['plain']['seconds']['median']:.2f}", str(r["rounds"]),
                      f"{met} (<= {target:.2f}){hook_ok}"])
     return rows
@@ -219,9 +248,12 @@ def main(argv=None):
         "tenants of this virtual machine hold; wall ratios here have swung by +-10 % between runs). `hook %` = time inside the "
         f"SDE callbacks in one instrumented call of min({cfg['hook_tokens']}, new tokens) tokens, as a share of that "
         f"call; `hook us/step` the same per decoding step (whole batch; target <= {HOOK_TARGET_US:.0f} us at "
-        "SmolLM2 batch 8).\n\n"
+        "SmolLM2 batch 8); `step us` the step itself (`on_read`) per call in that call, and `step hot us` the same "
+        f"called {cfg['hot_calls']} times back to back on one hidden state (nothing between calls evicts the "
+        "heads or torch's dispatcher from the cache).\n\n"
         + C.md_table(["model", "batch", "mode", "wall ratio (median)", "IQR", "CPU ratio (median)", "IQR",
-                      "hook %", "hook us/step", "plain s (median)", "rounds", "target met"], rows))
+                      "hook %", "hook us/step", "step us", "step hot us", "plain s (median)", "rounds",
+                      "target met"], rows))
     run.finish(results, body)
     print(body)
     return results
