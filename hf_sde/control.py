@@ -22,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+import inspect
 import math
 import os
 import types
@@ -399,6 +400,10 @@ class SDETemperatureLogitsProcessor(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         return self.runtime.on_logits(scores)
+
+    # ``LogitsProcessorList`` calls ``inspect.signature`` on every processor at every step; a precomputed
+    # ``__signature__`` (the one inspect would derive) makes that 3.5 instead of 10 us per step.
+    __call__.__signature__ = inspect.signature(__call__)
 
 
 @dataclass
