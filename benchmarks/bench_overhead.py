@@ -213,10 +213,10 @@ def _rows(name: str, batch: int, r: dict) -> list[list]:
     for m in MODES:
         q, c = r["ratios"][m], r["cpu_ratios"][m]
         target = TARGETS[name][m]
-        us = r["hook_time"][m]["per_step_us"]
+        ht = r["hook_time"][m]
+        us = ht["per_step_us"]
         hook_ok = "" if not (name.lower().startswith("smollm2") and batch == 8) else f"; hook {'yes' if us <= HOOK_TARGET_US else 'no'}"
         met = f"wall {'yes' if q['median'] <= target else 'no'}, CPU {'yes' if c['median'] <= target else 'no'}"
-        ht = r["hook_time"][m]
         rows.append([name, str(batch), m, q["median"], f"{q['q25']:.3f}–{q['q75']:.3f}", c["median"],
                      f"{c['q25']:.3f}–{c['q75']:.3f}", ht["hook_share"] * 100, us,
                      ht["breakdown_seconds"]["on_read"] / ht["tokens"] * 1e6, r["step_hot_us"][m],
