@@ -17,7 +17,10 @@ probe's first fit pays the compilation (``compile s`` = first fit - timed fit, w
 cold compilation: each compiled probe gets an empty inductor cache directory). The probes run in the caller's
 environment (OpenMP's default wait policy unless ``OMP_WAIT_POLICY`` is set: what ``hf-sde fit`` gets); the
 all-threads large-batch rows are measured again with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep:
-robust beside a busy process, but every parallel region pays a wake-up).
+robust beside a busy process, but every parallel region pays a wake-up), and with
+``matmul_precision="medium"`` (``--matmul-precision medium``: float32 products with bfloat16 inputs where
+the CPU has them, e.g. AMX), whose held-out NLL the table shows beside the float32 rows'. The speed
+configurations run ``speed_reps`` rounds, the scaling ones ``reps``.
 
     python benchmarks/bench_fit.py [--smoke | --full] [--large-batch 4096]
 """
@@ -45,9 +48,9 @@ SETTINGS = {
     "smoke": {"max_length": 64, "limit": 48, "sizes": [24, 48], "dims": [8, 16], "epochs": 1, "reps": 1,
               "subprocess": False, "speed": {"threads": [1], "compile": [False]}},
     "default": {"max_length": 256, "limit": None, "sizes": [100, 200, 400], "dims": [8, 16, 32, 64], "epochs": 3,
-                "reps": 2, "subprocess": True, "speed": {"threads": [1, 0], "compile": [False, True]}},
+                "reps": 2, "speed_reps": 5, "subprocess": True, "speed": {"threads": [1, 0], "compile": [False, True]}},
     "full": {"max_length": 256, "limit": None, "sizes": [50, 100, 200, 500], "dims": [8, 16, 32, 64], "epochs": 5,
-             "reps": 3, "subprocess": True, "speed": {"threads": [1, 0], "compile": [False, True]}},
+             "reps": 3, "speed_reps": 5, "subprocess": True, "speed": {"threads": [1, 0], "compile": [False, True]}},
 }
 REF_DIM = 16
 HEADLINE_DIM = 32  # issue 13's figure: transitions/s/epoch at d = 32, 2x128 MLPs
@@ -80,28 +83,33 @@ def train_flops_per_transition(d: int, width: int = 128, depth: int = 2, time_fr
     return 3 * fwd - 2 * 2 * inp * width - 2 * d * d
 
 
-def matmul_gflops(rows: int, width: int = 128, seconds: float = 0.3) -> float:
-    """Achieved GFLOP/s of the fit's dominant product, (rows x width) @ (width x width), at the current threads."""
+def matmul_gflops(rows: int, width: int = 128, seconds: float = 0.3, precision: str | None = None) -> float:
+    """Achieved GFLOP/s of the fit's dominant product, (rows x width) @ (width x width), at the current threads
+    (and the fit's float32 matmul precision)."""
     import torch
 
+    from hf_sde.fitting import float32_matmul_precision
+
     a, b = torch.randn(rows, width), torch.randn(width, width)
-    for _ in range(3):
-        a @ b
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        a @ b
-        n += 1
-    return 2 * rows * width * width * n / (time.perf_counter() - t0) / 1e9
+    with float32_matmul_precision(precision):
+        for _ in range(3):
+            a @ b
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            a @ b
+            n += 1
+        return 2 * rows * width * width * n / (time.perf_counter() - t0) / 1e9
 
 
-def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = None, compile: bool = False) -> dict:
+def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = None, compile: bool = False,
+            precision: str | None = None) -> dict:
     import torch
 
     import hf_sde
 
     traj = trajectories(scale)
     sub = traj.subset(list(range(min(n, len(traj)))))
-    kw = dict(proj_dim=dim, progress=False, seed=0, patience=epochs + 1, compile=compile)
+    kw = dict(proj_dim=dim, progress=False, seed=0, patience=epochs + 1, compile=compile, matmul_precision=precision)
     if batch_size:
         kw["batch_size"] = batch_size
     # Memory first, in the fresh process: once a fit has freed its tensors, malloc hands the same memory to
@@ -125,7 +133,8 @@ def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = 
             "transitions_per_s": n_train / per_epoch,
             "peak_mb": mem.peak_mb, "memory_method": mem.method, "first_fit_s": first,
             "compile_s": max(first - total, 0.0) if compile else 0.0, "compile": compile,
-            "matmul_gflops": matmul_gflops(min(batch_size or 512, 8192)),
+            "matmul_precision": precision or "highest", "heldout_nll": res.heldout_nll["neural"],
+            "matmul_gflops": matmul_gflops(min(batch_size or 512, 8192), precision=precision),
             "flops_per_transition": train_flops_per_transition(dim),
             "threads": torch.get_num_threads(),
             "batch_size": batch_size or inspect.signature(hf_sde.fit_heads).parameters["batch_size"].default}
@@ -143,13 +152,15 @@ def machine_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def key_of(n: int, d: int, threads: int, batch: int | None, compile: bool, plain: tuple, policy: str | None = None) -> str:
+def key_of(n: int, d: int, threads: int, batch: int | None, compile: bool, plain: tuple, policy: str | None = None,
+           precision: str | None = None) -> str:
     """Scaling configurations (``plain``: the run's threads and batch, eager) keep their short keys; ``policy``: an
-    ``OMP_WAIT_POLICY`` set for this probe only (None: the caller's environment)."""
-    if (threads, batch, compile, policy) == (*plain, None):
+    ``OMP_WAIT_POLICY`` set for this probe only (None: the caller's environment); ``precision``: the fit's
+    ``matmul_precision`` (None: float32)."""
+    if (threads, batch, compile, policy, precision) == (*plain, None, None):
         return f"n{n}/d{d}"
     return (f"n{n}/d{d}/t{threads}/b{batch or 'default'}/{'compiled' if compile else 'eager'}"
-            + (f"/omp-{policy.lower()}" if policy else ""))
+            + (f"/omp-{policy.lower()}" if policy else "") + (f"/mm-{precision}" if precision else ""))
 
 
 def main(argv=None):
@@ -166,7 +177,7 @@ def main(argv=None):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache = tempfile.mkdtemp(prefix="bench_fit_inductor_")
             atexit.register(shutil.rmtree, cache, True)
         print(json.dumps(measure(spec["scale"], spec["n"], spec["dim"], spec["epochs"], spec.get("batch_size"),
-                                 spec.get("compile", False))))
+                                 spec.get("compile", False), spec.get("precision"))))
         return None
     import torch
 
@@ -184,26 +195,32 @@ def main(argv=None):
     configs = {(n, REF_DIM, *plain) for n in sizes} | {(n_max, d, *plain) for d in cfg["dims"]}
     threads_list = list(dict.fromkeys(t or machine_threads() for t in cfg["speed"]["threads"]))
     batches = list(dict.fromkeys([args.batch_size, args.large_batch]))
-    speed = [(n_max, HEADLINE_DIM, t, b, c, None) for t in threads_list for b in batches for c in cfg["speed"]["compile"]]
+    speed = [(n_max, HEADLINE_DIM, t, b, c, None, None) for t in threads_list for b in batches
+             for c in cfg["speed"]["compile"]]
     if cfg["subprocess"] and threads_list[-1] > 1:  # the policy only matters with several threads
-        speed += [(n_max, HEADLINE_DIM, threads_list[-1], args.large_batch, c, "PASSIVE") for c in cfg["speed"]["compile"]]
-    configs = {(*c, None) for c in configs}
-    configs = sorted(configs | set(speed), key=lambda c: (c[0], c[1], c[2], c[3] or 0, c[4], c[5] or ""))
+        speed += [(n_max, HEADLINE_DIM, threads_list[-1], args.large_batch, c, "PASSIVE", None)
+                  for c in cfg["speed"]["compile"]]
+    # bfloat16 products (matmul_precision="medium") at the all-threads large batch: the fastest float32 setting.
+    speed += [(n_max, HEADLINE_DIM, threads_list[-1], args.large_batch, c, None, "medium") for c in cfg["speed"]["compile"]]
+    configs = {(*c, None, None) for c in configs}
+    configs = sorted(configs | set(speed), key=lambda c: (c[0], c[1], c[2], c[3] or 0, c[4], c[5] or "", c[6] or ""))
+    speed_set = set(speed)
     rng = random.Random(args.seed)
     raw: dict = {}
     script = Path(__file__).resolve()
-    for rep in range(cfg["reps"]):
-        order = configs[:]
+    for rep in range(max(cfg["reps"], cfg.get("speed_reps", 0))):
+        order = [c for c in configs if rep < cfg["reps"] or c in speed_set]
         rng.shuffle(order)
-        for n, d, t, b, c, pol in order:
-            spec = {"scale": scale, "n": n, "dim": d, "epochs": cfg["epochs"], "batch_size": b, "compile": c}
+        for n, d, t, b, c, pol, prec in order:
+            spec = {"scale": scale, "n": n, "dim": d, "epochs": cfg["epochs"], "batch_size": b, "compile": c,
+                    "precision": prec}
             if cfg["subprocess"]:
                 r = C.run_probe(script, spec, t, env={"OMP_WAIT_POLICY": pol} if pol else None)
             else:
                 torch.set_num_threads(t)
-                r = measure(scale, n, d, cfg["epochs"], b, c)
+                r = measure(scale, n, d, cfg["epochs"], b, c, prec)
             r["omp_wait_policy"] = pol or os.environ.get("OMP_WAIT_POLICY") or "default"
-            key = key_of(n, d, t, b, c, plain, pol)
+            key = key_of(n, d, t, b, c, plain, pol, prec)
             raw.setdefault(key, []).append(r)
             print(f"fit {key} rep{rep}: {r['per_epoch_s']:.2f} s/epoch, {r['transitions_per_s']:,.0f} tr/s, "
                   f"{r['peak_mb']:.1f} MiB", file=sys.stderr)
@@ -211,13 +228,14 @@ def main(argv=None):
     table = {}
     for key, rs in raw.items():
         table[key] = {k: C.summarize([r[k] for r in rs]) for k in ("per_epoch_s", "transitions_per_s", "peak_mb",
-                                                                    "setup_s", "compile_s", "matmul_gflops")}
+                                                                    "setup_s", "compile_s", "matmul_gflops",
+                                                                    "heldout_nll")}
         table[key].update({k: rs[0][k] for k in ("n_sequences", "proj_dim", "train_transitions", "epochs",
                                                  "threads", "batch_size", "compile", "flops_per_transition",
-                                                 "omp_wait_policy")})
+                                                 "omp_wait_policy", "matmul_precision")})
     ref = table[f"n{sizes[0]}/d{REF_DIM}"]
     rows = []
-    for n, d, *_ in [c for c in configs if tuple(c[2:]) == (*plain, None)]:
+    for n, d, *_ in [c for c in configs if tuple(c[2:]) == (*plain, None, None)]:
         t = table[f"n{n}/d{d}"]
         t["per_epoch_ratio_vs_ref"] = t["per_epoch_s"]["median"] / ref["per_epoch_s"]["median"]
         t["peak_ratio_vs_ref"] = (t["peak_mb"]["median"] / ref["peak_mb"]["median"]
@@ -240,8 +258,8 @@ def main(argv=None):
     speed_ref_key = key_of(n_max, HEADLINE_DIM, threads_list[0], args.batch_size, False, plain)
     speed_ref = table[speed_ref_key]["transitions_per_s"]["median"]
     speed_rows, speed_table = [], {}
-    for n, d, t, b, c, pol in speed:
-        k = key_of(n, d, t, b, c, plain, pol)
+    for n, d, t, b, c, pol, prec in speed:
+        k = key_of(n, d, t, b, c, plain, pol, prec)
         e = table[k]
         e["speedup_vs_speed_ref"] = e["transitions_per_s"]["median"] / speed_ref
         # The matmul ceiling: every FLOP at the GFLOP/s the dominant product reaches at this batch and threads.
@@ -249,7 +267,8 @@ def main(argv=None):
         e["fraction_of_ceiling"] = e["transitions_per_s"]["median"] / e["matmul_ceiling_transitions_per_s"]
         speed_table[k] = e
         speed_rows.append([str(e["threads"]), str(e["batch_size"]), "compiled" if c else "eager", e["omp_wait_policy"],
-                           e["per_epoch_s"]["median"], f"{e['transitions_per_s']['median']:,.0f}",
+                           e["matmul_precision"], e["per_epoch_s"]["median"], f"{e['transitions_per_s']['median']:,.0f}",
+                           f"{e['heldout_nll']['median']:.4f}",
                            e["speedup_vs_speed_ref"], e["compile_s"]["median"] if c else "-",
                            f"{e['matmul_gflops']['median']:.0f}", f"{e['matmul_ceiling_transitions_per_s']:,.0f}",
                            e["fraction_of_ceiling"], str(e["per_epoch_s"]["n"])])
@@ -267,18 +286,22 @@ def main(argv=None):
     lead = (f"**d = {HEADLINE_DIM}, {n_head} training transitions: {speed_ref:,.0f} transitions/s/epoch** "
             f"(batch {batch}, 1 thread, eager); fastest: **{best['transitions_per_s']['median']:,.0f}** "
             f"({best['threads']} thread(s), batch {best['batch_size']}, "
-            f"{'compiled' if best['compile'] else 'eager'}, OpenMP wait policy {best['omp_wait_policy']}: "
-            f"{best['speedup_vs_speed_ref']:.2f}x).\n\n")
+            f"{'compiled' if best['compile'] else 'eager'}, OpenMP wait policy {best['omp_wait_policy']}, matmul "
+            f"precision {best['matmul_precision']}: {best['speedup_vs_speed_ref']:.2f}x).\n\n")
     body = (lead + f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, "
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration, all configurations "
-            f"shuffled and interleaved, {cfg['reps']} round(s), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset (OpenMP default)'} "
+            f"shuffled and interleaved, {cfg['reps']} round(s) ({cfg.get('speed_reps', cfg['reps'])} for the speed "
+            "table), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset (OpenMP default)'} "
             "unless the row says PASSIVE.\n\n"
             f"Speed at d = {HEADLINE_DIM}, {n_max} sequences (ratio: transitions/s against 1 thread, batch {batch}, "
-            "eager; compile s: the one-off cold compilation, paid by the first fit of a process; ceiling: "
+            "eager; matmul precision: fit_heads' matmul_precision, highest = float32 products, medium = bfloat16 "
+            "inputs; held-out NLL: the fitted heads' (nats/dim, computed in float32), so the cost of medium shows; "
+            "compile s: the one-off cold compilation, paid by the first fit of a process; ceiling: "
             f"{train_flops_per_transition(HEADLINE_DIM):,} training FLOPs per transition at the GFLOP/s that "
             "a (batch x 128) @ (128 x 128) product reaches in the same process, i.e. every FLOP at matmul speed "
             "and everything else free):\n\n"
-            + C.md_table(["threads", "batch", "loss", "OMP wait", "s/epoch", "transitions/s", "speedup", "compile s",
+            + C.md_table(["threads", "batch", "loss", "OMP wait", "matmul precision", "s/epoch", "transitions/s",
+                          "held-out NLL", "speedup", "compile s",
                           "matmul GFLOP/s", "ceiling tr/s", "of ceiling", "reps"], speed_rows)
             + f"\n\nScaling ({args.threads} thread(s), batch {batch}, eager; ratios against n={sizes[0]}, "
             f"d={REF_DIM}):\n\n"

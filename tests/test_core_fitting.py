@@ -418,6 +418,39 @@ def test_fit_options_are_checked():
         fit_heads(traj, **{**WELL_FIT, "batch_size": 0})
     with pytest.raises(TypeError, match="compile must be True or False"):
         fit_heads(traj, compile="yes", **WELL_FIT)
+    with pytest.raises(ValueError, match="matmul_precision must be one of highest, high, medium"):
+        fit_heads(traj, matmul_precision="low", **WELL_FIT)
+
+
+def test_matmul_precision_applies_to_the_training_only(well_fit, monkeypatch):
+    """matmul_precision="medium" (bfloat16 products where the hardware has them) is set for the training and
+    restored after it, also when the fit raises; the result differs from the float32 fit by rounding only."""
+    import hf_sde.fitting as fitting
+
+    traj, exact = well_fit
+    assert torch.get_float32_matmul_precision() == "highest"
+    seen, train = [], fitting.train_heads
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_float32_matmul_precision())
+        return train(*args, **kwargs)
+
+    monkeypatch.setattr(fitting, "train_heads", spy)
+    fast = fit_heads(traj, matmul_precision="medium", **WELL_FIT)
+    assert seen == ["medium"] and torch.get_float32_matmul_precision() == "highest"
+    assert fast.heads.config.data["matmul_precision"] == "medium"
+    assert "matmul_precision" not in exact.heads.config.data
+    for k, v in exact.heldout_nll.items():
+        assert fast.heldout_nll[k] == pytest.approx(v, abs=0.02), k
+
+    def fail(*args, **kwargs):
+        assert torch.get_float32_matmul_precision() == "medium"
+        raise RuntimeError("training failed")
+
+    monkeypatch.setattr(fitting, "train_heads", fail)
+    with pytest.raises(RuntimeError, match="training failed"):
+        fit_heads(traj, matmul_precision="medium", **WELL_FIT)
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_dynamic_compiled_loss_equals_eager_on_varying_batches():

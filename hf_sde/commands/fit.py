@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from ..fitting import DEFAULT_BATCH_SIZE
+from ..fitting import DEFAULT_BATCH_SIZE, MATMUL_PRECISIONS
 from ..trajectories import DEFAULT_MAX_LENGTH
 from . import _model
 from ._output import atomic_output_dir, check_output_dir
@@ -31,6 +31,9 @@ def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
                    help=fit_batch_size_help or "training batch size (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training loss (same fit; ~10-20 s to compile, pays on long fits)")
+    p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default=None,
+                   help="torch.set_float32_matmul_precision for the training (medium: bfloat16 products where the "
+                        "CPU or GPU has them; faster, the fit differs by bfloat16 rounding). Default: torch's")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
@@ -109,7 +112,7 @@ def run(args) -> int:
         patience=args.patience, early_stopping=args.early_stopping, progress=not args.quiet,
         base_model=source.get("name_or_path"), base_model_revision=source.get("revision"),
         gguf_file=source.get("gguf_file"), model_type=model.config.model_type, data_description=data_desc,
-        compile=args.compile,
+        compile=args.compile, matmul_precision=args.matmul_precision,
     )
     summary = result.summary()
     with atomic_output_dir(args.out, args.overwrite) as tmp:
