@@ -291,7 +291,7 @@ def main(argv=None):
     body = (lead + f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, "
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration, all configurations "
             f"shuffled and interleaved, {cfg['reps']} round(s) ({cfg.get('speed_reps', cfg['reps'])} for the speed "
-            "table), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset (OpenMP default)'} "
+            f"table), OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY') or 'unset (OpenMP default)'} "
             "unless the row says PASSIVE.\n\n"
             f"Speed at d = {HEADLINE_DIM}, {n_max} sequences (ratio: transitions/s against 1 thread, batch {batch}, "
             "eager; matmul precision: fit_heads' matmul_precision, highest = float32 products, medium = bfloat16 "
