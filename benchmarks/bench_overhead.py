@@ -12,6 +12,13 @@ the step itself (``on_read``: projection, the nets the control reads, statistics
 ``generate`` and hot: called back to back on one hidden state, with nothing between calls to evict the heads'
 weights or torch's dispatcher from the cache. The difference is what the model's forward costs the step.
 
+The in-place floor: the same ``generate`` call without SDE control, with a plain forward hook at the heads'
+layer that runs issue 13's reference computation on the newest position (one projection, the drift and
+diffusion MLPs, softplus and the temperature law: plain functional torch on fresh tensors, no SDE machinery;
+"ref step us"), or a single elementwise op (``hidden[:, -1] - mean``: "1-op us"), timed per call like "step
+us". Called back to back, the reference step is the issue's ~80 us floor ("ref hot us"); inside ``generate`` it
+pays the same cold cache as the SDE step, which is what a step can be compared with there.
+
 The SmolLM2 heads are throwaway heads fitted here on a few texts (their size is what matters, not their fit).
 
     python benchmarks/bench_overhead.py --smoke    # seconds on stories260K + a minute for SmolLM2's load
@@ -185,6 +192,75 @@ def hot_step(model, heads, batch: int, calls: int) -> dict:
     return out
 
 
+def reference_step(heads):
+    """Issue 13's floor computation, ``h (batch, D) -> temperature (batch,)``, as plain functional torch.
+
+    The projection, both MLPs (drift with its linear part, diffusion with softplus), the diffusion magnitude and
+    the exponential temperature law; every result a fresh tensor. ``time_row``: the time features of one
+    position, ``(1, F)``, broadcast over the batch."""
+    import torch
+    from torch.nn import functional as F
+
+    with torch.no_grad():
+        cfg = heads.config
+        mean, basis = heads.proj_mean.float(), (heads.proj_basis / heads.proj_scale).float()
+        nets = [[(m.weight.T.contiguous(), m.bias.detach()) for m in net.modules() if isinstance(m, torch.nn.Linear)]
+                for net in (heads.drift_net, heads.diffusion_net)]
+        lin_w, lin_b = heads.drift_linear.weight.T.contiguous(), heads.drift_linear.bias.detach()
+        scale = 1.0 / (cfg.proj_dim * cfg.dt) ** 0.5
+        z_mean, z_std = float(cfg.log_diffusion_mean), float(cfg.log_diffusion_std)
+
+    def mlp(layers, x):
+        for w, b in layers[:-1]:
+            x = F.silu(torch.addmm(b, x, w))
+        return torch.addmm(layers[-1][1], x, layers[-1][0])
+
+    def step(h, time_row):
+        z = (h - mean) @ basis
+        x = torch.cat([z, time_row.expand(z.shape[0], -1)], 1)
+        drift = mlp(nets[0], x) + torch.addmm(lin_b, z, lin_w)
+        sigma = F.softplus(mlp(nets[1], x)) + cfg.sigma_floor
+        zscore = (torch.log(torch.linalg.vector_norm(sigma, dim=-1) * scale) - z_mean) / z_std
+        return drift, torch.exp(-1.0 * zscore).clamp(0.05, 5.0)
+
+    return step, mean
+
+
+def reference_in_situ(call, model, heads, n_hook: int, batch: int, hot_calls: int) -> dict:
+    """us per call of the reference step and of one elementwise op, in a hook at the heads' layer inside plain
+    ``generate`` (no SDE control), and of the reference step called back to back (hot)."""
+    import torch
+
+    from hf_sde.layers import register_block_hook
+
+    step, mean = reference_step(heads)
+    time_row = heads.time_features(heads.times(torch.tensor([20])))
+    out = {}
+    for name, fn in {"ref_step_us": lambda h: step(h, time_row), "one_op_us": lambda h: h - mean}.items():
+        spent = []
+
+        def hook(hidden, _fn=fn, _spent=spent):
+            t0 = time.perf_counter()
+            _fn(hidden[:, -1].float())
+            _spent.append(time.perf_counter() - t0)
+
+        handle = register_block_hook(model, heads.config.layer, hook)
+        try:
+            call(None, n_hook)
+        finally:
+            handle.remove()
+        out[name] = sum(spent) / n_hook * 1e6
+    h = torch.randn(batch, model.config.hidden_size)
+    with torch.inference_mode():
+        for _ in range(10):
+            step(h, time_row)
+        t0 = time.perf_counter()
+        for _ in range(hot_calls):
+            step(h, time_row)
+    out["ref_hot_us"] = (time.perf_counter() - t0) / hot_calls * 1e6
+    return out
+
+
 def bench_cell(model, heads, vocab, batch, cfg, seed):
     import torch
 
@@ -205,6 +281,7 @@ def bench_cell(model, heads, vocab, batch, cfg, seed):
             "cpu_times": cpu, "cpu_ratios": C.paired_ratios(cpu, "plain"),
             "hook_time": hook_time(call, min(n, cfg["hook_tokens"])),
             "step_hot_us": hot_step(model, heads, batch, cfg["hot_calls"]),
+            "reference": reference_in_situ(call, model, heads, min(n, cfg["hook_tokens"]), batch, cfg["hot_calls"]),
             "plain_tokens_per_s": batch * n / C.summarize(times["plain"])["median"]}
 
 
@@ -220,6 +297,7 @@ def _rows(name: str, batch: int, r: dict) -> list[list]:
         rows.append([name, str(batch), m, q["median"], f"{q['q25']:.3f}–{q['q75']:.3f}", c["median"],
                      f"{c['q25']:.3f}–{c['q75']:.3f}", ht["hook_share"] * 100, us,
                      ht["breakdown_seconds"]["on_read"] / ht["tokens"] * 1e6, r["step_hot_us"][m],
+                     r["reference"]["ref_step_us"], r["reference"]["one_op_us"], r["reference"]["ref_hot_us"],
                      f"{r['ratios']['plain']['seconds']['median']:.2f}", str(r["rounds"]),
                      f"{met} (<= {target:.2f}){hook_ok}"])
     return rows
@@ -250,9 +328,12 @@ def main(argv=None):
         f"call; `hook us/step` the same per decoding step (whole batch; target <= {HOOK_TARGET_US:.0f} us at "
         "SmolLM2 batch 8); `step us` the step itself (`on_read`) per call in that call, and `step hot us` the same "
         f"called {cfg['hot_calls']} times back to back on one hidden state (nothing between calls evicts the "
-        "heads or torch's dispatcher from the cache).\n\n"
+        "heads or torch's dispatcher from the cache). `ref step us` / `1-op us`: issue 13's reference computation / "
+        "one elementwise op in a hook at the heads' layer inside plain `generate`, per call like `step us` (the "
+        "in-place floor); `ref hot us` the reference called back to back (the issue's ~80 us floor).\n\n"
         + C.md_table(["model", "batch", "mode", "wall ratio (median)", "IQR", "CPU ratio (median)", "IQR",
-                      "hook %", "hook us/step", "step us", "step hot us", "plain s (median)", "rounds",
+                      "hook %", "hook us/step", "step us", "step hot us", "ref step us", "1-op us", "ref hot us",
+                      "plain s (median)", "rounds",
                       "target met"], rows))
     run.finish(results, body)
     print(body)
