@@ -63,19 +63,36 @@ DEFAULT_BATCH_SIZE = 512
 MATMUL_PRECISIONS = ("highest", "high", "medium")
 
 
+def _precision_settings() -> list[tuple[object, str]]:
+    """torch's per-backend float32 precision settings (``torch.backends...fp32_precision``) where they exist."""
+    b = torch.backends
+    places = [b, getattr(b, "mkldnn", None), getattr(b, "cuda", None), getattr(b, "cudnn", None)]
+    places += [getattr(p, name, None) for p in places[1:] for name in ("matmul", "conv", "rnn")]
+    return [(p, p.fp32_precision) for p in places if p is not None and isinstance(getattr(p, "fp32_precision", None), str)]
+
+
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str | None) -> Iterator[None]:
     """``torch.set_float32_matmul_precision(precision)`` inside the block only, restored on exit (also on an
-    error): a fit's speed setting must not leak into the caller's later matmuls. ``None`` changes nothing."""
+    error): a fit's speed setting must not leak into the caller's later matmuls. Both of torch's interfaces are
+    restored exactly, the legacy global level and the per-backend ``fp32_precision`` settings (which the legacy
+    setter overwrites, and which a caller may use instead). ``None`` changes nothing."""
     if precision is None:
         yield
         return
-    saved = torch.get_float32_matmul_precision()
+    backends = _precision_settings()
+    # With every per-backend setting unset the legacy getter reads the legacy level itself (with some set, it
+    # refuses when they disagree); the settings are put back, in the same order, on exit.
+    for place, _ in backends:
+        place.fp32_precision = "none"
+    legacy = torch.get_float32_matmul_precision()
     torch.set_float32_matmul_precision(precision)
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(saved)
+        torch.set_float32_matmul_precision(legacy)
+        for place, value in backends:
+            place.fp32_precision = value
 
 
 def gaussian_nll_parts(dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -425,7 +442,7 @@ def fit_heads(
 
     ``matmul_precision`` (``"highest"`` / ``"high"`` / ``"medium"``): ``torch.set_float32_matmul_precision`` for
     the training only (restored after). ``"medium"`` lets float32 products run with bfloat16 inputs and float32
-    accumulation where the hardware has it (CPUs with AMX / AVX512-BF16 through oneDNN; TF32 / BF16 on CUDA):
+    accumulation where the hardware has it (CPUs with AMX / AVX512-BF16 through oneDNN; TF32 on CUDA):
     a faster epoch, a fit that differs from the float32 one by about bfloat16 rounding. The calibration and the
     reported held-out NLLs are computed at the caller's precision. ``None``: torch's current setting.
 

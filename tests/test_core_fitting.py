@@ -453,6 +453,25 @@ def test_matmul_precision_applies_to_the_training_only(well_fit, monkeypatch):
     assert torch.get_float32_matmul_precision() == "highest"
 
 
+def test_matmul_precision_restores_the_per_backend_settings(well_fit):
+    """torch's per-backend fp32_precision settings come back exactly: unset ("none", following the global level)
+    stays unset, and a caller's own per-backend choice (where no single legacy level describes the state, so the
+    legacy getter refuses) survives the fit instead of raising or being overwritten."""
+    traj, _ = well_fit
+    mkl, cuda = torch.backends.mkldnn.matmul, torch.backends.cuda.matmul
+    assert (mkl.fp32_precision, cuda.fp32_precision) == ("none", "none")
+    fit_heads(traj, matmul_precision="medium", **{**WELL_FIT, "epochs": 1})
+    assert (mkl.fp32_precision, cuda.fp32_precision) == ("none", "none")
+    assert torch.get_float32_matmul_precision() == "highest"
+    try:
+        mkl.fp32_precision, cuda.fp32_precision = "ieee", "tf32"
+        fit_heads(traj, matmul_precision="medium", **{**WELL_FIT, "epochs": 1})
+        assert (mkl.fp32_precision, cuda.fp32_precision) == ("ieee", "tf32")
+    finally:
+        mkl.fp32_precision = cuda.fp32_precision = "none"
+    assert torch.get_float32_matmul_precision() == "highest"  # the legacy level under them came back too
+
+
 def test_dynamic_compiled_loss_equals_eager_on_varying_batches():
     """rows=None (per-process batch sizes that vary: the multi-process exact fit): one dynamic-shape graph,
     the same loss and gradients as eager at every size."""

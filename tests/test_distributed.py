@@ -116,6 +116,7 @@ def test_two_process_fit_equals_single_process(model, tmp_path):
            "--template", GROUPED["template"], "--limit", str(GROUPED["limit"]), "--max-length", str(MAX_LENGTH),
            "--shard-size", "5", "--proj-dim", str(FIT["proj_dim"]), "--width", str(FIT["width"]),
            "--epochs", str(FIT["epochs"]), "--fit-batch-size", str(FIT["batch_size"]), "--seed", "0",
+           "--matmul-precision", "highest",  # torch's default: the same numbers, and the option reaches the fit
            "--out", str(out), "--json", "-q"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -130,6 +131,7 @@ def test_two_process_fit_equals_single_process(model, tmp_path):
     assert single.best_epoch >= 0 and summary["best_epoch"] == single.best_epoch
     dist_heads = hf_sde.SDEHeads.from_pretrained(str(out))
     assert single.heads.config.data["early_stopping"] == dist_heads.config.data["early_stopping"] == "sequences"
+    assert dist_heads.config.data["matmul_precision"] == "highest"
     assert single.history["early_stopping"] == pytest.approx(json.loads((out / "fit_history.json").read_text())
                                                               ["history"]["early_stopping"], abs=1e-5)
     assert _max_diff(single.heads, dist_heads) < 1e-4

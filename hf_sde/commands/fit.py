@@ -32,8 +32,9 @@ def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training loss (same fit; ~10-20 s to compile, pays on long fits)")
     p.add_argument("--matmul-precision", choices=MATMUL_PRECISIONS, default=None,
-                   help="torch.set_float32_matmul_precision for the training (medium: bfloat16 products where the "
-                        "CPU or GPU has them; faster, the fit differs by bfloat16 rounding). Default: torch's")
+                   help="torch.set_float32_matmul_precision for the training (medium: bfloat16 inputs to the "
+                        "products on CPUs with AMX / AVX512-BF16, TF32 on CUDA; faster, the fit differs by their "
+                        "rounding). Default: torch's current setting")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
