@@ -193,7 +193,8 @@ def hot_step(model, heads, batch: int, calls: int) -> dict:
 
 
 def reference_step(heads):
-    """Issue 13's floor computation, ``h (batch, D) -> temperature (batch,)``, as plain functional torch.
+    """Issue 13's floor computation, ``h (batch, D) -> (drift (batch, d), temperature (batch,))``, as plain
+    functional torch.
 
     The projection, both MLPs (drift with its linear part, diffusion with softplus), the diffusion magnitude and
     the exponential temperature law; every result a fresh tensor. ``time_row``: the time features of one
