@@ -80,17 +80,18 @@ def float32_matmul_precision(precision: str | None) -> Iterator[None]:
     if precision is None:
         yield
         return
-    backends = _precision_settings()
-    # With every per-backend setting unset the legacy getter reads the legacy level itself (with some set, it
-    # refuses when they disagree); the settings are put back, in the same order, on exit.
-    for place, _ in backends:
-        place.fp32_precision = "none"
-    legacy = torch.get_float32_matmul_precision()
-    torch.set_float32_matmul_precision(precision)
+    backends, legacy = _precision_settings(), None
     try:
+        # With every per-backend setting unset the legacy getter reads the legacy level itself (with some set,
+        # it refuses when they disagree); the settings are put back, in the same order, on exit.
+        for place, _ in backends:
+            place.fp32_precision = "none"
+        legacy = torch.get_float32_matmul_precision()
+        torch.set_float32_matmul_precision(precision)
         yield
     finally:
-        torch.set_float32_matmul_precision(legacy)
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
         for place, value in backends:
             place.fp32_precision = value
 
