@@ -19,7 +19,8 @@ environment (OpenMP's default wait policy unless ``OMP_WAIT_POLICY`` is set: wha
 all-threads large-batch rows are measured again with ``OMP_WAIT_POLICY=PASSIVE`` (idle OpenMP threads sleep:
 robust beside a busy process, but every parallel region pays a wake-up), and with
 ``matmul_precision="medium"`` (``--matmul-precision medium``: float32 products with bfloat16 inputs where
-the CPU has them, e.g. AMX), whose held-out NLL the table shows beside the float32 rows'. The speed
+the CPU has them, e.g. AMX), alone and with ``bf16=True`` (``--bf16``: mixed precision, bfloat16 activations),
+whose held-out NLLs the table shows beside the float32 rows'. The speed
 configurations run ``speed_reps`` rounds, the scaling ones ``reps``.
 
     python benchmarks/bench_fit.py [--smoke | --full] [--large-batch 4096]
@@ -109,7 +110,11 @@ def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = 
 
     traj = trajectories(scale)
     sub = traj.subset(list(range(min(n, len(traj)))))
-    kw = dict(proj_dim=dim, progress=False, seed=0, patience=epochs + 1, compile=compile, matmul_precision=precision)
+    # precision: None (float32), a matmul_precision level, or "<level>+bf16" (that level and bf16=True).
+    precision, _, autocast = (precision or "").partition("+")
+    precision, bf16 = precision or None, autocast == "bf16"
+    kw = dict(proj_dim=dim, progress=False, seed=0, patience=epochs + 1, compile=compile, matmul_precision=precision,
+              bf16=bf16)
     if batch_size:
         kw["batch_size"] = batch_size
     # Memory first, in the fresh process: once a fit has freed its tensors, malloc hands the same memory to
@@ -133,7 +138,7 @@ def measure(scale: str, n: int, dim: int, epochs: int, batch_size: int | None = 
             "transitions_per_s": n_train / per_epoch,
             "peak_mb": mem.peak_mb, "memory_method": mem.method, "first_fit_s": first,
             "compile_s": max(first - total, 0.0) if compile else 0.0, "compile": compile,
-            "matmul_precision": precision or "highest", "heldout_nll": res.heldout_nll["neural"],
+            "matmul_precision": precision or "highest", "bf16": bf16, "heldout_nll": res.heldout_nll["neural"],
             "matmul_gflops": matmul_gflops(min(batch_size or 512, 8192), precision=precision),
             "flops_per_transition": train_flops_per_transition(dim),
             "threads": torch.get_num_threads(),
@@ -156,7 +161,7 @@ def key_of(n: int, d: int, threads: int, batch: int | None, compile: bool, plain
            precision: str | None = None) -> str:
     """Scaling configurations (``plain``: the run's threads and batch, eager) keep their short keys; ``policy``: an
     ``OMP_WAIT_POLICY`` set for this probe only (None: the caller's environment); ``precision``: the fit's
-    ``matmul_precision`` (None: float32)."""
+    ``matmul_precision`` (None: float32), ``+bf16`` when the probe also trains with ``bf16=True``."""
     if (threads, batch, compile, policy, precision) == (*plain, None, None):
         return f"n{n}/d{d}"
     return (f"n{n}/d{d}/t{threads}/b{batch or 'default'}/{'compiled' if compile else 'eager'}"
@@ -200,8 +205,10 @@ def main(argv=None):
     if cfg["subprocess"] and threads_list[-1] > 1:  # the policy only matters with several threads
         speed += [(n_max, HEADLINE_DIM, threads_list[-1], args.large_batch, c, "PASSIVE", None)
                   for c in cfg["speed"]["compile"]]
-    # bfloat16 products (matmul_precision="medium") at the all-threads large batch: the fastest float32 setting.
-    speed += [(n_max, HEADLINE_DIM, threads_list[-1], args.large_batch, c, None, "medium") for c in cfg["speed"]["compile"]]
+    # bfloat16 products (matmul_precision="medium"), and those with bfloat16 activations (bf16=True: mixed
+    # precision), at the all-threads large batch: the fastest float32 setting.
+    speed += [(n_max, HEADLINE_DIM, threads_list[-1], args.large_batch, c, None, prec) for prec in ("medium", "medium+bf16")
+              for c in cfg["speed"]["compile"]]
     configs = {(*c, None, None) for c in configs}
     configs = sorted(configs | set(speed), key=lambda c: (c[0], c[1], c[2], c[3] or 0, c[4], c[5] or "", c[6] or ""))
     speed_set = set(speed)
@@ -232,7 +239,7 @@ def main(argv=None):
                                                                     "heldout_nll")}
         table[key].update({k: rs[0][k] for k in ("n_sequences", "proj_dim", "train_transitions", "epochs",
                                                  "threads", "batch_size", "compile", "flops_per_transition",
-                                                 "omp_wait_policy", "matmul_precision")})
+                                                 "omp_wait_policy", "matmul_precision", "bf16")})
     ref = table[f"n{sizes[0]}/d{REF_DIM}"]
     rows = []
     for n, d, *_ in [c for c in configs if tuple(c[2:]) == (*plain, None, None)]:
@@ -267,7 +274,7 @@ def main(argv=None):
         e["fraction_of_ceiling"] = e["transitions_per_s"]["median"] / e["matmul_ceiling_transitions_per_s"]
         speed_table[k] = e
         speed_rows.append([str(e["threads"]), str(e["batch_size"]), "compiled" if c else "eager", e["omp_wait_policy"],
-                           e["matmul_precision"], e["per_epoch_s"]["median"], f"{e['transitions_per_s']['median']:,.0f}",
+                           e["matmul_precision"], "yes" if e["bf16"] else "no", e["per_epoch_s"]["median"], f"{e['transitions_per_s']['median']:,.0f}",
                            f"{e['heldout_nll']['median']:.4f}",
                            e["speedup_vs_speed_ref"], e["compile_s"]["median"] if c else "-",
                            f"{e['matmul_gflops']['median']:.0f}", f"{e['matmul_ceiling_transitions_per_s']:,.0f}",
@@ -287,7 +294,8 @@ def main(argv=None):
             f"(batch {batch}, 1 thread, eager); fastest: **{best['transitions_per_s']['median']:,.0f}** "
             f"({best['threads']} thread(s), batch {best['batch_size']}, "
             f"{'compiled' if best['compile'] else 'eager'}, OpenMP wait policy {best['omp_wait_policy']}, matmul "
-            f"precision {best['matmul_precision']}: {best['speedup_vs_speed_ref']:.2f}x).\n\n")
+            f"precision {best['matmul_precision']}{', bf16 autocast' if best['bf16'] else ''}: "
+            f"{best['speedup_vs_speed_ref']:.2f}x).\n\n")
     body = (lead + f"stories260K, HelpSteer responses (max_length {cfg['max_length']}), layer -1, 2x128 MLPs, "
             f"{cfg['epochs']} epochs per measurement, one fresh process per configuration, all configurations "
             f"shuffled and interleaved, {cfg['reps']} round(s) ({cfg.get('speed_reps', cfg['reps'])} for the speed "
@@ -295,12 +303,14 @@ def main(argv=None):
             "unless the row says PASSIVE.\n\n"
             f"Speed at d = {HEADLINE_DIM}, {n_max} sequences (ratio: transitions/s against 1 thread, batch {batch}, "
             "eager; matmul precision: fit_heads' matmul_precision, highest = float32 products, medium = bfloat16 "
-            "inputs; held-out NLL: the fitted heads' (nats/dim, computed in float32), so the cost of medium shows; "
+            "inputs; bf16: fit_heads(bf16=True), each training batch's forward under bfloat16 autocast (float32 "
+            "weights, optimizer and loss); held-out NLL: the fitted heads' (nats/dim, computed in float32), so "
+            "the cost of medium and bf16 shows; "
             "compile s: the one-off cold compilation, paid by the first fit of a process; ceiling: "
             f"{train_flops_per_transition(HEADLINE_DIM):,} training FLOPs per transition at the GFLOP/s that "
             "a (batch x 128) @ (128 x 128) product reaches in the same process, i.e. every FLOP at matmul speed "
             "and everything else free):\n\n"
-            + C.md_table(["threads", "batch", "loss", "OMP wait", "matmul precision", "s/epoch", "transitions/s",
+            + C.md_table(["threads", "batch", "loss", "OMP wait", "matmul precision", "bf16", "s/epoch", "transitions/s",
                           "held-out NLL", "speedup", "compile s",
                           "matmul GFLOP/s", "ceiling tr/s", "of ceiling", "reps"], speed_rows)
             + f"\n\nScaling ({args.threads} thread(s), batch {batch}, eager; ratios against n={sizes[0]}, "

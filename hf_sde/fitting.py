@@ -294,12 +294,14 @@ class _Options:
     config: dict = field(default_factory=dict)  # SDEHeadsConfig fields from the data and the caller
     compile: bool = False
     matmul_precision: str | None = None
+    bf16: bool = False
 
     def __post_init__(self):
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive integer, got {self.batch_size!r}")
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be True or False, got {self.compile!r}")
+        for name in ("compile", "bf16"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.matmul_precision is not None and self.matmul_precision not in MATMUL_PRECISIONS:
             raise ValueError(f"matmul_precision must be one of {', '.join(MATMUL_PRECISIONS)} (or None: torch's "
                              f"current setting), got {self.matmul_precision!r}")
@@ -361,7 +363,7 @@ def _fit(source, env, mode: str, opts: _Options) -> FitResult:
     with float32_matmul_precision(opts.matmul_precision):
         history, best_epoch = train_heads(model, data, env, plan.has_es, bar, lr=opts.lr,
                                           weight_decay=opts.weight_decay, patience=opts.patience,
-                                          evaluate=evaluate, compile=opts.compile)
+                                          evaluate=evaluate, compile=opts.compile, bf16=opts.bf16)
     _calibrate(heads, model, data, env)
     parts = {"neural": evaluate(model, data.chunks("heldout"), env),
              "ou": evaluate(_on_inputs(ou.predict, d), data.chunks("heldout"), env),
@@ -375,6 +377,8 @@ def _fit(source, env, mode: str, opts: _Options) -> FitResult:
                    "heldout_transitions": plan.num_heldout_transitions, "early_stopping": plan.early_stopping}
     if opts.matmul_precision is not None:
         config.data["matmul_precision"] = opts.matmul_precision
+    if opts.bf16:
+        config.data["bf16"] = True
     if plan.source.groups is not None:
         # Which groups (prompts) were held out, as short hashes: an evaluation of these heads can then stay on
         # unseen prompts without the texts travelling in the config.
@@ -428,6 +432,7 @@ def fit_heads(
     data_description: dict | None = None,
     compile: bool = False,
     matmul_precision: str | None = None,
+    bf16: bool = False,
 ) -> FitResult:
     """Fit drift and diffusion heads on hidden-state trajectories by Gaussian likelihood (one process).
 
@@ -447,6 +452,13 @@ def fit_heads(
     a faster epoch, a fit that differs from the float32 one by about bfloat16 rounding. The calibration and the
     reported held-out NLLs are computed at the caller's precision. ``None``: torch's current setting.
 
+    ``bf16=True``: mixed-precision training, as ``transformers.TrainingArguments(bf16=True)``: each training
+    batch's forward runs under bfloat16 autocast (the activations stored in bfloat16), while the weights,
+    gradients, optimizer state and loss stay float32; the early-stopping and held-out evaluations, the
+    calibration and the reported NLLs run in float32. It pays where bfloat16 is native (CPUs with AMX /
+    AVX512-BF16, CUDA from Ampere on); combined with ``matmul_precision="medium"`` it is the fastest CPU fit
+    in ``benchmarks/results/bench_fit.md``, with the held-out NLL that table shows beside the float32 rows'.
+
     Example:
         >>> result = fit_heads(traj, proj_dim=16, epochs=60)
         >>> result.heldout_nll   # {'neural': ..., 'ou': ..., 'brownian': ...}
@@ -460,7 +472,7 @@ def fit_heads(
                          model_type, data_description)
     opts = _Options(proj_dim, standardize, horizon, width, depth, time_frequencies, epochs, batch_size, lr,
                     weight_decay, patience, heldout_fraction, early_stopping_fraction, early_stopping, seed,
-                    progress, cfg, compile, matmul_precision)
+                    progress, cfg, compile, matmul_precision, bf16)
     return _fit(MemorySource(trajectories), SingleProcess(), "exact", opts)
 
 

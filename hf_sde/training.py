@@ -86,9 +86,20 @@ def _sync(params: list[torch.Tensor], parts: torch.Tensor, n_local: int, count: 
     return n, bundle[-3:-1]
 
 
-def batch_parts(model: HeadsOnInputs, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-    """Summed ``[drift, diffusion]`` NLL parts of one batch, per dimension (the training objective's terms)."""
-    mean, std = model(x)
+def batch_parts(model: HeadsOnInputs, x: torch.Tensor, dz: torch.Tensor, bf16: bool = False) -> torch.Tensor:
+    """Summed ``[drift, diffusion]`` NLL parts of one batch, per dimension (the training objective's terms).
+
+    ``bf16``: the heads' forward (and so its backward) under bfloat16 autocast, the mixed precision of
+    ``TrainingArguments(bf16=True)``: the products and the activations they produce in bfloat16, the weights,
+    their gradients and the optimizer state in float32, and the loss in float32 on the outputs cast back.
+    The activations are what an epoch spends its time moving (every elementwise pass over a (batch x width)
+    activation is memory-bound at batch 4096), so halving their bytes is what pays."""
+    if bf16:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            mean, std = model(x)
+        mean, std = mean.float(), std.float()
+    else:
+        mean, std = model(x)
     r = (dz - mean) / std
     return torch.stack([0.5 * r.pow(2).sum(), std.log().sum()]) / model.d
 
@@ -103,14 +114,14 @@ class BatchLoss:
     multi-process exact fit) one dynamic-shape graph serves all batches.
     """
 
-    def __init__(self, model: HeadsOnInputs, compile: bool = False, rows: int | None = None):
-        self.model, self.rows = model, rows
+    def __init__(self, model: HeadsOnInputs, compile: bool = False, rows: int | None = None, bf16: bool = False):
+        self.model, self.rows, self.bf16 = model, rows, bf16
         self.compiled = None
         if compile:
             self.compiled = torch.compile(self._eager, dynamic=rows is None, fullgraph=True)
 
     def _eager(self, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
-        return batch_parts(self.model, x, dz)
+        return batch_parts(self.model, x, dz, self.bf16)
 
     def __call__(self, x: torch.Tensor, dz: torch.Tensor) -> torch.Tensor:
         if self.compiled is None or (self.rows is not None and x.shape[0] != self.rows):
@@ -151,12 +162,15 @@ def _train_epoch(model: HeadsOnInputs, opt: torch.optim.Optimizer, data, env, ep
 
 
 def train_heads(model: HeadsOnInputs, data, env, has_es: bool, epochs, *, lr: float, weight_decay: float,
-                patience: int, evaluate: Callable, compile: bool = False) -> tuple[dict[str, list[float]], int]:
+                patience: int, evaluate: Callable, compile: bool = False,
+                bf16: bool = False) -> tuple[dict[str, list[float]], int]:
     """AdamW with a cosine schedule and early stopping on the early-stopping data (else the training loss);
     the best state (epoch -1: the OU starting point) is restored. Returns (history, best epoch).
+    ``bf16``: the training batches' forward under bfloat16 autocast (:func:`batch_parts`); the evaluations
+    that early stopping compares run in float32.
     ``compile``: :class:`BatchLoss` compiles the per-batch loss for ``data.full_rows``-row batches."""
     opt = make_optimizer(model.heads, lr, weight_decay)
-    loss = BatchLoss(model, compile, data.full_rows)
+    loss = BatchLoss(model, compile, data.full_rows, bf16)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(len(epochs), 1), eta_min=lr * 0.05)
     history: dict[str, list[float]] = {f"{s}_{p}": [] for s in ("train", "val") for p in ("total", "drift", "diffusion")}
     history["early_stopping"] = []

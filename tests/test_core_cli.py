@@ -36,7 +36,7 @@ def saved_heads(tmp_path, stories_trajectories):
 def test_fit_prints_one_json_summary_and_saves_heads(tmp_path, capsys):
     out = tmp_path / "out"
     rc = main(["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "--json", "-q", "--epochs", "5",
-               "--matmul-precision", "medium", "--out", str(out)])
+               "--matmul-precision", "medium", "--bf16", "--out", str(out)])
     assert rc == 0 and torch.get_float32_matmul_precision() == "highest"  # the training's setting only
     stdout = capsys.readouterr().out
     lines = [line for line in stdout.splitlines() if line.strip()]
@@ -54,7 +54,7 @@ def test_fit_prints_one_json_summary_and_saves_heads(tmp_path, capsys):
     assert heads.config.base_model_revision == "499bc8821c6b12b4e53c5bffcb21ec206f212d81"
     assert heads.config.model_type == "llama"
     assert heads.config.heldout_nll == summary["heldout_nll"]
-    assert heads.config.data["matmul_precision"] == "medium"
+    assert heads.config.data["matmul_precision"] == "medium" and heads.config.data["bf16"] is True
     history = json.loads((out / "fit_history.json").read_text())
     assert len(history["history"]["train_total"]) == summary["epochs_run"]
 

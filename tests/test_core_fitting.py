@@ -420,6 +420,8 @@ def test_fit_options_are_checked():
         fit_heads(traj, compile="yes", **WELL_FIT)
     with pytest.raises(ValueError, match="matmul_precision must be one of highest, high, medium"):
         fit_heads(traj, matmul_precision="low", **WELL_FIT)
+    with pytest.raises(TypeError, match="bf16 must be True or False"):
+        fit_heads(traj, bf16="yes", **WELL_FIT)
 
 
 def test_matmul_precision_applies_to_the_training_only(well_fit, monkeypatch):
@@ -470,6 +472,44 @@ def test_matmul_precision_restores_the_per_backend_settings(well_fit):
     finally:
         mkl.fp32_precision = cuda.fp32_precision = "none"
     assert torch.get_float32_matmul_precision() == "highest"  # the legacy level under them came back too
+
+
+def test_bf16_trains_under_autocast_and_evaluates_in_float32(well_fit, monkeypatch):
+    """bf16=True (mixed precision): the training batches' forward runs in bfloat16 (so its loss differs from
+    float32 by bfloat16 rounding, not more), the weights, gradients and loss stay float32, the evaluations
+    that early stopping and the report use run in float32, and the fit lands where the float32 fit does."""
+    import hf_sde.fitting as fitting
+    from hf_sde.training import HeadsOnInputs, batch_parts
+
+    traj, exact = well_fit
+    model = HeadsOnInputs(exact.heads)
+    width = exact.heads.config.proj_dim + exact.heads.time_features(torch.zeros(1)).shape[1]
+    g = torch.Generator().manual_seed(0)
+    x, dz = torch.randn(64, width, generator=g), torch.randn(64, exact.heads.config.proj_dim, generator=g)
+    full, mixed = batch_parts(model, x, dz), batch_parts(model, x, dz, bf16=True)
+    assert mixed.dtype == torch.float32 and not torch.equal(full, mixed)  # bfloat16 did run
+    torch.testing.assert_close(mixed, full, rtol=2e-2, atol=0.0)
+    mixed.sum().backward()
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.params)
+    for p in model.params:
+        p.grad = None
+
+    dtypes, evaluate = [], fitting.evaluate
+
+    def spy(fn, chunks, env=None):
+        def wrapped(x):
+            mean, std = fn(x)
+            dtypes.append((mean.dtype, std.dtype, torch.is_autocast_enabled("cpu")))
+            return mean, std
+        return evaluate(wrapped, chunks, env)
+
+    monkeypatch.setattr(fitting, "evaluate", spy)
+    fast = fit_heads(traj, bf16=True, **WELL_FIT)
+    assert dtypes and set(dtypes) == {(torch.float32, torch.float32, False)}
+    assert fast.heads.config.data["bf16"] is True and "bf16" not in exact.heads.config.data
+    assert all(p.dtype == torch.float32 for p in fast.heads.parameters())
+    for k, v in exact.heldout_nll.items():
+        assert fast.heldout_nll[k] == pytest.approx(v, abs=0.02), k
 
 
 def test_dynamic_compiled_loss_equals_eager_on_varying_batches():

@@ -35,6 +35,10 @@ def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
                    help="torch.set_float32_matmul_precision for the training (medium: bfloat16 inputs to the "
                         "products on CPUs with AMX / AVX512-BF16, TF32 on CUDA; faster, the fit differs by their "
                         "rounding). Default: torch's current setting")
+    p.add_argument("--bf16", action="store_true",
+                   help="mixed-precision training (bfloat16 autocast of each batch's forward; float32 weights, "
+                        "optimizer and loss; float32 evaluation and calibration), as TrainingArguments(bf16=True). "
+                        "Faster where bfloat16 is native (AMX / AVX512-BF16 CPUs, Ampere+ GPUs)")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
@@ -113,7 +117,7 @@ def run(args) -> int:
         patience=args.patience, early_stopping=args.early_stopping, progress=not args.quiet,
         base_model=source.get("name_or_path"), base_model_revision=source.get("revision"),
         gguf_file=source.get("gguf_file"), model_type=model.config.model_type, data_description=data_desc,
-        compile=args.compile, matmul_precision=args.matmul_precision,
+        compile=args.compile, matmul_precision=args.matmul_precision, bf16=args.bf16,
     )
     summary = result.summary()
     with atomic_output_dir(args.out, args.overwrite) as tmp:

@@ -105,6 +105,7 @@ def _run(args, env, clear_shards, extract_to_shards, fit_heads_distributed) -> i
         patience=args.patience, progress=not args.quiet, base_model=source.get("name_or_path"),
         base_model_revision=source.get("revision"), gguf_file=source.get("gguf_file"), model_type=model_type,
         data_description=data_desc, env=env, compile=args.compile, matmul_precision=args.matmul_precision,
+        bf16=args.bf16,
     )
     summary = result.summary()
     final_shards = shard_dir if args.shards else os.path.join(args.out, "trajectories")
