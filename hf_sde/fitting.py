@@ -71,6 +71,13 @@ def _precision_settings() -> list[tuple[object, str]]:
     return [(p, p.fp32_precision) for p in places if p is not None and isinstance(getattr(p, "fp32_precision", None), str)]
 
 
+def native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX), where ``bf16=True`` pays."""
+    cpu = torch.cpu
+    checks = [getattr(cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
 @contextlib.contextmanager
 def float32_matmul_precision(precision: str | None) -> Iterator[None]:
     """``torch.set_float32_matmul_precision(precision)`` inside the block only, restored on exit (also on an
@@ -356,6 +363,9 @@ def _fit(source, env, mode: str, opts: _Options) -> FitResult:
     brownian, ou = _baselines(data, env)
     init_at_ou(heads, ou)
     model = HeadsOnInputs(heads)
+    if opts.bf16 and not native_bf16():
+        logger.warning("bf16=True on a CPU without native bfloat16 (no AVX512-BF16 or AMX): its products are "
+                       "emulated, so this fit runs several times slower than in float32. Fit without bf16 / --bf16.")
     desc = "Fitting SDE heads" if env.world_size == 1 else f"Fitting SDE heads ({env.world_size} proc, {mode})"
     bar = tqdm(range(opts.epochs), desc=desc, disable=not opts.progress or not env.is_main, unit="epoch")
     # Only the training (and its early-stopping evaluations) at the requested precision: the calibration and the
@@ -455,8 +465,9 @@ def fit_heads(
     ``bf16=True``: mixed-precision training, as ``transformers.TrainingArguments(bf16=True)``: each training
     batch's forward runs under bfloat16 autocast (the activations stored in bfloat16), while the weights,
     gradients, optimizer state and loss stay float32; the early-stopping and held-out evaluations, the
-    calibration and the reported NLLs run in float32. It pays where bfloat16 is native (CPUs with AMX /
-    AVX512-BF16, CUDA from Ampere on); combined with ``matmul_precision="medium"`` it is the fastest CPU fit
+    calibration and the reported NLLs run in float32 (the evaluations at ``matmul_precision``, outside
+    autocast). It pays only where the CPU has native bfloat16 (AMX / AVX512-BF16; the fit runs on the CPU): without
+    it bfloat16 products are emulated and an epoch is several times *slower* (a warning says so); combined with ``matmul_precision="medium"`` it is the fastest CPU fit
     in ``benchmarks/results/bench_fit.md``, with the held-out NLL that table shows beside the float32 rows'.
 
     Example:

@@ -166,8 +166,9 @@ def train_heads(model: HeadsOnInputs, data, env, has_es: bool, epochs, *, lr: fl
                 bf16: bool = False) -> tuple[dict[str, list[float]], int]:
     """AdamW with a cosine schedule and early stopping on the early-stopping data (else the training loss);
     the best state (epoch -1: the OU starting point) is restored. Returns (history, best epoch).
-    ``bf16``: the training batches' forward under bfloat16 autocast (:func:`batch_parts`); the evaluations
-    that early stopping compares run in float32.
+    ``bf16``: the training batches' forward under bfloat16 autocast (:func:`batch_parts`), so the ``train_*``
+    history is that forward's loss; the evaluations that early stopping compares run outside autocast (without
+    early-stopping data it compares those training losses).
     ``compile``: :class:`BatchLoss` compiles the per-batch loss for ``data.full_rows``-row batches."""
     opt = make_optimizer(model.heads, lr, weight_decay)
     loss = BatchLoss(model, compile, data.full_rows, bf16)

@@ -503,13 +503,51 @@ def test_bf16_trains_under_autocast_and_evaluates_in_float32(well_fit, monkeypat
             return mean, std
         return evaluate(wrapped, chunks, env)
 
+    calibrate, autocast_in_calibration = fitting._calibrate, []
+
+    def calibrate_spy(*args):
+        autocast_in_calibration.append(torch.is_autocast_enabled("cpu"))
+        return calibrate(*args)
+
     monkeypatch.setattr(fitting, "evaluate", spy)
+    monkeypatch.setattr(fitting, "_calibrate", calibrate_spy)
     fast = fit_heads(traj, bf16=True, **WELL_FIT)
-    assert dtypes and set(dtypes) == {(torch.float32, torch.float32, False)}
+    assert dtypes and set(dtypes) == {(torch.float32, torch.float32, False)} and autocast_in_calibration == [False]
+    assert fast.history["train_total"] != exact.history["train_total"]  # the training batches did run in bfloat16
     assert fast.heads.config.data["bf16"] is True and "bf16" not in exact.heads.config.data
     assert all(p.dtype == torch.float32 for p in fast.heads.parameters())
     for k, v in exact.heldout_nll.items():
         assert fast.heldout_nll[k] == pytest.approx(v, abs=0.02), k
+
+
+def test_bf16_warns_on_a_cpu_without_native_bfloat16(well_fit, monkeypatch, caplog):
+    import hf_sde.fitting as fitting
+
+    traj, _ = well_fit
+    monkeypatch.setattr(fitting, "native_bf16", lambda: False)
+    with caplog.at_level("WARNING", logger="hf_sde.fitting"):
+        fit_heads(traj, bf16=True, **{**WELL_FIT, "epochs": 1})
+    assert "without native bfloat16" in caplog.text and "Fit without bf16 / --bf16" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="hf_sde.fitting"):
+        fit_heads(traj, **{**WELL_FIT, "epochs": 1})  # float32: nothing to warn about
+    assert "bfloat16" not in caplog.text
+
+
+def test_compiled_loss_keeps_bf16_autocast(well_fit):
+    """The compiled loss runs the heads under the same bfloat16 autocast as the eager one (dynamo keeps the
+    autocast region in the graph): close to the eager bf16 loss, not equal to the float32 one."""
+    from hf_sde.training import BatchLoss, HeadsOnInputs, batch_parts
+
+    _, exact = well_fit
+    model = HeadsOnInputs(exact.heads)
+    width = exact.heads.config.proj_dim + exact.heads.time_features(torch.zeros(1)).shape[1]
+    g = torch.Generator().manual_seed(1)
+    x, dz = torch.randn(64, width, generator=g), torch.randn(64, exact.heads.config.proj_dim, generator=g)
+    compiled = BatchLoss(model, compile=True, rows=64, bf16=True)(x, dz)
+    full = batch_parts(model, x, dz)
+    assert compiled.dtype == torch.float32 and not torch.equal(compiled, full)
+    torch.testing.assert_close(compiled, batch_parts(model, x, dz, bf16=True), rtol=1e-2, atol=0.0)
 
 
 def test_dynamic_compiled_loss_equals_eager_on_varying_batches():

@@ -75,6 +75,10 @@ def test_shards_reassemble_and_stream_fit(model, tmp_path):
     assert _max_diff(single.heads, exact.heads) < 1e-4
     for k, v in single.heldout_nll.items():
         assert exact.heldout_nll[k] == pytest.approx(v, abs=1e-5)
+    # bf16 (mixed precision) reaches the distributed fit as it does fit_heads: the same one-process fit.
+    mixed, mixed_exact = hf_sde.fit_heads(ref, bf16=True, **FIT), fit_heads_distributed(str(tmp_path), bf16=True, **FIT)
+    assert mixed_exact.heads.config.data["bf16"] is True and mixed.history["train_total"] != single.history["train_total"]
+    assert mixed_exact.history["train_total"] == pytest.approx(mixed.history["train_total"], abs=1e-5)
     # Streaming: the same projection, split and baselines; its own batch order, so only close in NLL.
     stream = fit_heads_distributed(str(tmp_path), mode="stream", **FIT)
     for name in ("proj_basis", "proj_mean", "proj_scale"):
