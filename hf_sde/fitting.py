@@ -466,9 +466,10 @@ def fit_heads(
     batch's forward runs under bfloat16 autocast (the activations stored in bfloat16), while the weights,
     gradients, optimizer state and loss stay float32; the early-stopping and held-out evaluations, the
     calibration and the reported NLLs run in float32 (the evaluations at ``matmul_precision``, outside
-    autocast). It pays only where the CPU has native bfloat16 (AMX / AVX512-BF16; the fit runs on the CPU): without
-    it bfloat16 products are emulated and an epoch is several times *slower* (a warning says so); combined with ``matmul_precision="medium"`` it is the fastest CPU fit
-    in ``benchmarks/results/bench_fit.md``, with the held-out NLL that table shows beside the float32 rows'.
+    autocast). It pays only where the CPU has native bfloat16 (AMX / AVX512-BF16; the fit runs on the CPU):
+    without it bfloat16 products are emulated and an epoch is several times *slower* (a warning says so).
+    With ``matmul_precision="medium"`` it is the fastest CPU fit in ``benchmarks/results/bench_fit.md``, with
+    the held-out NLL that table shows beside the float32 rows'.
 
     Example:
         >>> result = fit_heads(traj, proj_dim=16, epochs=60)
