@@ -468,8 +468,9 @@ def fit_heads(
     calibration and the reported NLLs run in float32 (the evaluations at ``matmul_precision``, outside
     autocast). It pays only where the CPU has native bfloat16 (AMX / AVX512-BF16; the fit runs on the CPU):
     without it bfloat16 products are emulated and an epoch is several times *slower* (a warning says so).
-    With ``matmul_precision="medium"`` it is the fastest CPU fit in ``benchmarks/results/bench_fit.md``, with
-    the held-out NLL that table shows beside the float32 rows'.
+    With ``matmul_precision="medium"`` at batch 4096 it is the fastest CPU epoch in
+    ``benchmarks/results/bench_fit.md``, with the held-out NLL that table shows beside the float32 rows'; at
+    the default batch 512 (activations small enough to stay in cache) it made a SmolLM2 fit slower.
 
     Example:
         >>> result = fit_heads(traj, proj_dim=16, epochs=60)

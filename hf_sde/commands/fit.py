@@ -38,7 +38,8 @@ def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
     p.add_argument("--bf16", action="store_true",
                    help="mixed-precision training (bfloat16 autocast of each batch's forward; float32 weights, "
                         "optimizer and loss; float32 evaluation and calibration), as TrainingArguments(bf16=True). "
-                        "Faster only on CPUs with native bfloat16 (AMX / AVX512-BF16); several times slower without")
+                        "Faster only at large batches (--fit-batch-size 4096) on CPUs with native bfloat16 (AMX / "
+                        "AVX512-BF16); slower at the default batch, several times slower without native bfloat16")
     p.add_argument("--patience", type=int, default=10)
     p.add_argument("--heldout-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
