@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
 # Evaluations first: they fit (and cache) the stories260K heads the performance benchmarks reuse.
-SCRIPTS = ["eval_fit", "eval_uncertainty", "eval_control", "bench_extract", "bench_fit", "bench_trace",
-           "bench_overhead", "bench_load"]
+SCRIPTS = ["eval_fit", "eval_uncertainty", "eval_control", "bench_extract", "bench_fit", "bench_fit_time",
+           "bench_trace", "bench_overhead", "bench_load"]
 # "What the SDE buys" (issue 14) on SmolLM2: the control designs and the detection study. Not in the default
 # run (they need the judge model and ~1 h on 2 cores): ``--issue14`` runs them, smallest defaults first.
 ISSUE14 = ["eval_temperature_head", "eval_detection", "eval_frontier"]
