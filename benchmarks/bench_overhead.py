@@ -38,11 +38,14 @@ SETTINGS = {
     # cells: (model, batch); reps: (min rounds, max rounds, budget seconds per cell)
     # smoke (the test-suite): a random model of SmolLM2's sizes stands in for SmolLM2 (no 30-50 s load).
     "smoke": {"cells": [("stories260K", 1), ("smollm2-sized", 8)], "new_tokens": 4, "prompt_tokens": 4,
-              "reps": (1, 1, 0), "hook_tokens": 4, "hot_calls": 20},
+              "reps": (1, 1, 0), "hook_tokens": 4, "hot_calls": 20,
+              "floor_cells": [("stories260K", 1)], "floor_rounds": 1},
     "default": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 64,
-                "prompt_tokens": 16, "reps": (5, 12, 240), "hook_tokens": 32, "hot_calls": 2000},
+                "prompt_tokens": 16, "reps": (5, 12, 240), "hook_tokens": 32, "hot_calls": 2000,
+                "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 5},
     "full": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 128,
-             "prompt_tokens": 16, "reps": (10, 30, 600), "hook_tokens": 64, "hot_calls": 5000},
+             "prompt_tokens": 16, "reps": (10, 30, 600), "hook_tokens": 64, "hot_calls": 5000,
+             "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 10},
 }
 MODES = {"observe": {"mode": "observe"}, "temperature": {"mode": "temperature", "beta": 1.0},
          "steer": {"mode": "steer", "alpha": 0.05}}
@@ -227,42 +230,124 @@ def reference_step(heads):
     return step, mean
 
 
+def _in_situ_us(call, model, layer: int, fn, n_hook: int) -> float:
+    """us per call of ``fn(h)`` (``h``: the newest position's hidden state as float32, the slice included) in a
+    hook at ``layer`` inside one plain ``generate`` call (no SDE control)."""
+    from hf_sde.layers import register_block_hook
+
+    spent = []
+
+    def hook(hidden):
+        t0 = time.perf_counter()
+        fn(hidden[:, -1].float())
+        spent.append(time.perf_counter() - t0)
+
+    handle = register_block_hook(model, layer, hook)
+    try:
+        call(None, n_hook)
+    finally:
+        handle.remove()
+    return sum(spent) / len(spent) * 1e6
+
+
+def _hot_us(fn, h, calls: int) -> float:
+    import torch
+
+    with torch.inference_mode():
+        for _ in range(10):
+            fn(h)
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn(h)
+    return (time.perf_counter() - t0) / calls * 1e6
+
+
 def reference_in_situ(call, model, heads, n_hook: int, batch: int, hot_calls: int) -> dict:
     """us per call of the reference step and of one elementwise op, in a hook at the heads' layer inside plain
     ``generate`` (no SDE control), and of the reference step called back to back (hot)."""
     import torch
 
-    from hf_sde.layers import register_block_hook
-
     step, mean = reference_step(heads)
     time_row = heads.time_features(heads.times(torch.tensor([20])))
-    out = {}
-    for name, fn in {"ref_step_us": lambda h: step(h, time_row), "one_op_us": lambda h: h - mean}.items():
-        spent = []
-
-        def hook(hidden, _fn=fn, _spent=spent):
-            t0 = time.perf_counter()
-            _fn(hidden[:, -1].float())
-            _spent.append(time.perf_counter() - t0)
-
-        handle = register_block_hook(model, heads.config.layer, hook)
-        try:
-            call(None, n_hook)
-        finally:
-            handle.remove()
-        out[name] = sum(spent) / n_hook * 1e6
-    h = torch.randn(batch, model.config.hidden_size)
-    with torch.inference_mode():
-        for _ in range(10):
-            step(h, time_row)
-        t0 = time.perf_counter()
-        for _ in range(hot_calls):
-            step(h, time_row)
-    out["ref_hot_us"] = (time.perf_counter() - t0) / hot_calls * 1e6
+    layer = heads.config.layer
+    out = {"ref_step_us": _in_situ_us(call, model, layer, lambda h: step(h, time_row), n_hook),
+           "one_op_us": _in_situ_us(call, model, layer, lambda h: h - mean, n_hook)}
+    out["ref_hot_us"] = _hot_us(lambda h: step(h, time_row), torch.randn(batch, model.config.hidden_size), hot_calls)
     return out
 
 
-def bench_cell(model, heads, vocab, batch, cfg, seed):
+def compiled_floors(call, model, heads, n_hook: int, batch: int, hot_calls: int, rounds: int, seed: int) -> dict:
+    """The reference step compiled, in place and hot: is the in-place floor the Python / dispatcher work that
+    compilation removes, or the cold cache that no implementation avoids?
+
+    Implementations: ``eager`` (:func:`reference_step`), ``torch.compile`` (inductor, fullgraph), and
+    AOTInductor (``torch.export`` + ``torch._inductor.aoti_compile_and_package``: the step as one compiled C++
+    library; called through the loaded package, and through its loader's ``run``, which skips the pytree
+    wrapping). In-place figures: median over ``rounds`` interleaved rounds of one ``generate`` call each, after
+    an untimed call of each (torch.compile recompiles for the hidden state's strides there). An
+    implementation that cannot be built here (no C++ compiler) is reported with the error instead."""
+    import random
+    import tempfile
+
+    import torch
+
+    step, _ = reference_step(heads)
+    time_row = heads.time_features(heads.times(torch.tensor([20]))).detach().float()
+    h = torch.randn(batch, model.config.hidden_size)
+    impls, built = {"eager": lambda x: step(x, time_row)}, {"eager": 0.0}
+    errors = {}
+    tmp = tempfile.TemporaryDirectory()
+    try:
+        t0 = time.perf_counter()
+        compiled = torch.compile(step, fullgraph=True, dynamic=False)
+        with torch.inference_mode():
+            compiled(h, time_row)
+        impls["torch.compile"], built["torch.compile"] = (lambda x: compiled(x, time_row)), time.perf_counter() - t0
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        errors["torch.compile"] = f"{type(e).__name__}: {e}"[:200]
+    try:
+        import torch._inductor
+
+        class Step(torch.nn.Module):
+            def forward(self, x, t):
+                return step(x, t)
+
+        t0 = time.perf_counter()
+        program = torch.export.export(Step(), (h, time_row))
+        package = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp.name}/step.pt2")
+        runner = torch._inductor.aoti_load_package(package)
+        seconds = time.perf_counter() - t0
+        # The library assumes the exported strides: the prefill's newest-position rows are strided, so copy
+        # them (a no-op for the decoding steps' contiguous rows).
+        impls["AOTInductor"], built["AOTInductor"] = (lambda x: runner(x.contiguous(), time_row)), seconds
+        loader = getattr(runner, "loader", None)
+        if loader is not None:
+            impls["AOTInductor loader.run"], built["AOTInductor loader.run"] = (
+                lambda x: loader.run([x.contiguous(), time_row])), seconds
+    except Exception as e:  # noqa: BLE001 - reported in the table
+        errors["AOTInductor"] = f"{type(e).__name__}: {e}"[:200]
+    with torch.inference_mode():
+        want = step(h, time_row)
+        max_diff = {name: max(float((a - b).abs().max()) for a, b in zip(fn(h), want, strict=True))
+                    for name, fn in impls.items()}
+    rng = random.Random(seed)
+    in_place = {name: [] for name in impls}
+    layer = heads.config.layer
+    for fn in impls.values():  # untimed: torch.compile recompiles for generate's strides and inference mode
+        _in_situ_us(call, model, layer, fn, 2)
+    for _ in range(rounds):
+        order = list(impls)
+        rng.shuffle(order)
+        for name in order:
+            in_place[name].append(_in_situ_us(call, model, layer, impls[name], n_hook))
+    out = {name: {"in_place_us": C.summarize(in_place[name])["median"], "in_place_rounds_us": in_place[name],
+                  "hot_us": _hot_us(fn, h, hot_calls), "build_seconds": built[name], "max_abs_diff": max_diff[name]}
+           for name, fn in impls.items()}
+    tmp.cleanup()
+    return {"impls": out, "errors": errors}
+
+
+def bench_cell(model, heads, vocab, batch, cfg, seed, floors: bool = False):
     import torch
 
     n = cfg["new_tokens"]
@@ -283,6 +368,8 @@ def bench_cell(model, heads, vocab, batch, cfg, seed):
             "hook_time": hook_time(call, min(n, cfg["hook_tokens"])),
             "step_hot_us": hot_step(model, heads, batch, cfg["hot_calls"]),
             "reference": reference_in_situ(call, model, heads, min(n, cfg["hook_tokens"]), batch, cfg["hot_calls"]),
+            "compiled_floors": compiled_floors(call, model, heads, min(n, cfg["hook_tokens"]), batch, cfg["hot_calls"],
+                                               cfg["floor_rounds"], seed) if floors else None,
             "plain_tokens_per_s": batch * n / C.summarize(times["plain"])["median"]}
 
 
@@ -304,6 +391,17 @@ def _rows(name: str, batch: int, r: dict) -> list[list]:
     return rows
 
 
+def _floor_rows(name: str, batch: int, r: dict) -> list[list]:
+    floors = r.get("compiled_floors")
+    if not floors:
+        return []
+    rows = [[name, str(batch), impl, e["in_place_us"], e["hot_us"], e["in_place_us"] / e["hot_us"], e["build_seconds"],
+             f"{e['max_abs_diff']:.1e}", str(len(e["in_place_rounds_us"]))] for impl, e in floors["impls"].items()]
+    rows += [[name, str(batch), impl, f"not built: {err}", "-", "-", "-", "-", "0"]
+             for impl, err in floors["errors"].items()]
+    return rows
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p)
@@ -312,13 +410,14 @@ def main(argv=None):
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]
     run = C.Run("bench_overhead", args, {**cfg, "modes": MODES, "targets": TARGETS, "hook_target_us": HOOK_TARGET_US})
-    results, rows = {}, []
+    results, rows, floor_rows = {}, [], []
     for name in dict.fromkeys(m for m, _ in cfg["cells"]):  # one load per model and process
         model, heads, vocab = prepare(name, scale)
         for batch in [b for m, b in cfg["cells"] if m == name]:
-            r = bench_cell(model, heads, vocab, batch, cfg, args.seed)
+            r = bench_cell(model, heads, vocab, batch, cfg, args.seed, floors=(name, batch) in cfg["floor_cells"])
             results[f"{name}/b{batch}"] = r
             rows += _rows(name, batch, r)
+            floor_rows += _floor_rows(name, batch, r)
         del model
     body = (
         f"{cfg['new_tokens']} new tokens after {cfg['prompt_tokens']} prompt tokens, fixed-seed sampling (top_k=0), "
@@ -335,7 +434,17 @@ def main(argv=None):
         + C.md_table(["model", "batch", "mode", "wall ratio (median)", "IQR", "CPU ratio (median)", "IQR",
                       "hook %", "hook us/step", "step us", "step hot us", "ref step us", "1-op us", "ref hot us",
                       "plain s (median)", "rounds",
-                      "target met"], rows))
+                      "target met"], rows)
+        + "\n\n## The in-place floor, compiled\n\nIssue 13's reference step (`ref step us` above) built four ways, "
+        "each timed in place (a hook at the heads' layer inside plain `generate`, as `ref step us`; median over "
+        f"{cfg['floor_rounds']} interleaved round(s) of one call each) and hot ({cfg['hot_calls']} calls back to "
+        "back). `torch.compile`: inductor, fullgraph; AOTInductor: `torch.export` + "
+        "`torch._inductor.aoti_compile_and_package`, the step as one C++ library, called through the loaded "
+        "package or its loader's `run` (no pytree wrapping). `build s`: compile time, paid once per shape; `max "
+        "diff`: against eager. If compiling removes the Python and dispatcher work but the in-place figure stays far "
+        "above the hot one, the rest is the cache the model's forward leaves cold.\n\n"
+        + C.md_table(["model", "batch", "implementation", "in place us (median)", "hot us", "in place / hot",
+                      "build s", "max diff", "rounds"], floor_rows))
     run.finish(results, body)
     print(body)
     return results
