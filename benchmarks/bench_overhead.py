@@ -296,7 +296,6 @@ def compiled_floors(call, model, heads, n_hook: int, batch: int, hot_calls: int,
     h = torch.randn(batch, model.config.hidden_size)
     impls, built = {"eager": lambda x: step(x, time_row)}, {"eager": 0.0}
     errors = {}
-    tmp = tempfile.TemporaryDirectory()
     try:
         t0 = time.perf_counter()
         compiled = torch.compile(step, fullgraph=True, dynamic=False)
@@ -314,8 +313,9 @@ def compiled_floors(call, model, heads, n_hook: int, batch: int, hot_calls: int,
 
         t0 = time.perf_counter()
         program = torch.export.export(Step(), (h, time_row))
-        package = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp.name}/step.pt2")
-        runner = torch._inductor.aoti_load_package(package)
+        with tempfile.TemporaryDirectory() as tmp:  # the loaded library stays mapped after the file goes
+            package = torch._inductor.aoti_compile_and_package(program, package_path=f"{tmp}/step.pt2")
+            runner = torch._inductor.aoti_load_package(package)
         seconds = time.perf_counter() - t0
         # The library assumes the exported strides: the prefill's newest-position rows are strided, so copy
         # them (a no-op for the decoding steps' contiguous rows).
@@ -343,7 +343,6 @@ def compiled_floors(call, model, heads, n_hook: int, batch: int, hot_calls: int,
     out = {name: {"in_place_us": C.summarize(in_place[name])["median"], "in_place_rounds_us": in_place[name],
                   "hot_us": _hot_us(fn, h, hot_calls), "build_seconds": built[name], "max_abs_diff": max_diff[name]}
            for name, fn in impls.items()}
-    tmp.cleanup()
     return {"impls": out, "errors": errors}
 
 

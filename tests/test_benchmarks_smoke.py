@@ -35,3 +35,9 @@ def test_run_all_smoke(tmp_path):
         assert (out / f"{name}.md").read_text().strip()
     summary = (out / "README.md").read_text()
     assert all(f"## {name}" in summary for name in SCRIPTS)
+    # bench_overhead's compiled floors: every implementation is timed, or the table says why it was not built
+    floors = json.loads((out / "bench_overhead.json").read_text())["results"]["stories260K/b1"]["compiled_floors"]
+    assert {"eager", "torch.compile", "AOTInductor"} <= set(floors["impls"]) | set(floors["errors"])
+    for impl, e in floors["impls"].items():
+        assert e["in_place_us"] > 0 and e["hot_us"] > 0, impl
+        assert e["max_abs_diff"] < 1e-4, impl  # the compiled step computes what the eager one does
