@@ -39,13 +39,16 @@ SETTINGS = {
     # smoke (the test-suite): a random model of SmolLM2's sizes stands in for SmolLM2 (no 30-50 s load).
     "smoke": {"cells": [("stories260K", 1), ("smollm2-sized", 8)], "new_tokens": 4, "prompt_tokens": 4,
               "reps": (1, 1, 0), "hook_tokens": 4, "hot_calls": 20,
-              "floor_cells": [("stories260K", 1)], "floor_rounds": 1},
+              "floor_cells": [("stories260K", 1)], "floor_rounds": 1,
+              "split_cells": [("stories260K", 1)], "split_tokens": (2, 4), "split_rounds": 1},
     "default": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 64,
                 "prompt_tokens": 16, "reps": (5, 12, 240), "hook_tokens": 32, "hot_calls": 2000,
-                "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 5},
+                "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 5,
+                "split_cells": [("stories260K", 1)], "split_tokens": (4, 64), "split_rounds": 15},
     "full": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 128,
              "prompt_tokens": 16, "reps": (10, 30, 600), "hook_tokens": 64, "hot_calls": 5000,
-             "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 10},
+             "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 10,
+             "split_cells": [("stories260K", 1)], "split_tokens": (4, 128), "split_rounds": 30},
 }
 MODES = {"observe": {"mode": "observe"}, "temperature": {"mode": "temperature", "beta": 1.0},
          "steer": {"mode": "steer", "alpha": 0.05}}
@@ -346,7 +349,35 @@ def compiled_floors(call, model, heads, n_hook: int, batch: int, hot_calls: int,
     return {"impls": out, "errors": errors}
 
 
-def bench_cell(model, heads, vocab, batch, cfg, seed, floors: bool = False):
+def overhead_split(call, hook: dict, tokens: tuple[int, int], rounds: int, seed: int) -> dict:
+    """Each mode's overhead over plain ``generate`` split into a cost per call and a cost per step.
+
+    Every variant runs at ``tokens = (short, long)`` new tokens in interleaved rounds; per round the overhead
+    ``t(mode) - t(plain)`` at both lengths gives the per-step cost (the slope) and the per-call cost (the
+    intercept); medians over rounds. The callbacks' share of a step comes from the instrumented call
+    (``hook``: :func:`hook_time`, without ``trace``, which runs once per call); the rest of the per-step cost
+    is spent outside them (module-hook dispatch, an added logits processor)."""
+    short, long = tokens
+    fns = {f"{m}@{n}": functools.partial(call, kw, n) for n in tokens for m, kw in (("plain", None), *MODES.items())}
+    times, done = C.interleaved(fns, min_reps=rounds, max_reps=rounds, budget_s=0, seed=seed, warmup=True)
+    out = {}
+    plain_step = [(a - b) / (long - short) for a, b in zip(times[f"plain@{long}"], times[f"plain@{short}"],
+                                                             strict=True)]
+    for m in MODES:
+        ovh = {n: [a - b for a, b in zip(times[f"{m}@{n}"], times[f"plain@{n}"], strict=True)] for n in tokens}
+        step = [(a - b) / (long - short) for a, b in zip(ovh[long], ovh[short], strict=True)]
+        per_call = [o - short * st for o, st in zip(ovh[short], step, strict=True)]
+        ht = hook[m]
+        callbacks = sum(v for k, v in ht["breakdown_seconds"].items() if k != "trace") / ht["tokens"]
+        per_step = C.summarize(step)["median"]
+        out[m] = {"per_call_ms": C.summarize(per_call)["median"] * 1e3, "per_step_us": per_step * 1e6,
+                  "callbacks_per_step_us": callbacks * 1e6, "outside_per_step_us": (per_step - callbacks) * 1e6,
+                  "plain_step_us": C.summarize(plain_step)["median"] * 1e6, "rounds": done, "tokens": tokens,
+                  "per_round_step_us": [x * 1e6 for x in step], "per_round_call_ms": [x * 1e3 for x in per_call]}
+    return out
+
+
+def bench_cell(model, heads, vocab, batch, cfg, seed, floors: bool = False, split: bool = False):
     import torch
 
     n = cfg["new_tokens"]
@@ -362,7 +393,7 @@ def bench_cell(model, heads, vocab, batch, cfg, seed, floors: bool = False):
     cpu: dict[str, list[float]] = {}
     times, rounds = C.interleaved(fns, min_reps=reps[0], max_reps=reps[1], budget_s=reps[2], seed=seed, warmup=False,
                                   cpu_times=cpu)
-    return {"rounds": rounds, "times": times, "ratios": C.paired_ratios(times, "plain"),
+    r = {"rounds": rounds, "times": times, "ratios": C.paired_ratios(times, "plain"),
             "cpu_times": cpu, "cpu_ratios": C.paired_ratios(cpu, "plain"),
             "hook_time": hook_time(call, min(n, cfg["hook_tokens"])),
             "step_hot_us": hot_step(model, heads, batch, cfg["hot_calls"]),
@@ -370,6 +401,9 @@ def bench_cell(model, heads, vocab, batch, cfg, seed, floors: bool = False):
             "compiled_floors": compiled_floors(call, model, heads, min(n, cfg["hook_tokens"]), batch, cfg["hot_calls"],
                                                cfg["floor_rounds"], seed) if floors else None,
             "plain_tokens_per_s": batch * n / C.summarize(times["plain"])["median"]}
+    if split:
+        r["split"] = overhead_split(call, r["hook_time"], cfg["split_tokens"], cfg["split_rounds"], seed)
+    return r
 
 
 def _rows(name: str, batch: int, r: dict) -> list[list]:
@@ -387,6 +421,17 @@ def _rows(name: str, batch: int, r: dict) -> list[list]:
                      r["reference"]["ref_step_us"], r["reference"]["one_op_us"], r["reference"]["ref_hot_us"],
                      f"{r['ratios']['plain']['seconds']['median']:.2f}", str(r["rounds"]),
                      f"{met} (<= {target:.2f}){hook_ok}"])
+    return rows
+
+
+def _split_rows(name: str, batch: int, r: dict) -> list[list]:
+    if "split" not in r:
+        return []
+    rows = []
+    for m, e in r["split"].items():
+        budget = (TARGETS[name][m] - 1) * e["plain_step_us"]
+        rows.append([name, str(batch), m, e["per_call_ms"], e["per_step_us"], e["callbacks_per_step_us"],
+                     e["outside_per_step_us"], e["plain_step_us"], budget, str(e["rounds"])])
     return rows
 
 
@@ -409,13 +454,15 @@ def main(argv=None):
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]
     run = C.Run("bench_overhead", args, {**cfg, "modes": MODES, "targets": TARGETS, "hook_target_us": HOOK_TARGET_US})
-    results, rows, floor_rows = {}, [], []
+    results, rows, floor_rows, split_rows = {}, [], [], []
     for name in dict.fromkeys(m for m, _ in cfg["cells"]):  # one load per model and process
         model, heads, vocab = prepare(name, scale)
         for batch in [b for m, b in cfg["cells"] if m == name]:
-            r = bench_cell(model, heads, vocab, batch, cfg, args.seed, floors=(name, batch) in cfg["floor_cells"])
+            r = bench_cell(model, heads, vocab, batch, cfg, args.seed, floors=(name, batch) in cfg["floor_cells"],
+                           split=(name, batch) in cfg["split_cells"])
             results[f"{name}/b{batch}"] = r
             rows += _rows(name, batch, r)
+            split_rows += _split_rows(name, batch, r)
             floor_rows += _floor_rows(name, batch, r)
         del model
     body = (
@@ -443,7 +490,16 @@ def main(argv=None):
         "diff`: against eager. If compiling removes the Python and dispatcher work but the in-place figure stays far "
         "above the hot one, the rest is the cache the model's forward leaves cold.\n\n"
         + C.md_table(["model", "batch", "implementation", "in place us (median)", "hot us", "in place / hot",
-                      "build s", "max diff", "rounds"], floor_rows))
+                      "build s", "max diff", "rounds"], floor_rows)
+        + "\n\n## Per call and per step\n\nEach mode's overhead over plain `generate`, split: every variant runs at "
+        f"{cfg['split_tokens'][0]} and {cfg['split_tokens'][1]} new tokens in {cfg['split_rounds']} interleaved "
+        "round(s); per round the overhead `t(mode) - t(plain)` at the two lengths gives the cost per step (slope) "
+        "and per call (intercept: resolving the generation config, building the fused heads, the trace); medians "
+        "over rounds. `callbacks us/step`: the SDE callbacks per step in the instrumented call above (without the "
+        "end-of-call trace); `outside us/step`: the rest of the per-step cost (module-hook dispatch, an added "
+        "logits processor); `budget us/step`: what the cell's target ratio allows per plain step.\n\n"
+        + C.md_table(["model", "batch", "mode", "per call ms", "per step us", "callbacks us/step",
+                      "outside us/step", "plain step us", "budget us/step", "rounds"], split_rows))
     run.finish(results, body)
     print(body)
     return results

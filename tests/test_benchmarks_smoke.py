@@ -41,3 +41,9 @@ def test_run_all_smoke(tmp_path):
     for impl, e in floors["impls"].items():
         assert e["in_place_us"] > 0 and e["hot_us"] > 0, impl
         assert e["max_abs_diff"] < 1e-4, impl  # the compiled step computes what the eager one does
+    # bench_overhead's per-call / per-step split on stories260K: one row per mode, parts that add up
+    split = json.loads((out / "bench_overhead.json").read_text())["results"]["stories260K/b1"]["split"]
+    assert set(split) == {"observe", "temperature", "steer"}
+    for mode, e in split.items():
+        assert e["per_step_us"] == pytest.approx(e["callbacks_per_step_us"] + e["outside_per_step_us"]), mode
+        assert e["callbacks_per_step_us"] > 0 and e["plain_step_us"] > 0, mode
