@@ -111,7 +111,7 @@ class HookTimer:
     METHODS = ("on_forward_pre", "on_read", "on_steer", "on_head_input", "on_logits", "trace")
 
     def __init__(self):
-        from hf_sde.control import _Runtime
+        from hf_sde.control.step import _Runtime
 
         self.cls = _Runtime
         self.seconds = dict.fromkeys(self.METHODS, 0.0)

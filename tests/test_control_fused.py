@@ -18,7 +18,7 @@ from control_fixtures import tiny_bundle
 from torch.overrides import TorchFunctionMode
 
 from hf_sde import SDEControl, SDEHeads, enable_sde_control
-from hf_sde import control as control_module
+from hf_sde.control import step as control_module
 
 SYNCS = {"item", "tolist", "__bool__", "__int__", "__float__", "__index__"}
 
@@ -98,7 +98,8 @@ def _assert_trace_equals_heads(model, heads, ctl_kwargs: dict, origin: str) -> N
     mean, std = heads(z, heads.times(k))
     magnitude = heads.diffusion_magnitude(std)
     torch.testing.assert_close(tr.diffusion, magnitude, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(tr.zscore, heads.zscore(magnitude), rtol=1e-5, atol=1e-5)
+    # These random heads' calibration spread is tiny, so z-scores reach ~2e4: float32 rounding of log s is ~1e-5 of it.
+    torch.testing.assert_close(tr.zscore, heads.zscore(magnitude), rtol=5e-5, atol=1e-5)
     torch.testing.assert_close(tr.drift_norm, (mean / heads.dt).norm(dim=-1), rtol=1e-5, atol=1e-5)
     surprise = heads.surprise(z[:, 1:] - z[:, :-1], mean[:, :-1], std[:, :-1])
     torch.testing.assert_close(tr.surprise[:, :-1], surprise, rtol=1e-4, atol=1e-4)

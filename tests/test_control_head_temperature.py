@@ -14,7 +14,8 @@ from control_fixtures import parity_bundle
 from transformers import GenerationConfig, LogitsProcessorList
 
 from hf_sde import SDEControl, sde_generate
-from hf_sde import control as control_module
+from hf_sde.control import setup as control_setup
+from hf_sde.control import step as control_module
 
 
 class _Identity:
@@ -54,7 +55,7 @@ def _run(model, heads, seed: int, **kw):
 @pytest.fixture
 def small_vocab_on_head(monkeypatch):
     """The tiny models' vocabulary is 4x their hidden size: let the head take the temperature anyway."""
-    monkeypatch.setattr(control_module, "HEAD_SCALING_MIN_RATIO", 0)
+    monkeypatch.setattr(control_setup, "HEAD_SCALING_MIN_RATIO", 0)
 
 
 @pytest.mark.parametrize(("family", "on_head"), [("llama", True), ("gpt2", True), ("qwen3", True),
@@ -77,25 +78,25 @@ def test_head_input_scaling_equals_dividing_the_logits(family, on_head, small_vo
 def test_small_vocabularies_divide_the_logits():
     """Below HEAD_SCALING_MIN_RATIO x hidden size the logits are divided (cheaper than a hook on the head)."""
     bundle = parity_bundle("llama")
-    assert bundle.model.config.vocab_size < control_module.HEAD_SCALING_MIN_RATIO * bundle.model.config.hidden_size
-    assert control_module._temperature_head(bundle.model, GenerationConfig(do_sample=True)) is None
+    assert bundle.model.config.vocab_size < control_setup.HEAD_SCALING_MIN_RATIO * bundle.model.config.hidden_size
+    assert control_setup._temperature_head(bundle.model, GenerationConfig(do_sample=True)) is None
     assert not _run(bundle.model, bundle.heads, 3)[1]
 
 
 def test_where_the_head_cannot_take_the_temperature(small_vocab_on_head):
     model = parity_bundle("llama").model
     gc = GenerationConfig(do_sample=True)
-    assert control_module._temperature_head(model, gc) is model.get_output_embeddings()
+    assert control_setup._temperature_head(model, gc) is model.get_output_embeddings()
     for name, value in (("sequence_bias", {(5,): 1.0}), ("exponential_decay_length_penalty", (2, 1.1)),
                         ("dola_layers", "low"), ("guidance_scale", 1.5)):
         other = copy.deepcopy(gc)
         setattr(other, name, value)
-        assert control_module._temperature_head(model, other) is None, name
+        assert control_setup._temperature_head(model, other) is None, name
     biased = copy.deepcopy(model)
     biased.lm_head.bias = torch.nn.Parameter(torch.zeros(biased.config.vocab_size))
-    assert control_module._temperature_head(biased, gc) is None
-    assert control_module._temperature_head(copy.deepcopy(model).to(torch.bfloat16), gc) is None
-    assert control_module._temperature_head(parity_bundle("gemma2").model, gc) is None
+    assert control_setup._temperature_head(biased, gc) is None
+    assert control_setup._temperature_head(copy.deepcopy(model).to(torch.bfloat16), gc) is None
+    assert control_setup._temperature_head(parity_bundle("gemma2").model, gc) is None
 
 
 def test_a_head_that_is_never_called_is_an_error_not_a_silent_plain_sample(small_vocab_on_head):

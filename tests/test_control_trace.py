@@ -115,7 +115,8 @@ def test_trace_shapes_and_nan_after_eos(sb):
     assert torch.isfinite(tr.surprise[1, :-1]).all() and torch.isnan(tr.surprise[1, -1])
     assert (tr.positions[0, k + 1:] == -1).all() and (tr.positions[0, :k + 1] >= 0).all()
     # Steps before EOS are the ones the unconstrained run saw.
-    torch.testing.assert_close(tr.zscore[:, :k + 1], free.sde_trace.zscore[:, :k + 1])
+    # (per step vs deferred: the z-score scales float32 rounding of log s by 1 / the calibration's spread)
+    torch.testing.assert_close(tr.zscore[:, :k + 1], free.sde_trace.zscore[:, :k + 1], rtol=1e-4, atol=2e-4)
     assert tr.to_dict()["zscore"][1] == tr.zscore[1].tolist()
 
     # A single row that hits EOS stops there: trace as long as the output.
@@ -145,7 +146,11 @@ def test_trace_follows_returned_tokens_not_forwards(sb):
     assert len(steps) == NEW + 1  # the extra forward really happened
     assert torch.equal(out.sequences, plain.sequences)
     for name in FIELDS:
-        torch.testing.assert_close(getattr(out.sde_trace, name), getattr(plain.sde_trace, name), equal_nan=True)
+        # Per step (a callback) and deferred (observe) run the nets at other batch shapes: float32 rounding of
+        # log s, which the z-score scales by 1 / the calibration's spread (~0.02 here), and the surprise with it.
+        tol = dict(rtol=1e-4, atol=2e-4) if name in ("zscore", "surprise") else {}
+        torch.testing.assert_close(getattr(out.sde_trace, name), getattr(plain.sde_trace, name), equal_nan=True,
+                                   **tol)
 
 
 def test_inputs_and_inputs_embeds(sb):

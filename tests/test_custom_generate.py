@@ -1,9 +1,13 @@
 """The exported custom_generate folder works through transformers' own custom_generate loading."""
 
+from pathlib import Path
+
 import torch
 
 from hf_sde.commands import main
 from hf_sde.fitting import fit_heads
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_exported_custom_generate_runs_sde_control(stories_model, stories_trajectories, tmp_path, capsys):
@@ -12,7 +16,9 @@ def test_exported_custom_generate_runs_sde_control(stories_model, stories_trajec
     fit_heads(stories_trajectories, proj_dim=8, epochs=2, progress=False).heads.save_pretrained(heads_dir)
     assert main(["export-generate", str(tmp_path / "repo")]) == 0
     files = sorted(p.name for p in (tmp_path / "repo" / "custom_generate").iterdir())
-    assert files == ["control.py", "generate.py", "heads.py", "layers.py", "requirements.txt", "version.py"]
+    control_files = ["control.py"] + sorted(f"control_{p.name}" for p in (REPO / "hf_sde" / "control").glob("*.py")
+                                            if p.name != "__init__.py")
+    assert files == sorted(control_files + ["generate.py", "heads.py", "layers.py", "requirements.txt", "version.py"])
 
     enc = tok(["Once upon a time"], return_tensors="pt")
     torch.manual_seed(0)

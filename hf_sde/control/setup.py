@@ -1,0 +1,240 @@
+"""The per-call setup: resolve the generation config once, refuse what SDE control does not support, and fix
+where the prompt ends (a passed cache included), the step budget and where the temperature enters."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from dataclasses import dataclass
+
+import torch
+
+from .settings import SDEControl
+
+
+@dataclass
+class _CallSetup:
+    """What one ``generate`` call fixes before the first forward (from the resolved generation config)."""
+
+    prompt_width: int        # positions of the prompt, cached ones included (1 for generation from BOS)
+    returned_prompt: int     # prompt tokens in the returned sequences (0 for inputs_embeds only)
+    capacity: int            # steps to preallocate (grown if generate runs more)
+    base_temperature: float
+    eos_ids: list[int]
+    prefill_width: int | None = None  # prompt tokens the first forwards process (fewer with a passed cache)
+    scores_private: bool = False  # no output_logits: the logits processor may divide the scores in place
+    scale_head_input: bool = False  # the temperature divides the LM head's input (see _temperature_head)
+
+
+def _model_device(model) -> torch.device:
+    device = getattr(model, "device", None)
+    if isinstance(device, torch.device):
+        return device
+    return next(model.parameters()).device
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(message, UserWarning, stacklevel=4)
+
+
+def _resolve_generation_config(model, kwargs: dict):
+    """The generation config ``generate`` will use (model defaults, ``generation_config``, kwargs), resolved once."""
+    passed = kwargs.get("generation_config")
+    rest = {k: v for k, v in kwargs.items() if k != "generation_config"}
+    prepare = getattr(model, "_prepare_generation_config", None)
+    if prepare is not None:
+        with contextlib.suppress(TypeError, ValueError):
+            return prepare(passed, **rest)[0]
+    gc = copy.deepcopy(passed or model.generation_config)
+    gc.update(**rest)
+    return gc
+
+
+def _refuse_unsupported(gc, kwargs: dict, ctl: SDEControl) -> None:
+    if (gc.num_beams or 1) > 1:
+        raise NotImplementedError("SDE control supports greedy decoding and sampling, not beam search (num_beams > 1).")
+    if kwargs.get("assistant_model") is not None or kwargs.get("assistant_early_exit"):
+        raise NotImplementedError("SDE control does not support assisted / speculative decoding (assistant_model).")
+    if getattr(gc, "prompt_lookup_num_tokens", None):
+        raise NotImplementedError(
+            "SDE control does not support prompt-lookup decoding (prompt_lookup_num_tokens): it verifies several "
+            "tokens per forward, while the heads read one state per token. Drop prompt_lookup_num_tokens."
+        )
+    if ctl.steers and gc.use_cache is False:
+        raise NotImplementedError(
+            "Steering with use_cache=False would re-run and un-steer past positions; generate with the KV cache."
+        )
+
+
+def _temperature_kwargs(gc, kwargs: dict, ctl: SDEControl) -> float:
+    """Switch the stock temperature off under SDE temperature control; return the temperature to record."""
+    if not ctl.controls_temperature:
+        return float(gc.temperature) if gc.temperature is not None else 1.0
+    passed = kwargs.get("temperature")
+    if passed is not None and passed != 1.0:
+        raise ValueError(
+            f"generate(temperature={passed}) conflicts with SDE temperature control: set the base temperature "
+            "with SDEControl(temperature=...) instead."
+        )
+    if not gc.do_sample:
+        _warn_once("greedy", "SDE temperature control under greedy decoding (do_sample=False): temperatures do not "
+                   "change the argmax, so the tokens are those of plain greedy decoding; the trace records the "
+                   "temperatures the law would apply. Pass do_sample=True to sample with them.")
+    _set_generation_option(kwargs, "temperature", 1.0)
+    return 1.0
+
+
+def _set_generation_option(kwargs: dict, name: str, value) -> None:
+    """Set one option for this call, on the caller's generation_config (copied) if there is one."""
+    if kwargs.get("generation_config") is not None:
+        kwargs["generation_config"] = gc = copy.deepcopy(kwargs["generation_config"])
+        setattr(gc, name, value)
+    else:
+        kwargs[name] = value
+
+
+def _decline_compile(model, gc, kwargs: dict) -> None:
+    """Run this call's forward eagerly where generate would compile it (compile_config / static cache on GPU).
+
+    dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a forward
+    compiled before the SDE hooks were installed runs without them, so the trace would stop after the prefill
+    and temperature / steering would silently not apply. Eager forwards give the same tokens (bit for bit
+    where the compiled kernels are bitwise eager, e.g. backend="eager").
+    """
+    if gc.disable_compile:
+        return
+    static = gc.cache_implementation in ("static", "offloaded_static") or getattr(
+        kwargs.get("past_key_values"), "is_compileable", False)
+    all_devices = bool(getattr(gc.compile_config, "_compile_all_devices", False))
+    if static and (_model_device(model).type != "cpu" or all_devices):
+        _warn_once("compile", "SDE control runs generate's forward eagerly (disable_compile=True for this call): a "
+                   "compiled forward does not see the SDE hooks (dynamo skips module-hook guards).")
+    _set_generation_option(kwargs, "disable_compile", True)
+
+
+def _passed_cache(kwargs: dict):
+    """The cache the caller passed (``cache=``, or the deprecated ``past_key_values=``), or ``None``."""
+    cache = kwargs.get("cache")
+    return cache if cache is not None else kwargs.get("past_key_values")
+
+
+def _prompt_layout(args, kwargs: dict) -> tuple[int, int, int]:
+    """(prompt positions, prompt tokens the first forwards process, prompt tokens in the returned sequences).
+
+    The prompt is the whole text before the first new token, whatever part of it a passed cache already holds:
+    the path and its time origin are the same as without a cache. The prefill is what ``generate`` forwards of
+    it, by its own rule (``GenerationMixin._prefill``): the inputs past the cache's length when they cover the
+    cached tokens (their width equals the attention mask's), else all of them (only the new tokens were passed).
+    No prompt means generation from BOS.
+    """
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    embeds = kwargs.get("inputs_embeds")
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        inputs, width, returned = ids, ids.shape[1], ids.shape[1]
+    elif embeds is not None:
+        inputs, width, returned = embeds, embeds.shape[1], 0
+    else:
+        return 1, 1, 1  # stock generate starts from the BOS token, which it returns
+    cache = _passed_cache(kwargs)
+    past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
+    if not past:
+        return width, width, returned
+    _check_cache_batch(cache, inputs.shape[0])
+    mask = kwargs.get("attention_mask")
+    covers_cache = inputs is embeds or mask is None or mask.shape[1] == width
+    prefill = width - past if covers_cache else width
+    if prefill <= 0:
+        raise ValueError(
+            f"The cache passed to generate already holds {past} tokens, and the inputs have {width}: nothing is left "
+            "to forward before the first new token. Pass the full sequence (the cached tokens plus at least one "
+            "more), or a cache cropped to fewer tokens (cache.crop(n)).")
+    return past + prefill, prefill, returned
+
+
+def _check_cache_batch(cache, batch: int) -> None:
+    """A passed cache must hold one row per input row (stock fails later, inside attention, with a shape error)."""
+    layers = getattr(cache, "layers", None) or []
+    keys = next((layer.keys for layer in layers if isinstance(getattr(layer, "keys", None), torch.Tensor)
+                 and layer.keys.dim() == 4), None)
+    rows = keys.shape[0] if keys is not None else None
+    if rows is not None and rows != batch:
+        raise ValueError(
+            f"The cache passed to generate holds {rows} sequence(s), the inputs {batch}: a cache continues the rows "
+            "it was built on. Pass the inputs of the same rows (e.g. the previous call's sequences), or no cache.")
+
+
+def _check_horizon(model, heads, prompt_width: int, capacity: int) -> None:
+    cfg = heads.config
+    context = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
+                      "max_position_embeddings", None)
+    if context and prompt_width + capacity - 1 > context:
+        _warn_once(f"context-{id(model)}", (
+            f"prompt ({prompt_width} tokens) plus new tokens reach past the model's context ({context} positions): "
+            "the model's hidden states there are out of distribution, and so are the heads' statistics."))
+    origin = getattr(cfg, "time_origin", "sequence")
+    last = (prompt_width - 1 if origin == "sequence" else 0) + capacity - 1
+    if last > 2 * cfg.horizon:
+        counted = "positions in the text" if origin == "sequence" else "tokens generated after the prompt"
+        _warn_once(f"horizon-{id(heads)}-{origin}", (
+            f"these heads were fitted on paths of up to T={cfg.horizon:g} {counted}; this call reaches "
+            f"{last}, i.e. t = k/T up to {last / cfg.horizon:.1f}. Past t = 1 drift and diffusion are "
+            "extrapolated and z-scores are not calibrated there."))
+
+
+def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
+    """Resolve the generation config once, refuse what is not supported, fix the per-call sizes."""
+    gc = _resolve_generation_config(model, kwargs)
+    _refuse_unsupported(gc, kwargs, ctl)
+    base_temperature = _temperature_kwargs(gc, kwargs, ctl)
+    _decline_compile(model, gc, kwargs)
+    prompt_width, prefill_width, returned = _prompt_layout(args, kwargs)
+    if gc.max_new_tokens is not None:
+        steps = gc.max_new_tokens
+    else:
+        steps = max((gc.max_length or 20) - (returned or 0), 1)
+    eos = gc.eos_token_id
+    eos_ids = [] if eos is None else [int(e) for e in (eos.tolist() if isinstance(eos, torch.Tensor) else
+                                                       eos if isinstance(eos, (list, tuple)) else [eos])]
+    _check_horizon(model, ctl.heads, prompt_width, steps + 1)
+    keeps_logits = bool(gc.return_dict_in_generate and gc.output_logits)
+    private = not keeps_logits and not kwargs.get("logits_processor")
+    return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids, prefill_width=prefill_width,
+                      scores_private=private,
+                      scale_head_input=private and ctl.controls_temperature and _temperature_head(model, gc) is not None)
+
+
+# Generation options whose logits processors run before the temperature and do not commute with dividing the
+# logits by it (they add to the logits, mix in another forward or read early layers through the LM head).
+_SCALE_SENSITIVE = ("sequence_bias", "watermarking_config", "exponential_decay_length_penalty", "dola_layers")
+# Scale the head's input only where the vocabulary is this many times the hidden size: below it (stories260K: 512
+# vs 64) the logits are divided as cheaply as the hook on the head costs (~15 us per step on 2 CPU cores).
+HEAD_SCALING_MIN_RATIO = 16
+
+
+def _temperature_head(model, gc) -> torch.nn.Module | None:
+    """The LM head whose input the SDE temperature may divide instead of the logits, or ``None``.
+
+    ``lm_head(h / tau) = lm_head(h) / tau`` for a bias-free float32 linear head whose output the model does not
+    transform further (no logit soft-capping), and the processors that run before the temperature in ``generate``
+    (repetition penalty, bad words, min length, ...) commute with dividing by a positive number; the ones that
+    do not are refused by ``_SCALE_SENSITIVE`` and classifier-free guidance. The division then touches
+    ``hidden_size`` numbers per row instead of the vocabulary: on SmolLM2, 576 instead of 49,152. Callers that
+    keep the raw logits (``output_logits``) or pass their own processors get the scores divided instead.
+    """
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if not isinstance(head, torch.nn.Linear) or head.bias is not None or head.weight.dtype != torch.float32:
+        return None
+    if head.out_features < HEAD_SCALING_MIN_RATIO * head.in_features:
+        return None  # a small vocabulary: dividing the logits is cheaper than one more module hook
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if getattr(config, "final_logit_softcapping", None) is not None:
+        return None
+    if any(getattr(gc, name, None) for name in _SCALE_SENSITIVE) or (gc.guidance_scale or 1) != 1:
+        return None
+    return head
