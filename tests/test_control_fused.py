@@ -187,3 +187,39 @@ def test_step_path_never_syncs(origin, ctl_kwargs, live):
     again = model.generate(sde_control=ctl, **kw)  # unguarded: same result
     assert torch.equal(out.sequences, again.sequences)
     torch.testing.assert_close(out.sde_trace.zscore, again.sde_trace.zscore)
+
+
+def test_fused_heads_are_reused_and_never_stale():
+    """A repeated call reuses the fused heads; new heads, weights changed in place, a new calibration or another
+    device rebuild them (the trace then follows the heads as they are now)."""
+    from hf_sde.control.fused import fused_heads
+
+    tb = tiny_bundle(layer=1)
+    heads, cpu = tb.heads, torch.device("cpu")
+    first = fused_heads(heads, cpu, 8)
+    assert fused_heads(heads, cpu, 8) is first
+    assert fused_heads(heads, cpu, 32) is first and first.n_times >= 32  # tables grow in place
+    with torch.no_grad():
+        heads.diffusion_net[0].weight.mul_(1.5)   # in place: same storage, new version
+    rebuilt = fused_heads(heads, cpu, 8)
+    assert rebuilt is not first
+    torch.testing.assert_close(rebuilt.nets["diffusion"].first[:, :4], heads.diffusion_net[0].weight[:, :8].T[:, :4])
+    heads.config.log_diffusion_std = heads.config.log_diffusion_std * 2   # recalibrated
+    assert fused_heads(heads, cpu, 8) is not rebuilt
+    assert fused_heads(copy.deepcopy(heads), cpu, 8) is not fused_heads(heads, cpu, 8)
+    if torch.cuda.is_available():  # a moved model: the fused heads live on its device
+        assert fused_heads(heads, torch.device("cuda"), 8).mean.device.type == "cuda"
+
+
+def test_repeated_calls_follow_heads_changed_in_place():
+    tb = tiny_bundle(layer=1)
+    model = enable_sde_control(tb.model)
+    kw = dict(input_ids=torch.tensor([[1, 5, 9, 13]]), max_new_tokens=3, do_sample=False,
+              return_dict_in_generate=True)
+    before = model.generate(**kw, sde_control=SDEControl(tb.heads, mode="observe")).sde_trace.zscore
+    with torch.no_grad():
+        tb.heads.diffusion_net[-1].bias.add_(0.5)
+    after = model.generate(**kw, sde_control=SDEControl(tb.heads, mode="temperature")).sde_trace.zscore
+    fresh = model.generate(**kw, sde_control=SDEControl(copy.deepcopy(tb.heads), mode="temperature")).sde_trace.zscore
+    assert not torch.allclose(before, after)
+    torch.testing.assert_close(after, fresh)
