@@ -36,7 +36,7 @@ def _first_turn(model, cache_kind: str):
                            return_dict_in_generate=True, cache=cache)
     ids = torch.cat([first.sequences, NEXT_TURN], 1)
     mask = torch.cat([mask, torch.ones(2, ids.shape[1] - mask.shape[1], dtype=torch.long)], 1)
-    return first.past_key_values, ids, mask
+    return first.cache, ids, mask
 
 
 def _call(model, heads, seed: int, ctl: dict, **kw):
@@ -132,7 +132,7 @@ def test_three_turns_reuse_one_cache():
         _assert_same_path(out, fresh, f"turn {turn}", "temperature")
         traces.append(out.sde_trace)
         history.append(out.sequences)
-        cache = out.past_key_values
+        cache = out.cache
         if turn < 2:
             ids = torch.cat([out.sequences, turns[turn]], 1)
     assert [t.zscore.shape for t in traces] == [(1, 4)] * 3

@@ -130,3 +130,14 @@ def test_end_to_end_smollm2_shipped_heads():
     assert "=== plain sampling (observed) ===" in out and "=== SDE temperature control (beta=1.0) ===" in out
     assert out.count("diff z") == 2
     assert out.count("\n   0 ") == 2  # a per-token table under each
+
+
+def test_chat_reuses_the_cache_between_turns(stories_heads):
+    """chat.py: three turns, each forwarding only its new tokens; the trace's positions continue across turns."""
+    out = run_example("chat.py", *STORIES, "--heads", str(stories_heads), "--max-new-tokens", "6")
+    turns = [line for line in out.splitlines() if line.startswith("--- turn")]
+    assert len(turns) == 3 and "(the cache held 0)" in turns[0]
+    held = [int(t.split("the cache held ")[1].rstrip(")")) for t in turns]
+    assert held[0] < held[1] < held[2]
+    assert out.count("trace: 6 steps") == 3
+    assert "deprecated" not in out

@@ -110,7 +110,7 @@ def _decline_compile(model, gc, kwargs: dict) -> None:
     if gc.disable_compile:
         return
     static = gc.cache_implementation in ("static", "offloaded_static") or getattr(
-        kwargs.get("past_key_values"), "is_compileable", False)
+        _passed_cache(kwargs), "is_compileable", False)
     all_devices = bool(getattr(gc.compile_config, "_compile_all_devices", False))
     if static and (_model_device(model).type != "cpu" or all_devices):
         _warn_once("compile", "SDE control runs generate's forward eagerly (disable_compile=True for this call): a "
