@@ -16,10 +16,10 @@ runs inside the forward), :mod:`.generate` (``generate`` integration). Only this
 layers.py, version.py) is copied by the custom_generate export, so it imports nothing else from hf_sde.
 """
 
-from .generate import SDEGenerationMixin, disable_sde_control, enable_sde_control, sde_generate
+from .generate import SDEGenerationMixin, disable_sde_control, enable_sde_control, sde_generate, sde_hooks
 from .settings import GATES, MODES, TIME_ORIGINS, SDEControl, SDEGenerateOutput, SDEStep, SDETrace
 from .setup import _WARNED
-from .step import SDETemperatureLogitsProcessor, sde_hooks
+from .step import SDETemperatureLogitsProcessor
 
 __all__ = [
     "GATES", "MODES", "TIME_ORIGINS", "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep",

@@ -2,15 +2,33 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import types
 
 import torch
 from transformers import LogitsProcessorList
 
+from .compiled import _CompiledRuntime
 from .settings import SDEControl, SDEGenerateOutput
-from .setup import _call_setup
-from .step import SDETemperatureLogitsProcessor, sde_hooks
+from .setup import _call_setup, _CallSetup
+from .step import SDETemperatureLogitsProcessor, _Runtime
+
+
+@contextlib.contextmanager
+def sde_hooks(model, control: SDEControl, setup: _CallSetup | None = None, *, prompt_width: int = 1,
+              max_new_tokens: int = 256, base_temperature: float = 1.0):
+    """Install the SDE hooks for one generation; always removes them. Yields the runtime.
+
+    ``sde_generate`` passes its resolved ``setup``; direct users give the prompt width and step budget.
+    """
+    setup = setup or _CallSetup(prompt_width, prompt_width, max_new_tokens + 1, base_temperature, [])
+    runtime = (_CompiledRuntime if setup.compiled else _Runtime)(control, model, setup)
+    try:  # a failed install removes what it installed
+        runtime.install(model.get_output_embeddings() if setup.scale_head_input else None)
+        yield runtime
+    finally:
+        runtime.remove()
 
 
 def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=None, **kwargs):

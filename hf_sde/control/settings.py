@@ -154,18 +154,21 @@ class SDEControl:
         return temperature_law(zscore, self.temperature, self.beta, self.min_temperature, self.max_temperature)
 
     def steering_vector(self, mean: torch.Tensor, z: torch.Tensor, zscore: torch.Tensor, lift: Callable,
-                        fixed: torch.Tensor | None = None, attractor: torch.Tensor | None = None) -> torch.Tensor:
+                        fixed: torch.Tensor | None = None, attractor: torch.Tensor | None = None,
+                        alpha: torch.Tensor | float | None = None) -> torch.Tensor:
         """``alpha * gate(z) * unit(v)`` per row (``(N, hidden)``): the steering step before it is scaled by ``||h||``.
 
         ``mean`` / ``z`` / ``zscore``: the heads' drift increment, state and z-score of the rows; ``lift`` maps SDE
         coordinates to hidden space (``heads.lift``, or a precomputed matrix product); ``fixed``: the unit vector
-        of ``direction`` when it is a tensor (normalized here otherwise); ``attractor``: ``z*`` on the rows' device.
+        of ``direction`` when it is a tensor (normalized here otherwise); ``attractor``: ``z*`` on the rows' device;
+        ``alpha``: ``self.alpha`` as a 0-dim tensor (a compiled step then does not specialize on its value).
         The one implementation, used by ``generate`` and by the vLLM processor.
         """
         if attractor is None and self.attractor is not None:
             attractor = self.attractor.to(z)
         unit = steering_unit(self.direction, mean, z, lift, fixed=fixed, attractor=attractor)
-        return unit * (self.alpha if self.gate == "always" else self.alpha * self.gate_value(zscore).unsqueeze(-1))
+        alpha = self.alpha if alpha is None else alpha
+        return unit * (alpha if self.gate == "always" else alpha * self.gate_value(zscore).unsqueeze(-1))
 
     @staticmethod
     def steer_delta(step: torch.Tensor, state: torch.Tensor) -> torch.Tensor:

@@ -23,6 +23,8 @@ class _CallSetup:
     base_temperature: float
     eos_ids: list[int]
     prefill_width: int | None = None  # prompt tokens the first forwards process (fewer with a passed cache)
+    compiled: bool = False   # the step runs inside generate's compiled forward (see _compile_plan)
+    batch: int | None = None  # rows generate decodes (inputs x num_return_sequences), when known up front
     scores_private: bool = False  # no output_logits: the logits processor may divide the scores in place
     scale_head_input: bool = False  # the temperature divides the LM head's input (see _temperature_head)
 
@@ -99,23 +101,31 @@ def _set_generation_option(kwargs: dict, name: str, value) -> None:
         kwargs[name] = value
 
 
-def _decline_compile(model, gc, kwargs: dict) -> None:
-    """Run this call's forward eagerly where generate would compile it (compile_config / static cache on GPU).
+def _compile_plan(model, gc, kwargs: dict, ctl: SDEControl, batch: int | None) -> bool:
+    """Whether this call runs the SDE step inside generate's compiled forward (``True``), or eagerly.
 
-    dynamo does not guard on module hooks (``torch._dynamo.config.skip_nnmodule_hook_guards``): a forward
-    compiled before the SDE hooks were installed runs without them, so the trace would stop after the prefill
-    and temperature / steering would silently not apply. Eager forwards give the same tokens (bit for bit
-    where the compiled kernels are bitwise eager, e.g. backend="eager").
+    Where ``generate`` would compile its decoding forward (a compileable cache: ``cache_implementation="static"``
+    or a passed static cache; on a GPU, or anywhere with ``compile_config._compile_all_devices``), the step
+    becomes part of the compiled graph (:mod:`.compiled`). A step that calls back into Python every token (a
+    ``callback``) cannot be compiled: that call runs the forward eagerly (``disable_compile=True``) and says so
+    once. Elsewhere nothing is compiled and the step runs in hooks.
     """
     if gc.disable_compile:
-        return
+        return False
     static = gc.cache_implementation in ("static", "offloaded_static") or getattr(
         _passed_cache(kwargs), "is_compileable", False)
     all_devices = bool(getattr(gc.compile_config, "_compile_all_devices", False))
-    if static and (_model_device(model).type != "cpu" or all_devices):
-        _warn_once("compile", "SDE control runs generate's forward eagerly (disable_compile=True for this call): a "
-                   "compiled forward does not see the SDE hooks (dynamo skips module-hook guards).")
+    if not (static and (_model_device(model).type != "cpu" or all_devices)):
+        _set_generation_option(kwargs, "disable_compile", True)
+        return False
+    reason = ("a callback runs Python at every step" if ctl.callback is not None else
+              "the batch size is not known before the call (no input_ids / inputs_embeds)" if batch is None else None)
+    if reason is None:
+        return True
+    _warn_once(f"compile-{reason}", f"SDE control runs generate's forward eagerly for this call "
+               f"(disable_compile=True): {reason}, which a compiled graph cannot include.")
     _set_generation_option(kwargs, "disable_compile", True)
+    return False
 
 
 def _passed_cache(kwargs: dict):
@@ -157,6 +167,15 @@ def _prompt_layout(args, kwargs: dict) -> tuple[int, int, int]:
     return past + prefill, prefill, returned
 
 
+def _batch_size(args, kwargs: dict, gc) -> int | None:
+    """The rows generate decodes: the inputs' rows times ``num_return_sequences`` (``None`` without inputs)."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    inputs = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else kwargs.get("inputs_embeds")
+    if inputs is None:
+        return None
+    return inputs.shape[0] * int(gc.num_return_sequences or 1)
+
+
 def _check_cache_batch(cache, batch: int) -> None:
     """A passed cache must hold one row per input row (stock fails later, inside attention, with a shape error)."""
     layers = getattr(cache, "layers", None) or []
@@ -192,8 +211,9 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
     gc = _resolve_generation_config(model, kwargs)
     _refuse_unsupported(gc, kwargs, ctl)
     base_temperature = _temperature_kwargs(gc, kwargs, ctl)
-    _decline_compile(model, gc, kwargs)
     prompt_width, prefill_width, returned = _prompt_layout(args, kwargs)
+    batch = _batch_size(args, kwargs, gc)
+    compiled = _compile_plan(model, gc, kwargs, ctl, batch)
     if gc.max_new_tokens is not None:
         steps = gc.max_new_tokens
     else:
@@ -205,7 +225,7 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
     keeps_logits = bool(gc.return_dict_in_generate and gc.output_logits)
     private = not keeps_logits and not kwargs.get("logits_processor")
     return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids, prefill_width=prefill_width,
-                      scores_private=private,
+                      compiled=compiled, batch=batch, scores_private=private,
                       scale_head_input=private and ctl.controls_temperature and _temperature_head(model, gc) is not None)
 
 

@@ -3,7 +3,6 @@ the per-step buffers, and the trace built from them at the end of the call."""
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import inspect
 from dataclasses import dataclass
@@ -28,29 +27,43 @@ class _Rows:
     """Named views of a block of step records ``(N, 3d + 5)`` plus each net's work tensors over it.
 
     Bound once (for the current step, and for the deferred pass over all steps): a view costs microseconds,
-    which the step path would otherwise pay a dozen times per token.
+    which the step path would otherwise pay a dozen times per token. ``block=None`` gives each field its own
+    contiguous tensor instead (what a compiled step needs: dynamo refuses ``out=`` into a strided view), and
+    :meth:`row` assembles the record.
     """
 
-    def __init__(self, block: torch.Tensor, fused: _FusedHeads, nets: tuple[str, ...]):
-        d, n = fused.d, block.shape[0]
-        e = functools.partial(torch.empty, device=block.device, dtype=torch.float32)
+    def __init__(self, block: torch.Tensor | None, fused: _FusedHeads, nets: tuple[str, ...], n: int = 0,
+                 device: torch.device | None = None):
+        d = fused.d
+        n, device = (block.shape[0], block.device) if block is not None else (n, device)
+        e = functools.partial(torch.empty, device=device, dtype=torch.float32)
         self.block = block
-        self.z, self.mean, self.std = block[:, :d], block[:, d:2 * d], block[:, 2 * d:3 * d]
-        for name in _COLS:
-            setattr(self, name, block[:, _column(d, name)])
-        tau = _column(d, "temperature")
-        self.tau = block[:, tau:tau + 1]                       # (N, 1): divides the logits
+        if block is not None:
+            self.z, self.mean, self.std = block[:, :d], block[:, d:2 * d], block[:, 2 * d:3 * d]
+            for name in _COLS:
+                setattr(self, name, block[:, _column(d, name)])
+        else:
+            self.z, self.mean, self.std = e(n, d), e(n, d), e(n, d)
+            for name in _COLS:
+                setattr(self, name, torch.full((n,), float("nan"), device=device))
+        self.tau = self.temperature.unsqueeze(-1)              # (N, 1): divides the logits
         self.dest = {"drift": self.mean, "diffusion": self.std}
         # Per net that runs over these rows: the first layer's output [pre-activation | output bias + linear
-        # drift] (the diffusion net: the pre-activation, and its output bias as a vector), and a spare for the
-        # hidden layers (they alternate between the pre-activation view and the spare).
+        # drift] (the diffusion net: the pre-activation, and its output bias as a vector), and two spares the
+        # hidden layers alternate between.
         self.work = {}
         for name in nets:
             net = fused.nets[name]
             first = e(n, net.width + net.skip)
             out_base = first[:, net.width:] if net.skip else net.b_out
-            self.work[name] = (first, first[:, :net.width], out_base, e(n, net.width))
-        self.zero = torch.zeros(n, d, device=block.device) if "diffusion" in nets else None  # softplus's 0
+            self.work[name] = (first, first[:, :net.width], out_base, (e(n, net.width), e(n, net.width)))
+        self.zero = torch.zeros(n, d, device=device) if "diffusion" in nets else None  # softplus's 0
+
+    def row(self) -> torch.Tensor:
+        """The rows as records ``(N, 3d + 5)``."""
+        if self.block is not None:
+            return self.block
+        return torch.cat([self.z, self.mean, self.std, *(getattr(self, c).unsqueeze(-1) for c in _COLS)], 1)
 
 
 @dataclass
@@ -69,10 +82,11 @@ class _StepBuffers:
 
     @classmethod
     def allocate(cls, fused: _FusedHeads, nets: tuple[str, ...], batch: int, hidden_size: int, capacity: int,
-                 base_temperature: float):
+                 base_temperature: float, separate: bool = False):
         dev = fused.basis.device
         width = 3 * fused.d + len(_COLS)
-        cur = _Rows(torch.full((batch, width), float("nan"), device=dev), fused, nets)
+        cur = (_Rows(None, fused, nets, batch, dev) if separate else
+               _Rows(torch.full((batch, width), float("nan"), device=dev), fused, nets))
         cur.temperature.fill_(base_temperature)
         cur.steer_norm.zero_()
         return cls(torch.empty(capacity, batch, width, device=dev), torch.full((capacity, batch), -1, device=dev,
@@ -86,7 +100,7 @@ class _StepBuffers:
 
     def save(self, k: int) -> None:
         """Copy the current step into record ``k``."""
-        self.records[k].copy_(self.cur.block)
+        self.records[k].copy_(self.cur.row())
         self.positions[k].copy_(self.cur_positions)
 
     def stat(self, name: str, steps: slice | int) -> torch.Tensor:
@@ -123,7 +137,7 @@ class SDETemperatureLogitsProcessor(LogitsProcessor):
 
 
 class _LawScalars:
-    """The temperature law's factors for one call, as 0-dim tensors on the model's device (a Python number in a
+    """The temperature law's factors and the steering strength for one call, as 0-dim tensors on the model's device (a Python number in a
     tensor op is wrapped into a new tensor at every call). The law's own ops with these factors give bitwise the
     values of :meth:`SDEControl.temperature_law` (a power of the norm would skip the log / exp, but differs from
     the law of the recorded z-score by 1e-4)."""
@@ -131,7 +145,9 @@ class _LawScalars:
     def __init__(self, control: SDEControl, device: torch.device):
         scalar = functools.partial(torch.tensor, device=device, dtype=torch.float32)
         self.neg_beta, self.tau0 = scalar(-control.beta), scalar(control.temperature)
-        self.tau_bounds = (control.min_temperature, control.max_temperature)
+        # Tensors, not Python numbers: a compiled step reads them as inputs, so new values never recompile.
+        self.tau_bounds = (scalar(control.min_temperature), scalar(control.max_temperature))
+        self.alpha = scalar(control.alpha)
 
 
 def _nets_per_step(control: SDEControl) -> tuple[str, ...]:
@@ -227,21 +243,8 @@ class _Runtime:
         buf = self._buffers(hidden, k)
         if k:
             buf.save(k - 1)  # the previous step is complete (steered, logits processed)
-        f, cur = self.fused, buf.cur
-        torch.sub(hidden[:, -1], f.mean, out=buf.centered)  # float32 whatever the model's dtype
-        torch.mm(buf.centered, f.basis, out=cur.z)
-        pos = torch.clamp(self._positions(k, hidden), 0, f.n_times - 1, out=buf.cur_positions)
-        for name in self.now:  # none for observe without a callback: the heads then run in trace()
-            self._net_step(cur, name, pos if self.origin == "sequence" else k)
-        for name in self.stats_now:
-            self._stats(cur, name)
-        if self.control.controls_temperature:
-            self._temperature(cur)
-        steered = None
-        if self.control.steers:
-            self._direction(cur)
-            if self.steer_layer == self.read_layer:
-                steered = self._steer(hidden)
+        pos = torch.clamp(self._positions(k, hidden), 0, self.fused.n_times - 1, out=buf.cur_positions)
+        steered = self._compute(hidden, pos if self.origin == "sequence" else k)
         if self.control.callback is not None:
             # Here, not in the logits processor: every logits processor of this step (the caller's too) sees it.
             # The stats are views of the step's record, so a later steer layer's steer_norm shows up there
@@ -249,6 +252,27 @@ class _Runtime:
             buf.save(k)
             self.control.callback(SDEStep(k, *(buf.stat(name, k) for name in _STATS), self._surprise_previous(k)))
         return steered
+
+    def _compute(self, hidden: torch.Tensor, time: torch.Tensor | int) -> torch.Tensor | None:
+        """The step's maths on the newest position, into the current row: projection, the nets and statistics
+        the control reads, the temperature and the steering (the steered hidden states when the steer layer is
+        this one). ``time``: the rows' time indices into the nets' tables, or one index for all rows. Shared by
+        the eager and the compiled runtime."""
+        f, buf = self.fused, self.buf
+        cur = buf.cur
+        torch.sub(hidden[:, -1], f.mean, out=buf.centered)  # float32 whatever the model's dtype
+        torch.mm(buf.centered, f.basis, out=cur.z)
+        for name in self.now:  # none for observe without a callback: the heads then run in trace()
+            self._net_step(cur, name, time)
+        for name in self.stats_now:
+            self._stats(cur, name)
+        if self.control.controls_temperature:
+            self._temperature(cur)
+        if self.control.steers:
+            self._direction(cur)
+            if self.steer_layer == self.read_layer:
+                return self._steer(hidden)
+        return None
 
     def _net_step(self, rows: _Rows, name: str, time: torch.Tensor | int) -> None:
         """Net ``name`` (``"drift"`` / ``"diffusion"``) on ``rows.z`` (N, d) into ``rows.mean`` / ``rows.std``.
@@ -259,17 +283,18 @@ class _Runtime:
         """
         f = self.fused
         net = f.nets[name]
-        first, act, out_base, spare = rows.work[name]
+        first, act, out_base, spares = rows.work[name]
         if isinstance(time, int):
             first.copy_(net.table[time])
         else:
             torch.index_select(net.table, 0, time, out=first)
         first.addmm_(rows.z, net.first)               # [first layer | linear drift + output bias]
         torch.nn.functional.silu(act, inplace=True)
-        for w, b in net.hidden:
+        for i, (w, b) in enumerate(net.hidden):
+            spare = spares[i % 2]
             torch.addmm(b, act, w, out=spare)
             torch.nn.functional.silu(spare, inplace=True)
-            act, spare = spare, act
+            act = spare
         out = rows.dest[name]
         torch.addmm(out_base, act, net.out_w, out=out)
         if name == "diffusion":
@@ -307,7 +332,7 @@ class _Runtime:
 
     def _direction(self, cur: _Rows) -> None:
         self.unit = self.control.steering_vector(cur.mean, cur.z, cur.zscore, lambda v: v @ self.fused.lift,
-                                                 fixed=self.direction, attractor=self.attractor)
+                                                 fixed=self.direction, attractor=self.attractor, alpha=self.law.alpha)
 
     def on_steer(self, hidden: torch.Tensor):
         if self.partial_prefill:
@@ -434,19 +459,3 @@ class _Runtime:
         # A step's surprise needs the next state, which does not exist at or after EOS.
         return SDETrace(**stats, surprise=surprise.masked_fill(finished_at, float("nan")),
                         positions=positions.masked_fill(finished_before, -1))
-
-
-@contextlib.contextmanager
-def sde_hooks(model, control: SDEControl, setup: _CallSetup | None = None, *, prompt_width: int = 1,
-              max_new_tokens: int = 256, base_temperature: float = 1.0):
-    """Install the SDE hooks for one generation; always removes them. Yields the runtime.
-
-    ``sde_generate`` passes its resolved ``setup``; direct users give the prompt width and step budget.
-    """
-    setup = setup or _CallSetup(prompt_width, prompt_width, max_new_tokens + 1, base_temperature, [])
-    runtime = _Runtime(control, model, setup)
-    runtime.install(model.get_output_embeddings() if setup.scale_head_input else None)
-    try:
-        yield runtime
-    finally:
-        runtime.remove()
