@@ -16,7 +16,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..control import _STATS, SDETrace
+from ..control.settings import _STATS, SDETrace
 
 MAX_ENV = "HF_SDE_VLLM_MAX_TRACES"
 
