@@ -40,15 +40,20 @@ SETTINGS = {
     "smoke": {"cells": [("stories260K", 1), ("smollm2-sized", 8)], "new_tokens": 4, "prompt_tokens": 4,
               "reps": (1, 1, 0), "hook_tokens": 4, "hot_calls": 20,
               "floor_cells": [("stories260K", 1)], "floor_rounds": 1,
-              "split_cells": [("stories260K", 1)], "split_tokens": (2, 4), "split_rounds": 1},
+              "split_cells": [("stories260K", 1)], "split_tokens": (2, 4), "split_rounds": 1,
+              "compiled_cells": [("stories260K", 1)], "compiled_reps": (1, 1, 0), "compiled_backend": "eager"},
     "default": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 64,
                 "prompt_tokens": 16, "reps": (5, 12, 240), "hook_tokens": 32, "hot_calls": 2000,
                 "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 5,
-                "split_cells": [("stories260K", 1)], "split_tokens": (4, 64), "split_rounds": 15},
+                "split_cells": [("stories260K", 1)], "split_tokens": (4, 64), "split_rounds": 15,
+                "compiled_cells": [("SmolLM2", 1), ("SmolLM2", 8)], "compiled_reps": (5, 10, 240),
+                "compiled_backend": "inductor"},
     "full": {"cells": [("stories260K", 1), ("SmolLM2", 1), ("SmolLM2", 8)], "new_tokens": 128,
              "prompt_tokens": 16, "reps": (10, 30, 600), "hook_tokens": 64, "hot_calls": 5000,
              "floor_cells": [("stories260K", 1), ("SmolLM2", 8)], "floor_rounds": 10,
-             "split_cells": [("stories260K", 1)], "split_tokens": (4, 128), "split_rounds": 30},
+             "split_cells": [("stories260K", 1)], "split_tokens": (4, 128), "split_rounds": 30,
+             "compiled_cells": [("SmolLM2", 1), ("SmolLM2", 8)], "compiled_reps": (10, 20, 600),
+             "compiled_backend": "inductor"},
 }
 MODES = {"observe": {"mode": "observe"}, "temperature": {"mode": "temperature", "beta": 1.0},
          "steer": {"mode": "steer", "alpha": 0.05}}
@@ -57,6 +62,8 @@ TARGETS = {"SmolLM2": {"observe": 1.01, "temperature": 1.01, "steer": 1.02},
            "smollm2-sized": {"observe": 1.01, "temperature": 1.01, "steer": 1.02},
            "stories260K": {"observe": 1.05, "temperature": 1.05, "steer": 1.05}}
 HOOK_TARGET_US = 150.0
+# Compiled generation (static cache + compile_config): SDE compiled / stock compiled.
+COMPILED_TARGETS = {"observe": 1.02, "temperature": 1.03, "steer": 1.03}
 
 
 def _smollm2_heads(model, tok, scale: str):
@@ -406,6 +413,64 @@ def bench_cell(model, heads, vocab, batch, cfg, seed, floors: bool = False, spli
     return r
 
 
+def compiled_cell(model, heads, vocab, batch, cfg, seed, backend: str) -> dict:
+    """Compiled generation: stock and SDE calls with a static cache and ``compile_config`` (the SDE step inside
+    the compiled graph), beside the same SDE calls with the forward run eagerly (``disable_compile=True``, what
+    SDE control did before its step could be compiled), in interleaved rounds. The first call of each variant
+    compiles (its seconds are reported); ratios are per round against stock compiled."""
+    import torch
+    from transformers import CompileConfig
+
+    import hf_sde
+
+    n = cfg["new_tokens"]
+    ids = torch.tensor(C.random_ids(batch, cfg["prompt_tokens"], vocab, seed + 7, low=3))
+    cc = CompileConfig(backend=backend, fullgraph=True, dynamic=False, mode=None)
+    cc._compile_all_devices = True  # generate compiles on CPU only when told to
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=True, top_k=0, top_p=1.0,
+                  max_new_tokens=n, min_new_tokens=n, pad_token_id=model.config.eos_token_id,
+                  cache_implementation="static")
+
+    def call(ctl_kwargs, compiled: bool):
+        torch.manual_seed(seed)
+        kw = {**common, **({"compile_config": cc} if compiled else {"disable_compile": True})}
+        with torch.inference_mode():
+            if ctl_kwargs is None:
+                return model.generate(**kw)
+            return hf_sde.sde_generate(model, sde_control=hf_sde.SDEControl(heads, **ctl_kwargs), **kw)
+
+    fns = {"plain compiled": functools.partial(call, None, True)}
+    for m, kw in MODES.items():
+        fns[f"{m} compiled"] = functools.partial(call, kw, True)
+        fns[f"{m} eager"] = functools.partial(call, kw, False)
+    warmup = {}
+    for name, f in fns.items():  # compilation, kernels, allocator
+        t0 = time.perf_counter()
+        f()
+        warmup[name] = time.perf_counter() - t0
+    reps = cfg["compiled_reps"]
+    times, rounds = C.interleaved(fns, min_reps=reps[0], max_reps=reps[1], budget_s=reps[2], seed=seed,
+                                  warmup=False)
+    ratios = C.paired_ratios(times, "plain compiled")
+    vs_eager = {m: C.paired_ratios({"c": times[f"{m} compiled"], "e": times[f"{m} eager"]}, "e")["c"]
+                for m in MODES}
+    return {"rounds": rounds, "times": times, "ratios": ratios, "compiled_vs_eager": vs_eager,
+            "warmup_seconds": warmup, "backend": backend,
+            "plain_step_ms": C.summarize(times["plain compiled"])["median"] / n * 1e3}
+
+
+def _compiled_rows(name: str, batch: int, r: dict) -> list[list]:
+    rows = []
+    for m in MODES:
+        q, e = r["ratios"][f"{m} compiled"], r["compiled_vs_eager"][m]
+        target = COMPILED_TARGETS[m]
+        rows.append([name, str(batch), m, q["median"], f"{q['q25']:.3f}–{q['q75']:.3f}", e["median"],
+                     f"{e['q25']:.3f}–{e['q75']:.3f}", r["plain_step_ms"], r["warmup_seconds"][f"{m} compiled"],
+                     str(r["rounds"]), f"{'yes' if q['median'] <= target else 'no'} (<= {target:.2f}); "
+                     f"faster than eager: {'yes' if e['median'] < 1 else 'no'}"])
+    return rows
+
+
 def _rows(name: str, batch: int, r: dict) -> list[list]:
     rows = []
     for m in MODES:
@@ -454,9 +519,14 @@ def main(argv=None):
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]
     run = C.Run("bench_overhead", args, {**cfg, "modes": MODES, "targets": TARGETS, "hook_target_us": HOOK_TARGET_US})
-    results, rows, floor_rows, split_rows = {}, [], [], []
-    for name in dict.fromkeys(m for m, _ in cfg["cells"]):  # one load per model and process
+    results, rows, floor_rows, split_rows, compiled_rows = {}, [], [], [], []
+    names = dict.fromkeys([m for m, _ in cfg["cells"]] + [m for m, _ in cfg["compiled_cells"]])
+    for name in names:  # one load per model and process
         model, heads, vocab = prepare(name, scale)
+        for batch in [b for m, b in cfg["compiled_cells"] if m == name]:
+            r = compiled_cell(model, heads, vocab, batch, cfg, args.seed, cfg["compiled_backend"])
+            results[f"{name}/b{batch}/compiled"] = r
+            compiled_rows += _compiled_rows(name, batch, r)
         for batch in [b for m, b in cfg["cells"] if m == name]:
             r = bench_cell(model, heads, vocab, batch, cfg, args.seed, floors=(name, batch) in cfg["floor_cells"],
                            split=(name, batch) in cfg["split_cells"])
@@ -499,7 +569,15 @@ def main(argv=None):
         "end-of-call trace); `outside us/step`: the rest of the per-step cost (module-hook dispatch, an added "
         "logits processor); `budget us/step`: what the cell's target ratio allows per plain step.\n\n"
         + C.md_table(["model", "batch", "mode", "per call ms", "per step us", "callbacks us/step",
-                      "outside us/step", "plain step us", "budget us/step", "rounds"], split_rows))
+                      "outside us/step", "plain step us", "budget us/step", "rounds"], split_rows)
+        + "\n\n## Compiled generation\n\nStatic cache and `compile_config` (backend "
+        f"`{cfg['compiled_backend']}`, fullgraph, CPU via `_compile_all_devices`): the SDE step runs inside the "
+        "compiled decoding graph. `ratio`: SDE compiled / stock compiled per interleaved round; `vs eager`: SDE "
+        "compiled / the same SDE call with the forward run eagerly (`disable_compile=True`); `compile s`: the first "
+        f"call of the SDE variant (compilation included). Targets: "
+        + ", ".join(f"{m} <= {t:.2f}" for m, t in COMPILED_TARGETS.items()) + ", and faster than eager.\n\n"
+        + C.md_table(["model", "batch", "mode", "ratio (median)", "IQR", "vs eager (median)", "IQR",
+                      "plain step ms", "compile s", "rounds", "target met"], compiled_rows))
     run.finish(results, body)
     print(body)
     return results

@@ -41,6 +41,11 @@ def test_run_all_smoke(tmp_path):
     for impl, e in floors["impls"].items():
         assert e["in_place_us"] > 0 and e["hot_us"] > 0, impl
         assert e["max_abs_diff"] < 1e-4, impl  # the compiled step computes what the eager one does
+    # bench_overhead's compiled rows: every mode timed against stock compiled and against its eager call
+    compiled = json.loads((out / "bench_overhead.json").read_text())["results"]["stories260K/b1/compiled"]
+    assert set(compiled["compiled_vs_eager"]) == {"observe", "temperature", "steer"}
+    assert all(r["median"] > 0 for r in compiled["ratios"].values())
+    assert "## Compiled generation" in (out / "bench_overhead.md").read_text()
     # bench_overhead's per-call / per-step split on stories260K: one row per mode, parts that add up
     split = json.loads((out / "bench_overhead.json").read_text())["results"]["stories260K/b1"]["split"]
     assert set(split) == {"observe", "temperature", "steer"}

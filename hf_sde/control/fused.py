@@ -92,17 +92,35 @@ class _FusedHeads:
         return self.nets["drift"].table.shape[0]
 
 
-def _heads_signature(heads) -> tuple:
-    """What the fused heads are built from: every weight and buffer (storage and in-place version) and the
-    calibration and time settings of the config. Equal signatures give equal fused heads."""
-    cfg = heads.config
-    tensors = tuple((t.data_ptr(), t._version, t.device, t.dtype) for t in heads.state_dict(keep_vars=True).values())
-    settings = tuple(getattr(cfg, name, None) for name in (
-        "proj_dim", "horizon", "dt", "sigma_floor", "log_diffusion_mean", "log_diffusion_std", "time_origin"))
-    return tensors + settings
+_SETTINGS = ("proj_dim", "horizon", "dt", "sigma_floor", "log_diffusion_mean", "log_diffusion_std", "time_origin")
 
 
-# heads -> {device: (signature, fused)}; weak, so the fused copies go with the heads.
+class _Built:
+    """What one fused copy was built from: the heads' tensors themselves (held, so no other tensor can take
+    their place unnoticed), their in-place version counters, and the config's calibration and time settings."""
+
+    def __init__(self, heads, fused: _FusedHeads):
+        self.tensors = _tensors(heads)
+        self.versions = [t._version for t in self.tensors]
+        self.settings = _settings(heads)
+        self.fused = fused
+
+    def matches(self, heads) -> bool:
+        tensors = _tensors(heads)
+        return (len(tensors) == len(self.tensors)
+                and all(a is b and a._version == v for a, b, v in zip(tensors, self.tensors, self.versions, strict=True))
+                and _settings(heads) == self.settings)
+
+
+def _tensors(heads) -> list[torch.Tensor]:
+    return [t for m in heads.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
+
+
+def _settings(heads) -> tuple:
+    return tuple(getattr(heads.config, name, None) for name in _SETTINGS)
+
+
+# heads -> {device: _Built}; weak, so the fused copies go with the heads.
 _CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -110,18 +128,17 @@ def fused_heads(heads, device: torch.device, n_times: int) -> _FusedHeads:
     """The fused step of ``heads`` on ``device`` with time tables of at least ``n_times`` rows.
 
     Built once and reused by later calls with the same heads and device: a repeated ``generate`` call pays no
-    set-up. Rebuilt when any weight or buffer of the heads was replaced or changed in place (its storage or
-    version counter differs), when the calibration or time settings in its config changed, or for another device.
+    set-up. Rebuilt when any weight or buffer of the heads was replaced or changed in place (another tensor, or
+    its version counter moved), when the calibration or time settings in its config changed, or for another
+    device.
     """
     device = torch.device(device)
     per_device = _CACHE.setdefault(heads, {})
-    signature = _heads_signature(heads)
-    cached = per_device.get(device)
-    if cached is not None and cached[0] == signature:
-        fused = cached[1]
-        if fused.n_times < n_times:
-            fused.time_tables(n_times)
-        return fused
+    built = per_device.get(device)
+    if built is not None and built.matches(heads):
+        if built.fused.n_times < n_times:
+            built.fused.time_tables(n_times)
+        return built.fused
     fused = _FusedHeads(heads, device, n_times)
-    per_device[device] = (signature, fused)
+    per_device[device] = _Built(heads, fused)
     return fused

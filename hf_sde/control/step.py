@@ -143,11 +143,12 @@ class _LawScalars:
     the law of the recorded z-score by 1e-4)."""
 
     def __init__(self, control: SDEControl, device: torch.device):
-        scalar = functools.partial(torch.tensor, device=device, dtype=torch.float32)
-        self.neg_beta, self.tau0 = scalar(-control.beta), scalar(control.temperature)
-        # Tensors, not Python numbers: a compiled step reads them as inputs, so new values never recompile.
-        self.tau_bounds = (scalar(control.min_temperature), scalar(control.max_temperature))
-        self.alpha = scalar(control.alpha)
+        # Tensors, not Python numbers: a compiled step reads them as inputs, so new values never recompile. One
+        # tensor, five views (creating a tensor from Python numbers costs ~15 us; a view ~1 us).
+        values = torch.tensor([-control.beta, control.temperature, control.min_temperature, control.max_temperature,
+                               control.alpha], device=device, dtype=torch.float32)
+        self.neg_beta, self.tau0, low, high, self.alpha = values.unbind()
+        self.tau_bounds = (low, high)
 
 
 def _nets_per_step(control: SDEControl) -> tuple[str, ...]:
