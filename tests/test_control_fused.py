@@ -207,8 +207,11 @@ def test_fused_heads_are_reused_and_never_stale():
     heads.config.log_diffusion_std = heads.config.log_diffusion_std * 2   # recalibrated
     assert fused_heads(heads, cpu, 8) is not rebuilt
     assert fused_heads(copy.deepcopy(heads), cpu, 8) is not fused_heads(heads, cpu, 8)
-    if torch.cuda.is_available():  # a moved model: the fused heads live on its device
-        assert fused_heads(heads, torch.device("cuda"), 8).mean.device.type == "cuda"
+    # a model on another device (meta stands in for a GPU here) gets its own copy there; the CPU one stays
+    current = fused_heads(heads, cpu, 8)
+    moved = fused_heads(heads, torch.device("meta"), 8)
+    assert moved is not current and moved.mean.device.type == "meta" and moved.basis.device.type == "meta"
+    assert fused_heads(heads, cpu, 8) is current
 
 
 def test_repeated_calls_follow_heads_changed_in_place():

@@ -82,7 +82,8 @@ class _FusedHeads:
     @torch.no_grad()
     def time_tables(self, n: int) -> None:
         """Each net's table over time indices ``0..n-1`` (grown with the step buffers)."""
-        k = torch.arange(n, device=self.mean.device)
+        # The features are computed where the heads live (their frequencies), then moved to the model's device.
+        k = torch.arange(n, device=self._heads.frequencies.device)
         feats = self._heads.time_features(k.to(torch.float32) / self.horizon).to(self.mean)
         for net in self.nets.values():
             net.table = net.time_table(feats)
