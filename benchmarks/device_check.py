@@ -155,7 +155,9 @@ def build_heads(shape: str, device, seed: int):
         with torch.no_grad():
             for p in heads.parameters():
                 p.add_(0.1 * torch.randn_like(p))
-    return heads.to(device).eval()
+    # The heads stay on the CPU, where SDEHeads.from_pretrained leaves them: SDE control builds its copy of the
+    # step on the model's device (this is the path users run).
+    return heads.eval()
 
 
 def compile_config(args, device):
