@@ -98,6 +98,7 @@ class _TemperatureHead(_Passthrough):
     """The LM head with its input divided by the step's temperature (``lm_head(h / tau) = lm_head(h) / tau``)."""
 
     def forward(self, hidden_states, *args, **kwargs):
+        self.runtime.head_calls.add_(1)
         tau = self.runtime.buf.cur.tau.unsqueeze(-1)
         return self.inner(hidden_states / tau.to(hidden_states.dtype), *args, **kwargs)
 
@@ -114,6 +115,7 @@ class _CompiledRuntime(_Runtime):
         self.first_position = scalar(setup.prompt_width - 1)         # step 0's position without position ids
         self.spare = setup.capacity                                    # the record row of non-step forwards
         self.k = scalar(0)
+        self.head_calls = scalar(0)                                    # forwards through _TemperatureHead
         self.active = torch.zeros((), device=device)
         hidden = self.heads.config.hidden_size
         # One spare row past the capacity; allocated before the first forward, so no graph allocates.
@@ -197,5 +199,5 @@ class _CompiledRuntime(_Runtime):
     def trace(self, sequences: torch.Tensor):
         # The steps taken: one per forward from the prompt's end on (read once, at the end of the call).
         self.step = min(max(int(self.seen) - int(self.prefill_end) + 1, 0), self.spare)
-        self.head_scaled = self.step
+        self.head_scaled = int(self.head_calls)  # checked against the steps: a model that skips the head module
         return super().trace(sequences)
