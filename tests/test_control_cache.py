@@ -142,7 +142,7 @@ def test_three_turns_reuse_one_cache():
 def test_a_cache_of_other_rows_is_refused_clearly():
     bundle = parity_bundle("llama")
     past, ids, mask = _first_turn(bundle.model, "dynamic")
-    with pytest.raises(ValueError, match=r"holds 2 sequence\(s\), the inputs 1"):
+    with pytest.raises(ValueError, match=r"holds 2 sequence\(s\), the call decodes 1"):
         sde_generate(bundle.model, input_ids=ids[:1], attention_mask=mask[:1], cache=past, max_new_tokens=2,
                      sde_control=SDEControl(bundle.heads, mode="observe"))
     with pytest.raises(RuntimeError):  # stock fails too, later and less clearly
@@ -168,3 +168,28 @@ def test_temperature_processor_outside_sde_generate_says_how_to_use_it():
     with sde_hooks(bundle.model, SDEControl(bundle.heads, mode="temperature"), prompt_width=6) as runtime:
         with pytest.raises(RuntimeError, match=r"works only inside generate\(\.\.\., sde_control=\.\.\.\)"):
             SDETemperatureLogitsProcessor(runtime)(PROMPT, torch.zeros(2, 128))
+
+
+def test_several_samples_per_prompt_continue_a_cache_of_as_many_rows():
+    """num_return_sequences expands the rows generate decodes: the cache must hold that many (as stock needs)."""
+    bundle = parity_bundle("llama")
+    ids = PROMPT[:1]
+    first = bundle.model.generate(input_ids=ids, max_new_tokens=3, do_sample=True, num_return_sequences=2,
+                                  return_dict_in_generate=True)
+    turn = torch.cat([first.sequences, NEXT_TURN], 1)          # 2 rows, a 2-row cache
+    kw = dict(input_ids=turn, do_sample=True, num_return_sequences=1)
+    cont = _call(bundle.model, bundle.heads, 0, CONTROLS["temperature"], cache=copy.deepcopy(first.cache), **kw)
+    _assert_same_path(cont, _call(bundle.model, bundle.heads, 0, CONTROLS["temperature"], **kw), "nrs", "t")
+    with pytest.raises(ValueError, match=r"holds 2 sequence\(s\), the call decodes 4"):
+        _call(bundle.model, bundle.heads, 0, CONTROLS["observe"], input_ids=turn, num_return_sequences=2,
+              cache=copy.deepcopy(first.cache))
+
+
+def test_a_temperature_in_the_generation_config_conflicts_like_the_keyword():
+    from transformers import GenerationConfig
+
+    bundle = parity_bundle("llama")
+    with pytest.raises(ValueError, match=r"generation_config.temperature = 0.3 conflicts"):
+        sde_generate(bundle.model, input_ids=PROMPT[:1], max_new_tokens=2,
+                     generation_config=GenerationConfig(do_sample=True, temperature=0.3),
+                     sde_control=SDEControl(bundle.heads, mode="temperature"))

@@ -201,3 +201,49 @@ def test_modules_are_restored_when_generation_raises():
              stopping_criteria=StoppingCriteriaList([Boom()]))
     assert list(decoder_layers(model)) == blocks and model.get_output_embeddings() is head
     assert "get_compiled_call" not in model.__dict__
+
+
+def test_a_callback_declines_compilation_even_when_the_keywords_ask_for_it():
+    """A keyword argument outranks the generation_config: declining must set the keyword, not the config."""
+    from transformers import GenerationConfig
+
+    from hf_sde.control import _WARNED
+
+    bundle = parity_bundle("llama")
+    backend = CountingBackend()
+    steps = []
+    _WARNED.clear()
+    with pytest.warns(UserWarning, match="eagerly"):
+        sde_generate(bundle.model, input_ids=IDS, attention_mask=MASK, max_new_tokens=3,
+                     generation_config=GenerationConfig(do_sample=True), disable_compile=False,
+                     cache_implementation="static", compile_config=compile_config(backend),
+                     sde_control=SDEControl(bundle.heads, mode="observe", callback=steps.append))
+    assert backend.graphs == 0 and len(steps) == 3
+
+
+def test_equal_compile_configs_share_one_compiled_forward():
+    from hf_sde.control.compiled import compiled_forward
+
+    a = CompileConfig(backend="eager", fullgraph=True, mode=None, options={"x": 1})
+    b = CompileConfig(backend="eager", fullgraph=True, mode=None, options={"x": 1})
+    c = CompileConfig(backend="eager", fullgraph=True, mode=None, options={"x": 2})
+    assert compiled_forward(a, ("k",)) is compiled_forward(b, ("k",))
+    assert compiled_forward(a, ("k",)) is not compiled_forward(c, ("k",))
+
+
+def test_blocks_without_position_ids_take_positions_from_the_mask(monkeypatch):
+    """Some models' blocks get no position ids: the compiled step then counts from each row's mask, like the
+    eager runtime, so a left-padded batch keeps its per-row positions."""
+    from hf_sde.control import compiled
+
+    bundle = parity_bundle("llama")
+    ctl = CONTROLS["temperature"]
+    eager = _sde(bundle.model, bundle.heads, ctl)
+    original = compiled._StepBlock.forward
+
+    def without_position_ids(self, hidden_states, *args, **kwargs):
+        kwargs = {**kwargs, "position_ids": None}
+        return original(self, hidden_states, *args, **kwargs)
+
+    monkeypatch.setattr(compiled._StepBlock, "forward", without_position_ids)
+    _assert_same(_sde(bundle.model, bundle.heads, ctl, compiled=compile_config()), eager, "no position ids")

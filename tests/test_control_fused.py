@@ -226,3 +226,22 @@ def test_repeated_calls_follow_heads_changed_in_place():
     fresh = model.generate(**kw, sde_control=SDEControl(copy.deepcopy(tb.heads), mode="temperature")).sde_trace.zscore
     assert not torch.allclose(before, after)
     torch.testing.assert_close(after, fresh)
+
+
+def test_fused_heads_cache_lets_heads_go_and_sees_data_assignment():
+    """The cache holds fused copies weakly by their heads (deleted heads free them), and ``p.data = ...`` (same
+    tensor, same version counter, new storage) rebuilds."""
+    import gc
+    import weakref
+
+    from hf_sde.control.fused import _CACHE, fused_heads
+
+    heads = copy.deepcopy(tiny_bundle(layer=1).heads)
+    first = fused_heads(heads, torch.device("cpu"), 8)
+    w = heads.diffusion_net[0].weight
+    w.data = torch.randn_like(w)
+    assert fused_heads(heads, torch.device("cpu"), 8) is not first
+    ref = weakref.ref(heads)
+    del heads, w, first
+    gc.collect()
+    assert ref() is None and all(k is not None for k in _CACHE.keys())

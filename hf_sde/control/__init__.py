@@ -18,11 +18,11 @@ layers.py, version.py) is copied by the custom_generate export, so it imports no
 
 from .generate import SDEGenerationMixin, disable_sde_control, enable_sde_control, sde_generate, sde_hooks
 from .settings import GATES, MODES, TIME_ORIGINS, SDEControl, SDEGenerateOutput, SDEStep, SDETrace
-from .setup import _WARNED
+from .setup import _WARNED  # noqa: F401  (the warn-once registry; tests reset it)
 from .step import SDETemperatureLogitsProcessor
 
 __all__ = [
     "GATES", "MODES", "TIME_ORIGINS", "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep",
     "SDETemperatureLogitsProcessor", "SDETrace", "disable_sde_control", "enable_sde_control", "sde_generate",
-    "sde_hooks", "_WARNED",
+    "sde_hooks",
 ]

@@ -41,8 +41,9 @@ def _sde_forward(model, **kwargs):
 
 
 def _config_key(compile_config) -> tuple:
+    """The compile config as a key: by value (``to_dict()`` deep-copies its fields, so identities change)."""
     items = compile_config.to_dict().items()
-    return tuple(sorted((k, v if isinstance(v, (str, bool, int, float, type(None))) else id(v)) for k, v in items))
+    return tuple(sorted((k, v if isinstance(v, (str, bool, int, float, type(None))) else repr(v)) for k, v in items))
 
 
 def compiled_forward(compile_config, key: tuple):
@@ -112,7 +113,9 @@ class _CompiledRuntime(_Runtime):
         scalar = functools.partial(torch.tensor, device=device, dtype=torch.long)
         self.seen = scalar(0)                                          # tokens forwarded in this call
         self.prefill_end = scalar(setup.prefill_width or setup.prompt_width)
-        self.first_position = scalar(setup.prompt_width - 1)         # step 0's position without position ids
+        # Step 0's position per row where the blocks get no position ids: from the attention mask, else counted.
+        self.first_position = (setup.last_positions.to(device) if setup.last_positions is not None
+                               else scalar(setup.prompt_width - 1))
         self.spare = setup.capacity                                    # the record row of non-step forwards
         self.k = scalar(0)
         self.head_calls = scalar(0)                                    # forwards through _TemperatureHead
@@ -135,7 +138,7 @@ class _CompiledRuntime(_Runtime):
         if isinstance(position_ids, torch.Tensor) and position_ids.dim() == 2:
             pos = position_ids[:, -1]
         else:
-            pos = (self.first_position + self.k).expand(hidden.shape[0])
+            pos = (self.first_position + self.k).expand(hidden.shape[0])  # (a per-row mask position, or one)
         pos = torch.clamp(pos, 0, self.fused.n_times - 1, out=buf.cur_positions)
         steered = self._compute(hidden, pos if self.origin == "sequence" else self.k.expand(hidden.shape[0]))
         buf.records.index_copy_(0, row, buf.cur.row().unsqueeze(0))
@@ -153,10 +156,7 @@ class _CompiledRuntime(_Runtime):
         self.unit = self.unit * self.active  # forwards before the prompt's end are not steered
 
     def on_logits(self, scores: torch.Tensor) -> torch.Tensor:
-        if self.control.controls_temperature:
-            tau = self.buf.cur.tau if scores.dtype == torch.float32 else self.buf.cur.tau.to(scores.dtype)
-            scores = scores.div_(tau) if self.setup.scores_private else scores / tau
-        return scores
+        return self._divide(scores)  # the step index lives in a tensor: nothing to check on the host
 
     # -- install / remove ---------------------------------------------------------------------------------
     def structure(self) -> tuple:

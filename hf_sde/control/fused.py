@@ -67,8 +67,7 @@ class _FusedHeads:
         self.nets = {"drift": _FusedNet(heads.drift_net, heads.drift_linear, d, f32),
                      "diffusion": _FusedNet(heads.diffusion_net, None, d, f32)}
         self.time_origin, self.horizon = getattr(cfg, "time_origin", "sequence"), float(cfg.horizon)
-        self._heads = heads
-        self.time_tables(n_times)
+        self.time_tables(heads, n_times)
         self.lift = (heads.proj_basis * heads.proj_scale).T.contiguous().to(**f32)  # (d, D): v = dz @ lift
         # Scalars as 0-dim tensors: a Python number in a tensor op is wrapped into a new tensor at every call.
         scalar = functools.partial(torch.tensor, **f32)
@@ -80,11 +79,12 @@ class _FusedHeads:
         self.z_shift = scalar(-float(cfg.log_diffusion_mean) * self.z_scale)
 
     @torch.no_grad()
-    def time_tables(self, n: int) -> None:
-        """Each net's table over time indices ``0..n-1`` (grown with the step buffers)."""
+    def time_tables(self, heads, n: int) -> None:
+        """Each net's table over time indices ``0..n-1`` (grown with the step buffers). ``heads``: the heads this
+        was built from (not kept here: the cache holds fused copies weakly by their heads)."""
         # The features are computed where the heads live (their frequencies), then moved to the model's device.
-        k = torch.arange(n, device=self._heads.frequencies.device)
-        feats = self._heads.time_features(k.to(torch.float32) / self.horizon).to(self.mean)
+        k = torch.arange(n, device=heads.frequencies.device)
+        feats = heads.time_features(k.to(torch.float32) / self.horizon).to(self.mean)
         for net in self.nets.values():
             net.table = net.time_table(feats)
 
@@ -98,19 +98,25 @@ _SETTINGS = ("proj_dim", "horizon", "dt", "sigma_floor", "log_diffusion_mean", "
 
 class _Built:
     """What one fused copy was built from: the heads' tensors themselves (held, so no other tensor can take
-    their place unnoticed), their in-place version counters, and the config's calibration and time settings."""
+    their place unnoticed), the state of each (in-place version counter, storage, shape, dtype: ``p.data = ...``
+    keeps the tensor and its version but not its storage), and the config's calibration and time settings."""
 
     def __init__(self, heads, fused: _FusedHeads):
         self.tensors = _tensors(heads)
-        self.versions = [t._version for t in self.tensors]
+        self.states = [_state(t) for t in self.tensors]
         self.settings = _settings(heads)
         self.fused = fused
 
     def matches(self, heads) -> bool:
         tensors = _tensors(heads)
         return (len(tensors) == len(self.tensors)
-                and all(a is b and a._version == v for a, b, v in zip(tensors, self.tensors, self.versions, strict=True))
+                and all(a is b and _state(a) == state
+                        for a, b, state in zip(tensors, self.tensors, self.states, strict=True))
                 and _settings(heads) == self.settings)
+
+
+def _state(t: torch.Tensor) -> tuple:
+    return t._version, t.data_ptr(), t.shape, t.dtype
 
 
 def _tensors(heads) -> list[torch.Tensor]:
@@ -138,7 +144,7 @@ def fused_heads(heads, device: torch.device, n_times: int) -> _FusedHeads:
     built = per_device.get(device)
     if built is not None and built.matches(heads):
         if built.fused.n_times < n_times:
-            built.fused.time_tables(n_times)
+            built.fused.time_tables(heads, n_times)
         return built.fused
     fused = _FusedHeads(heads, device, n_times)
     per_device[device] = _Built(heads, fused)

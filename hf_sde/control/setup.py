@@ -1,5 +1,6 @@
-"""The per-call setup: resolve the generation config once, refuse what SDE control does not support, and fix
-where the prompt ends (a passed cache included), the step budget and where the temperature enters."""
+"""The per-call setup: read the generation options the call will use, refuse what SDE control does not support,
+and fix where the prompt ends (a passed cache included), the step budget, where the temperature enters and
+whether the step runs inside a compiled forward."""
 
 from __future__ import annotations
 
@@ -8,13 +9,14 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from transformers.generation import configuration_utils as _generation_config
 
 from .settings import SDEControl
 
 
 @dataclass
 class _CallSetup:
-    """What one ``generate`` call fixes before the first forward (from the resolved generation config)."""
+    """What one ``generate`` call fixes before the first forward (from its generation options and inputs)."""
 
     prompt_width: int        # positions of the prompt, cached ones included (1 for generation from BOS)
     returned_prompt: int     # prompt tokens in the returned sequences (0 for inputs_embeds only)
@@ -24,6 +26,7 @@ class _CallSetup:
     prefill_width: int | None = None  # prompt tokens the first forwards process (fewer with a passed cache)
     compiled: bool = False   # the step runs inside generate's compiled forward (see _compile_plan)
     batch: int | None = None  # rows generate decodes (inputs x num_return_sequences), when known up front
+    last_positions: torch.Tensor | None = None  # (batch,) each row's last prompt position, from the attention mask
     scores_private: bool = False  # no output_logits: the logits processor may divide the scores in place
     scale_head_input: bool = False  # the temperature divides the LM head's input (see _temperature_head)
 
@@ -76,11 +79,6 @@ class _GenerationOptions:
         return value
 
 
-def _resolve_generation_config(model, kwargs: dict) -> _GenerationOptions:
-    """The generation options ``generate`` will use (model defaults, ``generation_config``, kwargs)."""
-    return _GenerationOptions(model, kwargs)
-
-
 def _refuse_unsupported(gc, kwargs: dict, ctl: SDEControl) -> None:
     if (gc.num_beams or 1) > 1:
         raise NotImplementedError("SDE control supports greedy decoding and sampling, not beam search (num_beams > 1).")
@@ -101,12 +99,14 @@ def _temperature_kwargs(gc, kwargs: dict, ctl: SDEControl) -> float:
     """Switch the stock temperature off under SDE temperature control; return the temperature to record."""
     if not ctl.controls_temperature:
         return float(gc.temperature) if gc.temperature is not None else 1.0
-    passed = kwargs.get("temperature")
-    if passed is not None and passed != 1.0:
-        raise ValueError(
-            f"generate(temperature={passed}) conflicts with SDE temperature control: set the base temperature "
-            "with SDEControl(temperature=...) instead."
-        )
+    config = kwargs.get("generation_config")
+    for where, passed in (("generate(temperature=...)", kwargs.get("temperature")),
+                          ("generation_config.temperature", getattr(config, "temperature", None))):
+        if passed is not None and passed != 1.0:
+            raise ValueError(
+                f"{where} = {passed} conflicts with SDE temperature control: set the base temperature with "
+                "SDEControl(temperature=...) instead."
+            )
     if not gc.do_sample:
         _warn_once("greedy", "SDE temperature control under greedy decoding (do_sample=False): temperatures do not "
                    "change the argmax, so the tokens are those of plain greedy decoding; the trace records the "
@@ -116,12 +116,17 @@ def _temperature_kwargs(gc, kwargs: dict, ctl: SDEControl) -> float:
 
 
 def _set_generation_option(kwargs: dict, name: str, value) -> None:
-    """Set one option for this call, on the caller's generation_config (copied) if there is one."""
-    if kwargs.get("generation_config") is not None:
+    """Set one option for this call: as a keyword argument (they take precedence over a generation_config),
+    or on the caller's generation_config (copied) if there is one and the option is not among the keywords."""
+    if name not in kwargs and kwargs.get("generation_config") is not None:
         kwargs["generation_config"] = gc = copy.deepcopy(kwargs["generation_config"])
         setattr(gc, name, value)
     else:
         kwargs[name] = value
+
+
+# The cache implementations generate builds as compileable (transformers' own list where it has one).
+_STATIC_CACHES = getattr(_generation_config, "ALL_STATIC_CACHE_IMPLEMENTATIONS", ("static", "offloaded_static"))
 
 
 def _compile_plan(model, gc, kwargs: dict, ctl: SDEControl, batch: int | None) -> bool:
@@ -135,8 +140,7 @@ def _compile_plan(model, gc, kwargs: dict, ctl: SDEControl, batch: int | None) -
     """
     if gc.disable_compile:
         return False
-    static = gc.cache_implementation in ("static", "offloaded_static") or getattr(
-        _passed_cache(kwargs), "is_compileable", False)
+    static = gc.cache_implementation in _STATIC_CACHES or getattr(_passed_cache(kwargs), "is_compileable", False)
     all_devices = bool(getattr(gc.compile_config, "_compile_all_devices", False))
     if not (static and (_model_device(model).type != "cpu" or all_devices)):
         _set_generation_option(kwargs, "disable_compile", True)
@@ -157,30 +161,37 @@ def _passed_cache(kwargs: dict):
     return cache if cache is not None else kwargs.get("past_key_values")
 
 
-def _prompt_layout(args, kwargs: dict) -> tuple[int, int, int]:
+def _inputs(args, kwargs: dict) -> tuple[torch.Tensor | None, bool]:
+    """The prompt tensor generate was given (``input_ids`` / ``inputs`` / the first positional argument, else
+    ``inputs_embeds``), and whether it is embeddings; ``None`` for generation from BOS."""
+    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
+    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
+        return ids, False
+    embeds = kwargs.get("inputs_embeds")
+    return embeds, embeds is not None
+
+
+def _prompt_layout(args, kwargs: dict, batch: int | None) -> tuple[int, int, int]:
     """(prompt positions, prompt tokens the first forwards process, prompt tokens in the returned sequences).
 
     The prompt is the whole text before the first new token, whatever part of it a passed cache already holds:
     the path and its time origin are the same as without a cache. The prefill is what ``generate`` forwards of
     it, by its own rule (``GenerationMixin._prefill``): the inputs past the cache's length when they cover the
     cached tokens (their width equals the attention mask's), else all of them (only the new tokens were passed).
-    No prompt means generation from BOS.
+    No prompt means generation from BOS. ``batch``: the rows generate decodes (a passed cache must hold as many).
     """
-    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    embeds = kwargs.get("inputs_embeds")
-    if isinstance(ids, torch.Tensor) and ids.dim() == 2:
-        inputs, width, returned = ids, ids.shape[1], ids.shape[1]
-    elif embeds is not None:
-        inputs, width, returned = embeds, embeds.shape[1], 0
-    else:
+    inputs, embeds = _inputs(args, kwargs)
+    if inputs is None:
         return 1, 1, 1  # stock generate starts from the BOS token, which it returns
+    width = inputs.shape[1]
+    returned = 0 if embeds else width
     cache = _passed_cache(kwargs)
     past = int(cache.get_seq_length()) if cache is not None and hasattr(cache, "get_seq_length") else 0
     if not past:
         return width, width, returned
-    _check_cache_batch(cache, inputs.shape[0])
+    _check_cache_batch(cache, batch)
     mask = kwargs.get("attention_mask")
-    covers_cache = inputs is embeds or mask is None or mask.shape[1] == width
+    covers_cache = embeds or mask is None or mask.shape[1] == width
     prefill = width - past if covers_cache else width
     if prefill <= 0:
         raise ValueError(
@@ -192,23 +203,31 @@ def _prompt_layout(args, kwargs: dict) -> tuple[int, int, int]:
 
 def _batch_size(args, kwargs: dict, gc) -> int | None:
     """The rows generate decodes: the inputs' rows times ``num_return_sequences`` (``None`` without inputs)."""
-    ids = kwargs.get("input_ids", kwargs.get("inputs", args[0] if args else None))
-    inputs = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 else kwargs.get("inputs_embeds")
-    if inputs is None:
+    inputs, _ = _inputs(args, kwargs)
+    return None if inputs is None else inputs.shape[0] * int(gc.num_return_sequences or 1)
+
+
+def _last_positions(kwargs: dict, gc) -> torch.Tensor | None:
+    """Each decoded row's last prompt position from a 2-D attention mask (for models whose blocks get no
+    position ids); ``None`` without one."""
+    mask = kwargs.get("attention_mask")
+    if not isinstance(mask, torch.Tensor) or mask.dim() != 2:
         return None
-    return inputs.shape[0] * int(gc.num_return_sequences or 1)
+    return (mask.sum(-1) - 1).repeat_interleave(int(gc.num_return_sequences or 1))
 
 
 def _check_cache_batch(cache, batch: int) -> None:
-    """A passed cache must hold one row per input row (stock fails later, inside attention, with a shape error)."""
+    """A passed cache must hold one row per decoded row (stock fails later, inside attention, with a shape
+    error)."""
     layers = getattr(cache, "layers", None) or []
     keys = next((layer.keys for layer in layers if isinstance(getattr(layer, "keys", None), torch.Tensor)
                  and layer.keys.dim() == 4), None)
     rows = keys.shape[0] if keys is not None else None
     if rows is not None and rows != batch:
         raise ValueError(
-            f"The cache passed to generate holds {rows} sequence(s), the inputs {batch}: a cache continues the rows "
-            "it was built on. Pass the inputs of the same rows (e.g. the previous call's sequences), or no cache.")
+            f"The cache passed to generate holds {rows} sequence(s), the call decodes {batch} (input rows x "
+            "num_return_sequences): a cache continues the rows it was built on. Pass the inputs of the same rows "
+            "(e.g. the previous call's sequences), or no cache.")
 
 
 def _check_horizon(model, heads, prompt_width: int, capacity: int) -> None:
@@ -230,12 +249,12 @@ def _check_horizon(model, heads, prompt_width: int, capacity: int) -> None:
 
 
 def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
-    """Resolve the generation config once, refuse what is not supported, fix the per-call sizes."""
-    gc = _resolve_generation_config(model, kwargs)
+    """Read the call's generation options, refuse what is not supported, fix the per-call sizes."""
+    gc = _GenerationOptions(model, kwargs)
     _refuse_unsupported(gc, kwargs, ctl)
     base_temperature = _temperature_kwargs(gc, kwargs, ctl)
-    prompt_width, prefill_width, returned = _prompt_layout(args, kwargs)
     batch = _batch_size(args, kwargs, gc)
+    prompt_width, prefill_width, returned = _prompt_layout(args, kwargs, batch)
     compiled = _compile_plan(model, gc, kwargs, ctl, batch)
     if gc.max_new_tokens is not None:
         steps = gc.max_new_tokens
@@ -249,6 +268,7 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
     private = not keeps_logits and not kwargs.get("logits_processor")
     return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids, prefill_width=prefill_width,
                       compiled=compiled, batch=batch, scores_private=private,
+                      last_positions=_last_positions(kwargs, gc) if compiled else None,
                       scale_head_input=private and ctl.controls_temperature and _temperature_head(model, gc) is not None)
 
 

@@ -366,12 +366,16 @@ class _Runtime:
                 "SDETemperatureLogitsProcessor ran without a hidden state read for this step: it divides the logits "
                 "by the temperature that SDE control's hook computed in the same forward, so it works only inside "
                 "generate(..., sde_control=...). Do not pass it in logits_processor yourself.")
-        if self.control.controls_temperature:
-            tau = self.buf.cur.tau if scores.dtype == torch.float32 else self.buf.cur.tau.to(scores.dtype)
-            # In place when nothing else holds these scores (generate keeps raw logits only for output_logits).
-            scores = scores.div_(tau) if self.setup.scores_private else scores / tau
         self.current = -1
-        return scores
+        return self._divide(scores)
+
+    def _divide(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores divided by the step's temperature (in temperature modes)."""
+        if not self.control.controls_temperature:
+            return scores
+        tau = self.buf.cur.tau if scores.dtype == torch.float32 else self.buf.cur.tau.to(scores.dtype)
+        # In place when nothing else holds these scores (generate keeps raw logits only for output_logits).
+        return scores.div_(tau) if self.setup.scores_private else scores / tau
 
     # -- helpers ----------------------------------------------------------------------------------------
     def _positions(self, k: int, hidden: torch.Tensor) -> torch.Tensor:
@@ -385,7 +389,7 @@ class _Runtime:
                                              self.setup.base_temperature)
         while k >= self.buf.capacity:
             self.buf = self.buf.grown()
-            self.fused.time_tables(self.buf.capacity + self.setup.prompt_width + 1)
+            self.fused.time_tables(self.heads, self.buf.capacity + self.setup.prompt_width + 1)
         return self.buf
 
     def _surprise_previous(self, k: int) -> torch.Tensor | None:
