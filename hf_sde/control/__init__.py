@@ -12,7 +12,8 @@ afterwards, even when generation raises.
 
 The files: :mod:`.settings` (what users set and get back), :mod:`.laws` (temperature, gate, steering
 direction), :mod:`.fused` (the heads as dense calls), :mod:`.setup` (the per-call setup), :mod:`.step` (what
-runs inside the forward), :mod:`.generate` (``generate`` integration). Only this package (plus heads.py,
+runs inside the forward), :mod:`.compiled` (the same step inside ``generate``'s compiled forward: static cache
+and ``compile_config``), :mod:`.generate` (``generate`` integration). Only this package (plus heads.py,
 layers.py, version.py) is copied by the custom_generate export, so it imports nothing else from hf_sde.
 """
 
