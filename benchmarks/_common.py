@@ -448,11 +448,17 @@ def machine_md(info: dict) -> str:
     return "Machine: " + ", ".join(f"{k}={info.get(k)}" for k in keys)
 
 
+def repo_relative(text: str) -> str:
+    """``text`` with this checkout's absolute paths written relative to the repository (results files name what
+    they read as a reader's checkout has it, never the folders of the machine that produced them)."""
+    return text.replace(f"{REPO}/", "").replace(f"{REPO.parent}/", "../")
+
+
 def write_result(out_dir: str | Path, name: str, payload: dict, markdown: str) -> Path:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(payload, indent=2, default=_json_default))
-    (out / f"{name}.md").write_text(markdown.rstrip() + "\n")
+    (out / f"{name}.json").write_text(repo_relative(json.dumps(payload, indent=2, default=_json_default)))
+    (out / f"{name}.md").write_text(repo_relative(markdown.rstrip() + "\n"))
     return out / f"{name}.json"
 
 

@@ -89,7 +89,7 @@ def main(argv=None) -> int:
             parts.append(f"\n## {name}\n{text}")
     if failed:
         parts.append(f"\n**Failed:** {', '.join(failed)} (see the console output).\n")
-    (out / "README.md").write_text("\n".join(parts))
+    (out / "README.md").write_text(C.repo_relative("\n".join(parts)))
     (out / "run_all.json").write_text(json.dumps({"scale": scale, "command": command, "seconds": timings,
                                                   "total_seconds": round(total, 1), "failed": failed,
                                                   "machine": info}, indent=2))

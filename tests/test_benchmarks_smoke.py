@@ -52,3 +52,21 @@ def test_run_all_smoke(tmp_path):
     for mode, e in split.items():
         assert e["per_step_us"] == pytest.approx(e["callbacks_per_step_us"] + e["outside_per_step_us"]), mode
         assert e["callbacks_per_step_us"] > 0 and e["plain_step_us"] > 0, mode
+
+
+def test_results_name_no_absolute_paths_of_the_machine_that_produced_them():
+    """Results files name what they read relative to the repository (benchmarks/_common.repo_relative)."""
+    import re
+
+    absolute = re.compile(r"(?<![\w.])/(?:work|tmp|root|home|Users|mnt|opt)/[A-Za-z]")
+    offenders = [f"{p.name}: {m.group(0)}" for p in sorted((REPO / "benchmarks" / "results").iterdir())
+                 if p.suffix in (".md", ".json") for m in [absolute.search(p.read_text())] if m]
+    assert not offenders, offenders
+
+
+def test_repo_relative_rewrites_this_checkout_and_its_neighbours():
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _common as C
+
+    assert C.repo_relative(f"heads `{C.REPO}/hf_sde/pretrained/x`") == "heads `hf_sde/pretrained/x`"
+    assert C.repo_relative(f"{C.REPO.parent}/shared/data/a.jsonl") == "../shared/data/a.jsonl"
