@@ -5,20 +5,34 @@ One hook at one block replaces ``output_hidden_states=True`` (which materialises
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
+# model -> (its config, that config's text config); keyed weakly by the model (configs are not hashable).
+_TEXT_CONFIGS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def text_config(model: nn.Module):
+    """The model's decoder config (``config.get_text_config()``, which costs ~10 us), looked up once per model and
+    config object; its values are read live."""
+    config = model.config
+    hit = _TEXT_CONFIGS.get(model)
+    if hit is not None and hit[0] is config:
+        return hit[1]
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    _TEXT_CONFIGS[model] = (config, text)
+    return text
+
 
 def num_decoder_layers(model: nn.Module) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.num_hidden_layers)
+    return int(text_config(model).num_hidden_layers)
 
 
 def hidden_size(model: nn.Module) -> int:
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    return int(config.hidden_size)
+    return int(text_config(model).hidden_size)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -207,6 +207,13 @@ def test_fused_heads_are_reused_and_never_stale():
     heads.config.log_diffusion_std = heads.config.log_diffusion_std * 2   # recalibrated
     assert fused_heads(heads, cpu, 8) is not rebuilt
     assert fused_heads(copy.deepcopy(heads), cpu, 8) is not fused_heads(heads, cpu, 8)
+    # a replaced module, a replaced parameter and an added buffer each rebuild
+    for change in (lambda h: setattr(h.diffusion_net, "0", torch.nn.Linear(*h.diffusion_net[0].weight.T.shape)),
+                   lambda h: setattr(h.drift_linear, "bias", torch.nn.Parameter(h.drift_linear.bias + 1)),
+                   lambda h: h.drift_net.register_buffer("extra", torch.zeros(1))):
+        kept = fused_heads(heads, cpu, 8)
+        change(heads)
+        assert fused_heads(heads, cpu, 8) is not kept
     # a model on another device (meta stands in for a GPU here) gets its own copy there; the CPU one stays
     current = fused_heads(heads, cpu, 8)
     moved = fused_heads(heads, torch.device("meta"), 8)
@@ -245,3 +252,32 @@ def test_fused_heads_cache_lets_heads_go_and_sees_data_assignment():
     del heads, w, first
     gc.collect()
     assert ref() is None and all(k is not None for k in _CACHE.keys())
+
+
+def test_reused_step_buffers_leave_earlier_traces_alone():
+    """Calls reuse the step buffers of the previous call with the same shapes: a trace already returned must not
+    change, and each call's trace equals the one of a call that allocated its own."""
+    from hf_sde.control import step
+
+    tb = tiny_bundle(layer=1)
+    model = enable_sde_control(tb.model)
+    kw = dict(input_ids=torch.tensor([[1, 5, 9, 13], [2, 6, 10, 14]]), max_new_tokens=5, do_sample=True,
+              return_dict_in_generate=True)
+
+    def run(**ctl):
+        torch.manual_seed(0)
+        return model.generate(**kw, sde_control=SDEControl(tb.heads, **ctl)).sde_trace
+
+    modes = [dict(mode="temperature", beta=0.5), dict(mode="observe"), dict(mode="steer", alpha=0.05),
+             dict(mode="temperature", beta=-0.5)]
+    fresh = []
+    for ctl in modes:
+        step._POOL.clear()
+        fresh.append(run(**ctl))
+    traces = [run(**ctl) for ctl in modes for _ in range(2)]
+    assert step._POOL  # the calls did hand their buffers on
+    for i, trace in enumerate(traces):
+        for name in ("zscore", "temperature", "steer_norm", "surprise", "positions"):
+            torch.testing.assert_close(getattr(trace, name), getattr(fresh[i // 2], name), equal_nan=True)
+    shared = {t.untyped_storage().data_ptr() for tr in traces for t in vars(tr).values()}
+    assert len(shared) == 7 * len(traces)  # every field of every trace owns its storage

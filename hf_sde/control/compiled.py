@@ -196,6 +196,9 @@ class _CompiledRuntime(_Runtime):
             else:
                 layers[index] = original
 
+    def release(self) -> None:
+        self.buf = None  # allocated per call, before the first forward (not from the pool)
+
     def trace(self, sequences: torch.Tensor):
         # The steps taken: one per forward from the prompt's end on (read once, at the end of the call).
         self.step = min(max(int(self.seen) - int(self.prefill_end) + 1, 0), self.spare)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import weakref
 
 import torch
@@ -97,30 +98,34 @@ _SETTINGS = ("proj_dim", "horizon", "dt", "sigma_floor", "log_diffusion_mean", "
 
 
 class _Built:
-    """What one fused copy was built from: the heads' tensors themselves (held, so no other tensor can take
-    their place unnoticed), the state of each (in-place version counter, storage, shape, dtype: ``p.data = ...``
-    keeps the tensor and its version but not its storage), and the config's calibration and time settings."""
+    """What one fused copy was built from, checked before every reuse: the heads' module tree (every entry of every
+    module's ``_modules`` / ``_parameters`` / ``_buffers``, by identity, and how many each holds: a replaced or added
+    module or tensor shows), the state of each tensor (in-place version counter, storage, shape, dtype:
+    ``p.data = ...`` keeps the tensor and its version but not its storage), and the config's calibration and time
+    settings. Flat lists, so a check is a few microseconds (walking ``heads.modules()`` costs more)."""
 
     def __init__(self, heads, fused: _FusedHeads):
-        self.tensors = _tensors(heads)
-        self.states = [_state(t) for t in self.tensors]
+        modules = list(heads.modules())
+        self.dicts = [d for m in modules for d in (m._modules, m._parameters, m._buffers)]
+        self.sizes = list(map(len, self.dicts))
+        entries = [(d, key, value) for d in self.dicts for key, value in d.items()]
+        self.owners, self.keys, self.values = (list(x) for x in zip(*entries, strict=True))
+        self.tensors = [t for m in modules for d in (m._parameters, m._buffers) for t in d.values() if t is not None]
+        self.states = list(map(_state, self.tensors))
+        self.root = heads._modules
         self.settings = _settings(heads)
         self.fused = fused
 
     def matches(self, heads) -> bool:
-        tensors = _tensors(heads)
-        return (len(tensors) == len(self.tensors)
-                and all(a is b and _state(a) == state
-                        for a, b, state in zip(tensors, self.tensors, self.states, strict=True))
+        return (heads._modules is self.root
+                and list(map(len, self.dicts)) == self.sizes
+                and all(map(operator.is_, map(dict.get, self.owners, self.keys), self.values))
+                and list(map(_state, self.tensors)) == self.states
                 and _settings(heads) == self.settings)
 
 
 def _state(t: torch.Tensor) -> tuple:
     return t._version, t.data_ptr(), t.shape, t.dtype
-
-
-def _tensors(heads) -> list[torch.Tensor]:
-    return [t for m in heads.modules() for t in (*m._parameters.values(), *m._buffers.values()) if t is not None]
 
 
 def _settings(heads) -> tuple:

@@ -25,7 +25,7 @@ def sde_hooks(model, control: SDEControl, setup: _CallSetup | None = None, *, pr
     setup = setup or _CallSetup(prompt_width, prompt_width, max_new_tokens + 1, base_temperature, [])
     runtime = (_CompiledRuntime if setup.compiled else _Runtime)(control, model, setup)
     try:  # a failed install removes what it installed
-        runtime.install(model.get_output_embeddings() if setup.scale_head_input else None)
+        runtime.install(setup.head)
         yield runtime
     finally:
         runtime.remove()
@@ -54,6 +54,7 @@ def sde_generate(model, *args, sde_control: SDEControl | None = None, _generate=
         out = generate(*args, logits_processor=processors, **kwargs)
     return_dict = not isinstance(out, torch.Tensor)
     trace = runtime.trace(out.sequences if return_dict else out)
+    runtime.release()
     if ctl.on_trace is not None:
         ctl.on_trace(trace)
     if return_dict:

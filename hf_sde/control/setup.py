@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation import configuration_utils as _generation_config
 
+from ..layers import text_config
 from .settings import SDEControl
 
 
@@ -28,13 +29,16 @@ class _CallSetup:
     batch: int | None = None  # rows generate decodes (inputs x num_return_sequences), when known up front
     last_positions: torch.Tensor | None = None  # (batch,) each row's last prompt position, from the attention mask
     scores_private: bool = False  # no output_logits: the logits processor may divide the scores in place
-    scale_head_input: bool = False  # the temperature divides the LM head's input (see _temperature_head)
+    head: torch.nn.Module | None = None  # the LM head whose input the temperature divides (_temperature_head)
+    device: torch.device | None = None  # the model's device (looked up once per call)
+
+    @property
+    def scale_head_input(self) -> bool:
+        return self.head is not None
 
 
 def _model_device(model) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
+    """Where the model's first parameter lives (what ``PreTrainedModel.device`` says, at a third of its cost)."""
     return next(model.parameters()).device
 
 
@@ -232,8 +236,7 @@ def _check_cache_batch(cache, batch: int) -> None:
 
 def _check_horizon(model, heads, prompt_width: int, capacity: int) -> None:
     cfg = heads.config
-    context = getattr(model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config,
-                      "max_position_embeddings", None)
+    context = getattr(text_config(model), "max_position_embeddings", None)
     if context and prompt_width + capacity - 1 > context:
         _warn_once(f"context-{id(model)}", (
             f"prompt ({prompt_width} tokens) plus new tokens reach past the model's context ({context} positions): "
@@ -266,10 +269,11 @@ def _call_setup(model, args, kwargs: dict, ctl: SDEControl) -> _CallSetup:
     _check_horizon(model, ctl.heads, prompt_width, steps + 1)
     keeps_logits = bool(gc.return_dict_in_generate and gc.output_logits)
     private = not keeps_logits and not kwargs.get("logits_processor")
+    head = _temperature_head(model, gc) if private and ctl.controls_temperature else None
     return _CallSetup(prompt_width, returned, steps + 1, base_temperature, eos_ids, prefill_width=prefill_width,
                       compiled=compiled, batch=batch, scores_private=private,
                       last_positions=_last_positions(kwargs, gc) if compiled else None,
-                      scale_head_input=private and ctl.controls_temperature and _temperature_head(model, gc) is not None)
+                      head=head, device=_model_device(model))
 
 
 # Generation options whose logits processors run before the temperature and do not commute with dividing the
@@ -295,8 +299,7 @@ def _temperature_head(model, gc) -> torch.nn.Module | None:
         return None
     if head.out_features < HEAD_SCALING_MIN_RATIO * head.in_features:
         return None  # a small vocabulary: dividing the logits is cheaper than one more module hook
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-    if getattr(config, "final_logit_softcapping", None) is not None:
+    if getattr(text_config(model), "final_logit_softcapping", None) is not None:
         return None
     if any(getattr(gc, name, None) for name in _SCALE_SENSITIVE) or (gc.guidance_scale or 1) != 1:
         return None

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +16,7 @@ from .fused import NETS, _FusedHeads, fused_heads
 from .settings import _STATS, SDEControl, SDEStep, SDETrace
 from .setup import _CallSetup, _model_device
 
-_COLS = ("diffusion", "drift_norm", "zscore", "temperature", "steer_norm")
+_COLS = _STATS  # the statistics' columns in a step's record, in SDETrace's order
 
 
 def _column(d: int, name: str) -> int:
@@ -79,6 +80,7 @@ class _StepBuffers:
     cur: _Rows               # the step being computed: (batch, 3d + 5)
     cur_positions: torch.Tensor  # (batch,) long
     centered: torch.Tensor   # (batch, D)
+    deferred: tuple | None = None  # (n, rows over the first n records, their time indices or None)
 
     @classmethod
     def allocate(cls, fused: _FusedHeads, nets: tuple[str, ...], batch: int, hidden_size: int, capacity: int,
@@ -86,13 +88,33 @@ class _StepBuffers:
         dev = fused.basis.device
         width = 3 * fused.d + len(_COLS)
         cur = (_Rows(None, fused, nets, batch, dev) if separate else
-               _Rows(torch.full((batch, width), float("nan"), device=dev), fused, nets))
+               _Rows(torch.empty(batch, width, device=dev), fused, nets))
+        buf = cls(torch.empty(capacity, batch, width, device=dev), torch.full((capacity, batch), -1, device=dev,
+                                                                                dtype=torch.long),
+                  cur, torch.zeros(batch, device=dev, dtype=torch.long),
+                  torch.empty(batch, hidden_size, device=dev))
+        buf.reset(base_temperature)
+        return buf
+
+    def reset(self, base_temperature: float) -> None:
+        """The current step as a new call starts it: statistics unknown, the base temperature, no steering."""
+        cur = self.cur
+        if cur.block is not None:
+            cur.block.fill_(float("nan"))
+        else:
+            for name in (*_COLS, "z", "mean", "std"):
+                getattr(cur, name).fill_(float("nan"))
         cur.temperature.fill_(base_temperature)
         cur.steer_norm.zero_()
-        return cls(torch.empty(capacity, batch, width, device=dev), torch.full((capacity, batch), -1, device=dev,
-                                                                                 dtype=torch.long),
-                   cur, torch.zeros(batch, device=dev, dtype=torch.long),
-                   torch.empty(batch, hidden_size, device=dev))
+
+    def deferred_rows(self, n: int, fused: _FusedHeads, nets: tuple[str, ...], prompt_end: bool) -> tuple:
+        """The first ``n`` records as rows for the nets no step ran (bound once per ``n``), and for ``prompt_end``
+        heads their time indices (step ``k``'s is ``k`` in every sequence)."""
+        if self.deferred is None or self.deferred[0] != n:
+            batch = self.records.shape[1]
+            time = torch.arange(n, device=self.records.device).repeat_interleave(batch) if prompt_end else None
+            self.deferred = (n, _Rows(self.records[:n].view(n * batch, -1), fused, nets), time)
+        return self.deferred[1:]
 
     @property
     def capacity(self) -> int:
@@ -112,6 +134,31 @@ class _StepBuffers:
         return _StepBuffers(torch.cat([self.records, torch.empty_like(self.records)]),
                             torch.cat([self.positions, torch.full_like(self.positions, -1)]),
                             self.cur, self.cur_positions, self.centered)
+
+
+# Step buffers of finished calls, reused by the next call with the same heads, control structure and shapes
+# (allocating them costs ~50 us on CPU): at most a few, and none of a size whose allocation would not show.
+_POOL: OrderedDict[tuple, _StepBuffers] = OrderedDict()
+_POOL_SIZE = 4
+_POOL_MAX_BYTES = 16 << 20
+
+
+def _pool_key(fused: _FusedHeads, nets: tuple[str, ...], batch: int, hidden: int, capacity: int) -> tuple:
+    return fused, nets, batch, hidden, capacity
+
+
+def _acquire(key: tuple, base_temperature: float) -> _StepBuffers | None:
+    buf = _POOL.pop(key, None)
+    if buf is not None:
+        buf.reset(base_temperature)
+    return buf
+
+
+def _release(key: tuple, buf: _StepBuffers) -> None:
+    if buf.records.nbytes <= _POOL_MAX_BYTES:
+        _POOL[key] = buf
+        while len(_POOL) > _POOL_SIZE:
+            _POOL.popitem(last=False)
 
 
 class SDETemperatureLogitsProcessor(LogitsProcessor):
@@ -144,11 +191,26 @@ class _LawScalars:
 
     def __init__(self, control: SDEControl, device: torch.device):
         # Tensors, not Python numbers: a compiled step reads them as inputs, so new values never recompile. One
-        # tensor, five views (creating a tensor from Python numbers costs ~15 us; a view ~1 us).
-        values = torch.tensor([-control.beta, control.temperature, control.min_temperature, control.max_temperature,
-                               control.alpha], device=device, dtype=torch.float32)
+        # tensor, five views, shared by the calls with the same values (read only).
+        values = _constant((-control.beta, control.temperature, control.min_temperature, control.max_temperature,
+                            control.alpha), device, torch.float32)
         self.neg_beta, self.tau0, low, high, self.alpha = values.unbind()
         self.tau_bounds = (low, high)
+
+
+_CONSTANTS: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A read-only tensor of ``values``, made once per (values, device, dtype): building a tensor from Python
+    numbers costs ~10 us; the last 64 are kept."""
+    key = (values, device, dtype)
+    t = _CONSTANTS.get(key)
+    if t is None:
+        t = _CONSTANTS[key] = torch.tensor(values, device=device, dtype=dtype)
+        while len(_CONSTANTS) > 64:
+            _CONSTANTS.popitem(last=False)
+    return t
 
 
 def _nets_per_step(control: SDEControl) -> tuple[str, ...]:
@@ -183,7 +245,7 @@ class _Runtime:
                 f"steer_layer={self.steer_layer} precedes the heads' layer {self.read_layer}: the steering direction "
                 "is computed from the state at the heads' layer, so steer at that layer or a later one."
             )
-        device = _model_device(model)
+        device = setup.device if setup.device is not None else _model_device(model)
         self.origin = getattr(self.heads.config, "time_origin", "sequence")
         # One table row per position the call can reach (prompt_end needs fewer; positions are recorded anyway).
         self.fused = fused_heads(self.heads, device, setup.capacity + setup.prompt_width + 1)
@@ -320,12 +382,9 @@ class _Runtime:
     def _run_deferred(self, n: int) -> None:
         """The nets and statistics no step read, over the ``n`` recorded steps at once (the same calls, N = n * batch)."""
         buf = self.buf
-        batch = buf.records.shape[1]
-        rows = _Rows(buf.records[:n].view(n * batch, -1), self.fused, self.later)
-        if self.origin == "sequence":
-            time = buf.positions[:n].reshape(-1)
-        else:  # prompt_end: step k's time index is k for every sequence
-            time = torch.arange(n, device=buf.positions.device).repeat_interleave(batch)
+        rows, time = buf.deferred_rows(n, self.fused, self.later, self.origin == "prompt_end")
+        if time is None:
+            time = buf.positions[:n].view(-1)
         for name in self.later:
             self._net_step(rows, name, time)
         for name in self.stats_later:
@@ -385,8 +444,10 @@ class _Runtime:
 
     def _buffers(self, hidden: torch.Tensor, k: int) -> _StepBuffers:
         if self.buf is None:
-            self.buf = _StepBuffers.allocate(self.fused, self.now, hidden.shape[0], hidden.shape[-1], self.setup.capacity,
-                                             self.setup.base_temperature)
+            batch, size, setup = hidden.shape[0], hidden.shape[-1], self.setup
+            self.buf = (_acquire(_pool_key(self.fused, self.now, batch, size, setup.capacity), setup.base_temperature)
+                        or _StepBuffers.allocate(self.fused, self.now, batch, size, setup.capacity,
+                                                 setup.base_temperature))
         while k >= self.buf.capacity:
             self.buf = self.buf.grown()
             self.fused.time_tables(self.heads, self.buf.capacity + self.setup.prompt_width + 1)
@@ -404,17 +465,24 @@ class _Runtime:
         """Add the hooks; ``head``: the LM head whose input takes the temperature (see :func:`_temperature_head`)."""
         # Under a compiled forward (generate's compile_config, torch.compile) the hooks run eagerly between
         # compiled pieces: they keep Python state that dynamo would otherwise specialize on at every step.
-        disable = torch.compiler.disable
-        self.handles.append(self.model.register_forward_pre_hook(disable(self.on_forward_pre), with_kwargs=True))
-        self.handles.append(register_block_hook(self.model, self.read_layer, disable(self.on_read)))
+        bind = functools.partial
+        self.handles.append(self.model.register_forward_pre_hook(bind(_forward_pre_hook, self), with_kwargs=True))
+        self.handles.append(register_block_hook(self.model, self.read_layer, bind(_read_hook, self)))
         if self.control.steers and self.steer_layer != self.read_layer:
-            self.handles.append(register_block_hook(self.model, self.steer_layer, disable(self.on_steer)))
+            self.handles.append(register_block_hook(self.model, self.steer_layer, bind(_steer_hook, self)))
         if head is not None and self.control.controls_temperature:
-            self.handles.append(head.register_forward_pre_hook(disable(self.on_head_input)))
+            self.handles.append(head.register_forward_pre_hook(bind(_head_input_hook, self)))
 
     def remove(self) -> None:
         while self.handles:
             self.handles.pop().remove()
+
+    def release(self) -> None:
+        """Hand this call's step buffers to the next call of the same shapes (after the trace was built; never
+        where a callback may have kept views of them)."""
+        buf, self.buf = self.buf, None
+        if buf is not None and self.control.callback is None and buf.capacity == self.setup.capacity:
+            _release(_pool_key(self.fused, self.now, *buf.centered.shape, buf.capacity), buf)
 
     def trace(self, sequences: torch.Tensor) -> SDETrace:
         """The statistics of the returned tokens, by field name; NaN (positions -1) after each row's EOS."""
@@ -445,22 +513,50 @@ class _Runtime:
         buf.save(self.step - 1)
         if self.later or self.stats_later:
             self._run_deferred(n)
-        stats = {name: buf.stat(name, slice(n)).T.float().cpu() for name in _STATS}
-        surprise = torch.full((rows, n), float("nan"))
+        rec = buf.records[:n]
+        # The statistics and the surprise as one (6, rows, n) block: masked after EOS and moved to the host at once.
+        block = torch.empty(len(_STATS) + 1, rows, n, device=rec.device)
+        block[:-1].copy_(rec[..., 3 * d:].permute(2, 1, 0))
+        surprise = block[-1]
+        surprise[:, -1].fill_(float("nan"))  # a step's surprise needs the next state
         if n > 1:
-            rec = buf.records[:n]
-            out = rec[: n - 1]
-            surprise[:, : n - 1] = self.heads.surprise(rec[1:, :, :d] - rec[:-1, :, :d], out[..., d:2 * d],
-                                                       out[..., 2 * d:3 * d]).T.cpu()
-        positions = buf.positions[:n].T.cpu()
-        new = sequences[:, self.setup.returned_prompt: self.setup.returned_prompt + n].cpu()
+            prev = rec[:-1]
+            surprise[:, :-1] = self.heads.surprise(rec[1:, :, :d] - prev[..., :d], prev[..., d:2 * d],
+                                                   prev[..., 2 * d:3 * d]).T
+        positions = buf.positions[:n].T
         if self.setup.eos_ids:
-            is_eos = torch.isin(new, torch.tensor(self.setup.eos_ids)).long()
-            finished_at = torch.cumsum(is_eos, dim=1) > 0
-            finished_before = (torch.cumsum(is_eos, dim=1) - is_eos) > 0  # the EOS step itself is kept
+            new = sequences[:, self.setup.returned_prompt: self.setup.returned_prompt + n].to(rec.device)
+            is_eos = torch.isin(new, _constant(tuple(self.setup.eos_ids), rec.device, new.dtype))
+            ends = torch.cumsum(is_eos, dim=1)
+            finished_before = ends > is_eos  # the EOS step itself is kept
+            block[:-1].masked_fill_(finished_before, float("nan"))
+            surprise.masked_fill_(ends > 0, float("nan"))  # no next state at or after EOS
+            positions = positions.masked_fill(finished_before, -1)
         else:
-            finished_at = finished_before = torch.zeros(rows, n, dtype=torch.bool)
-        stats = {k: v.masked_fill(finished_before, float("nan")) for k, v in stats.items()}
-        # A step's surprise needs the next state, which does not exist at or after EOS.
-        return SDETrace(**stats, surprise=surprise.masked_fill(finished_at, float("nan")),
-                        positions=positions.masked_fill(finished_before, -1))
+            positions = positions.clone()
+        # Each field its own tensor (not views of one block, nor of these buffers, which the next call reuses).
+        fields = [t.clone() for t in block.cpu().unbind()]
+        return SDETrace(*fields, positions=positions.cpu())
+
+
+# The hooks' entry points, made once (wrapping a call's methods costs ~6 us each) and bound to a call's runtime with
+# functools.partial. Disabled for dynamo: under a forward compiled by the caller they run eagerly between compiled
+# pieces, since they keep Python state that dynamo would otherwise specialize on at every step.
+@torch.compiler.disable
+def _forward_pre_hook(runtime: _Runtime, module, args, kwargs):
+    return runtime.on_forward_pre(module, args, kwargs)
+
+
+@torch.compiler.disable
+def _read_hook(runtime: _Runtime, hidden: torch.Tensor):
+    return runtime.on_read(hidden)
+
+
+@torch.compiler.disable
+def _steer_hook(runtime: _Runtime, hidden: torch.Tensor):
+    return runtime.on_steer(hidden)
+
+
+@torch.compiler.disable
+def _head_input_hook(runtime: _Runtime, module, args):
+    return runtime.on_head_input(module, args)
