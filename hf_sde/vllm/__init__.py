@@ -13,102 +13,58 @@ Offline (``vllm.LLM``; in a script, under ``if __name__ == "__main__":`` since v
 Server: ``python -m hf_sde.vllm.serve --model FOLDER`` (vLLM's OpenAI server with hf-sde's processor, worker
 extension and middleware; requests pass ``vllm_xargs``; the response carries ``sde_trace``). See the README
 section "Serving with vLLM" and :mod:`hf_sde.vllm.args` for the per-request keys.
+
+vLLM's V1 model runner and Model Runner V2 (the default on CUDA) are both served: ``SDELogitsProcessor``
+subclasses both runners' processor interfaces and builds the implementation for the runner that loads it
+(:mod:`hf_sde.vllm.plugin`). Importing this package stays light (it is vLLM's entry point); the helpers below
+load on first use.
 """
 
 from __future__ import annotations
 
-import uuid
+from importlib import import_module
 
-import torch
+from .plugin import SDELogitsProcessor
 
-from ..control import SDETrace
-from .args import KEYS, SDERequest, parse_request
-from .heads_registry import ENV as HEADS_ENV
-from .heads_registry import allowlist
-from .model_folder import model_folder
-from .processor import SUPPORTED_ARCHITECTURES, SDELogitsProcessor
-from .worker import SDEWorkerExtension
+try:  # eager: the submodule of the same name would otherwise shadow the function once imported
+    from .model_folder import model_folder  # noqa: F401 - re-exported
+except Exception:  # pragma: no cover - reported when used
+    pass
 
 PROCESSOR = "hf_sde.vllm:SDELogitsProcessor"
 WORKER_EXTENSION = "hf_sde.vllm.worker.SDEWorkerExtension"
 MIDDLEWARE = "hf_sde.vllm.middleware.SDETraceMiddleware"
 
-
-def llm_kwargs(**overrides) -> dict:
-    """Keyword arguments for ``vllm.LLM`` that hf-sde needs: its processor and worker extension, eager mode,
-    float32 (exact comparisons with transformers)."""
-    kwargs = dict(worker_extension_cls=WORKER_EXTENSION, enforce_eager=True, dtype="float32")
-    if not entry_point_installed():
-        kwargs["logits_processors"] = [PROCESSOR]
-    kwargs.update(overrides)
-    return kwargs
-
-
-def entry_point_installed() -> bool:
-    """Whether vLLM loads hf-sde's processor by itself (the ``vllm.logits_processors`` entry point)."""
-    from importlib.metadata import entry_points
-
-    return any(ep.value.replace(":", ".") == PROCESSOR.replace(":", ".")
-               for ep in entry_points(group="vllm.logits_processors"))
-
-
-def sde_args(heads: str | None = None, mode: str = "temperature", trace_id: str | None = None, **control) -> dict:
-    """``SamplingParams.extra_args`` for one SDE request (``control``: SDEControl fields, e.g. ``beta=1.0``).
-
-    A fresh ``sde_trace_id`` is set unless given. The arguments are checked here as vLLM will check them.
-    """
-    args = {"sde_mode": mode, "sde_trace_id": trace_id or f"sde-{uuid.uuid4().hex}"}
-    if heads is not None:
-        args["sde_heads"] = heads
-    for name, value in control.items():
-        key = f"sde_{name}"
-        if key not in KEYS:
-            raise TypeError(f"unknown SDE argument {name!r}; valid: {sorted(k[4:] for k in KEYS)}")
-        args[key] = value.tolist() if isinstance(value, torch.Tensor) else value
-    parse_request(args)
-    return args
+#: name -> (module, attribute) of what this package re-exports lazily.
+_LAZY = {
+    "HEADS_ENV": (".heads_registry", "ENV"),
+    "KEYS": (".args", "KEYS"),
+    "SUPPORTED_ARCHITECTURES": (".engine", "SUPPORTED_ARCHITECTURES"),
+    "SDERequest": (".args", "SDERequest"),
+    "SDEWorkerExtension": (".worker", "SDEWorkerExtension"),
+    "allowlist": (".heads_registry", "allowlist"),
+    "entry_point_installed": (".api", "entry_point_installed"),
+    "get_traces": (".api", "get_traces"),
+    "llm_kwargs": (".api", "llm_kwargs"),
+    "model_folder": (".model_folder", "model_folder"),
+    "parse_request": (".args", "parse_request"),
+    "sde_args": (".api", "sde_args"),
+    "sde_prompt": (".api", "sde_prompt"),
+    "trace_from_dict": (".api", "trace_from_dict"),
+}
 
 
-def sde_prompt(prompt, extra_args: dict | None = None):
-    """A prompt for ``LLM.generate`` with its own ``cache_salt`` when the request steers.
-
-    Steered positions' KV cache must not be shared with other requests through prefix caching; a unique salt
-    per steered request guarantees that. Plain strings become ``{"prompt": ...}``, token lists
-    ``{"prompt_token_ids": ...}``.
-    """
-    request = parse_request(extra_args)
-    if request is None or not request.control.steers:
-        return prompt
-    if isinstance(prompt, str):
-        prompt = {"prompt": prompt}
-    elif isinstance(prompt, list):
-        prompt = {"prompt_token_ids": prompt}
-    else:
-        prompt = dict(prompt)
-    prompt.setdefault("cache_salt", f"hf-sde-steer-{uuid.uuid4().hex}")
-    return prompt
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = getattr(import_module(module, __name__), attr)
+    globals()[name] = value
+    return value
 
 
-def trace_from_dict(data: dict) -> SDETrace:
-    """The :class:`SDETrace` of ``SDETrace.to_dict()`` output (NaN for ``None`` entries, as JSON carries them)."""
-    def tensor(name, value):
-        if name == "positions":
-            return torch.tensor(value, dtype=torch.long)
-        return torch.tensor([[float("nan") if v is None else v for v in row] for row in value], dtype=torch.float32)
-
-    return SDETrace(**{k: tensor(k, v) for k, v in data.items()})
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
 
 
-def get_traces(llm, keys: list[str], pop: bool = True) -> list[SDETrace | None]:
-    """The traces of ``keys`` (``sde_trace_id`` values or request ids) from an offline ``vllm.LLM``."""
-    keys = [str(k) for k in keys]
-    result = llm.collective_rpc("hf_sde_traces", args=(keys, pop))[0]
-    return [trace_from_dict(result[k]) if result.get(k) is not None else None for k in keys]
-
-
-__all__ = [
-    "HEADS_ENV", "KEYS", "MIDDLEWARE", "PROCESSOR", "SUPPORTED_ARCHITECTURES", "WORKER_EXTENSION",
-    "SDELogitsProcessor", "SDERequest", "SDEWorkerExtension", "allowlist", "entry_point_installed", "get_traces",
-    "llm_kwargs",
-    "model_folder", "parse_request", "sde_args", "sde_prompt", "trace_from_dict",
-]
+__all__ = ["MIDDLEWARE", "PROCESSOR", "WORKER_EXTENSION", "SDELogitsProcessor", *sorted(_LAZY)]

@@ -29,17 +29,16 @@ _capacity = int(os.environ.get(MAX_ENV, "4096"))
 class RequestTrace:
     """The recorded steps of one request (one row of an :class:`SDETrace`)."""
 
-    def __init__(self, request, prompt_len: int, output_ids: list[int], base_temperature: float):
+    def __init__(self, request, prompt_len: int, output_ids: list[int] | None, base_temperature: float):
         self.heads = request.control.heads
         self.trace_id = request.trace_id
         self.prompt_len = prompt_len
-        self.output_ids = output_ids          # vLLM's running list of generated tokens (a live reference)
+        self.output_ids = output_ids          # V1: vLLM's running list of generated tokens (a live reference)
         self.base_temperature = base_temperature
         self.stats: list[torch.Tensor] = []   # (5,) per step, _STATS order
         self.z: list[torch.Tensor] = []
         self.out: list[torch.Tensor] = []     # (2d,) [mu dt | sigma sqrt(dt)]
         self.positions: list[int] = []
-        self.pending_slot: int | None = None  # batch slot of the step being computed
 
     def __len__(self) -> int:
         return len(self.stats)
@@ -78,8 +77,8 @@ def configure(vllm_config=None) -> None:
     _capacity = max(int(os.environ.get(MAX_ENV, str(_capacity))), 1)
 
 
-def get_or_start(req_id: str, request, prompt_len: int, output_ids: list[int], base_temperature: float = 1.0
-                 ) -> RequestTrace:
+def get_or_start(req_id: str, request, prompt_len: int, output_ids: list[int] | None,
+                 base_temperature: float = 1.0) -> RequestTrace:
     """The trace of ``req_id`` (continued after preemption), or a new one."""
     with _lock:
         trace = _by_request.get(req_id)
