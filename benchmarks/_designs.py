@@ -1,5 +1,6 @@
-"""Three SDE-driven decoding designs of issue 14, built on ``SDEControl``'s step callback (which runs in the
-forward hook, so a logits processor of the same step sees that step's statistics):
+"""Three SDE-driven decoding designs of the decoding study (``eval_frontier.py``), built on ``SDEControl``'s
+step callback (which runs in the forward hook, so a logits processor of the same step sees that step's
+statistics):
 
 1. :class:`LearnedTemperature`: ``tau = c * head(features)``, a small network on the step's SDE statistics
    (diffusion z-score, incoming-increment surprise, drift norm, time) and/or the model's entropy, fitted by

@@ -3,7 +3,7 @@
 The baseline does exactly the forward passes extraction does (same corpus, same length-sorted batches,
 same right padding, ``use_cache=False``) and throws the output away; extraction adds the block hook, the
 copy of each row's states and the finiteness check. Throughput is real (unpadded) tokens per second;
-the figure is the per-round ratio extraction / plain (interleaved rounds), target >= 0.97 (issue 13).
+the figure is the per-round ratio extraction / plain (interleaved rounds), target >= 0.97.
 
     python benchmarks/bench_extract.py [--smoke | --full]
 """
@@ -17,7 +17,7 @@ import _common as C
 
 SETTINGS = {
     "smoke": {"cells": [("stories260K", "tinystories", 2, 32)], "batch_size": 8, "reps": (1, 1, 0)},
-    # SmolLM2 (issue 13's row): HelpSteer responses at the last layer and at the shipped heads' layer 22.
+    # SmolLM2 (the target's row): HelpSteer responses at the last layer and at the shipped heads' layer 22.
     "default": {"cells": [("stories260K", "helpsteer", 500, 256), ("stories260K", "tinystories", 5, 512),
                           ("gpt2-124M", "random", 24, 128), ("SmolLM2", "helpsteer", 32, 256)],
                 "batch_size": 8, "reps": (6, 20, 90), "reps_big": (4, 6, 150)},
@@ -27,7 +27,7 @@ SETTINGS = {
 }
 # Layers extracted besides the last one (each an extra variant of the cell).
 EXTRA_LAYERS = {"SmolLM2": [22]}
-TARGET = 0.97  # issue 13: extraction >= 0.97 of a plain batched forward
+TARGET = 0.97  # target: extraction >= 0.97 of a plain batched forward
 
 
 def plain_forward(model, token_ids, batch_size):

@@ -10,7 +10,7 @@ transitions / per-epoch seconds. Ratios are against the reference
 configuration (proj_dim 16, smallest corpus) measured in the same run; the growth exponents are
 least-squares slopes of log(cost) on log(size).
 
-Speed table (issue 13's figure, d = 32, the largest corpus): 1 thread and all the machine's threads, the
+Speed table (the headline figure, d = 32, the largest corpus): 1 thread and all the machine's threads, the
 default batch and ``--large-batch``, eager and ``compile=True``, each in its own process, shuffled and
 interleaved with the scaling configurations; ratios against default batch / 1 thread / eager. The compiled
 probe's first fit pays the compilation (``compile s`` = first fit - timed fit, which reuses the graph; a
@@ -54,7 +54,7 @@ SETTINGS = {
              "reps": 3, "speed_reps": 5, "subprocess": True, "speed": {"threads": [1, 0], "compile": [False, True]}},
 }
 REF_DIM = 16
-HEADLINE_DIM = 32  # issue 13's figure: transitions/s/epoch at d = 32, 2x128 MLPs
+HEADLINE_DIM = 32  # the headline figure: transitions/s/epoch at d = 32, 2x128 MLPs
 
 
 def trajectories(scale: str):
@@ -261,7 +261,7 @@ def main(argv=None):
         "peak_memory_vs_proj_dim": slope(cfg["dims"], [max(t["peak_mb"]["median"], 1e-3) for t in by_d]),
     }
     batch = table[f"n{n_max}/d{REF_DIM}"]["batch_size"]
-    # The speed table: ratios against 1 thread, the default batch, eager (issue 13's reference).
+    # The speed table: ratios against 1 thread, the default batch, eager (the reference configuration).
     speed_ref_key = key_of(n_max, HEADLINE_DIM, threads_list[0], args.batch_size, False, plain)
     speed_ref = table[speed_ref_key]["transitions_per_s"]["median"]
     speed_rows, speed_table = [], {}

@@ -4,7 +4,7 @@
 transformers dequantizes a GGUF file on every ``from_pretrained(..., gguf_file=...)``; hf-sde's cache
 (``hf_sde/gguf_cache.py``) saves the dequantized model once and verifies it on every later load. Every
 measurement runs ``SMOLLM2.load()`` in a new process against a private, initially empty cache folder
-(``HF_SDE_CACHE``), timing the call alone (not the interpreter start or the imports). Issue 13's target: a
+(``HF_SDE_CACHE``), timing the call alone (not the interpreter start or the imports). Target: a
 second load within 5 s.
 
     python benchmarks/bench_load.py [--smoke | --full]

@@ -6,17 +6,17 @@ of tokens. The figure is the per-round ratio ``t_mode / t_plain`` (median and qu
 SmolLM2-135M (batch 1 and 8; the model users meet by default) and stories260K (batch 1: a ~6 ms step, the
 hardest case). A separate instrumented call per mode measures the time spent inside the SDE callbacks
 (``_Runtime.on_forward_pre`` / ``on_read`` / ``on_steer`` / ``on_logits``, plus ``trace`` at the end of the call,
-where observe mode evaluates the heads once over all steps): "hook us/step", the figure of
-issue 13 (target <= 150 us at batch 8 with SmolLM2's sizes: hidden 576, projection 16, 2x128 MLPs). Beside it,
+where observe mode evaluates the heads once over all steps): "hook us/step", the headline
+figure (target <= 150 us at batch 8 with SmolLM2's sizes: hidden 576, projection 16, 2x128 MLPs). Beside it,
 the step itself (``on_read``: projection, the nets the control reads, statistics, temperature or steering) inside
 ``generate`` and hot: called back to back on one hidden state, with nothing between calls to evict the heads'
 weights or torch's dispatcher from the cache. The difference is what the model's forward costs the step.
 
 The in-place floor: the same ``generate`` call without SDE control, with a plain forward hook at the heads'
-layer that runs issue 13's reference computation on the newest position (one projection, the drift and
+layer that runs the reference computation on the newest position (one projection, the drift and
 diffusion MLPs, softplus and the temperature law: plain functional torch on fresh tensors, no SDE machinery;
 "ref step us"), or a single elementwise op (``hidden[:, -1] - mean``: "1-op us"), timed per call like "step
-us". Called back to back, the reference step is the issue's ~80 us floor ("ref hot us"); inside ``generate`` it
+us". Called back to back, the reference step is the ~80 us floor ("ref hot us"); inside ``generate`` it
 pays the same cold cache as the SDE step, which is what a step can be compared with there.
 
 The SmolLM2 heads are throwaway heads fitted here on a few texts (their size is what matters, not their fit).
@@ -57,7 +57,7 @@ SETTINGS = {
 }
 MODES = {"observe": {"mode": "observe"}, "temperature": {"mode": "temperature", "beta": 1.0},
          "steer": {"mode": "steer", "alpha": 0.05}}
-# Issue 13's targets: ratio to plain generate per (model, mode); hook time per step at SmolLM2 batch 8.
+# Targets: ratio to plain generate per (model, mode); hook time per step at SmolLM2 batch 8.
 TARGETS = {"SmolLM2": {"observe": 1.01, "temperature": 1.01, "steer": 1.02},
            "smollm2-sized": {"observe": 1.01, "temperature": 1.01, "steer": 1.02},
            "stories260K": {"observe": 1.05, "temperature": 1.05, "steer": 1.05}}
@@ -206,7 +206,7 @@ def hot_step(model, heads, batch: int, calls: int) -> dict:
 
 
 def reference_step(heads):
-    """Issue 13's floor computation, ``h (batch, D) -> (drift (batch, d), temperature (batch,))``, as plain
+    """The reference (floor) computation, ``h (batch, D) -> (drift (batch, d), temperature (batch,))``, as plain
     functional torch.
 
     The projection, both MLPs (drift with its linear part, diffusion with softplus), the diffusion magnitude and
@@ -544,14 +544,15 @@ def main(argv=None):
         f"call; `hook us/step` the same per decoding step (whole batch; target <= {HOOK_TARGET_US:.0f} us at "
         "SmolLM2 batch 8); `step us` the step itself (`on_read`) per call in that call, and `step hot us` the same "
         f"called {cfg['hot_calls']} times back to back on one hidden state (nothing between calls evicts the "
-        "heads or torch's dispatcher from the cache). `ref step us` / `1-op us`: issue 13's reference computation / "
+        "heads or torch's dispatcher from the cache). `ref step us` / `1-op us`: the reference computation (one "
+        "projection, the drift and diffusion MLPs, softplus and the temperature law, in plain torch) / "
         "one elementwise op in a hook at the heads' layer inside plain `generate`, per call like `step us` (the "
-        "in-place floor); `ref hot us` the reference called back to back (the issue's ~80 us floor).\n\n"
+        "in-place floor); `ref hot us` the reference called back to back (the ~80 us floor).\n\n"
         + C.md_table(["model", "batch", "mode", "wall ratio (median)", "IQR", "CPU ratio (median)", "IQR",
                       "hook %", "hook us/step", "step us", "step hot us", "ref step us", "1-op us", "ref hot us",
                       "plain s (median)", "rounds",
                       "target met"], rows)
-        + "\n\n## The in-place floor, compiled\n\nIssue 13's reference step (`ref step us` above) built four ways, "
+        + "\n\n## The in-place floor, compiled\n\nThe reference step (`ref step us` above) built four ways, "
         "each timed in place (a hook at the heads' layer inside plain `generate`, as `ref step us`; median over "
         f"{cfg['floor_rounds']} interleaved round(s) of one call each) and hot ({cfg['hot_calls']} calls back to "
         "back). `torch.compile`: inductor, fullgraph; AOTInductor: `torch.export` + "

@@ -1,6 +1,6 @@
 """Detection: does a response's path likelihood under the SDE say something about its human quality ratings?
 
-Issue 14, "Detection". HelpSteer rows carry human ratings (helpfulness, correctness, coherence, complexity,
+The detection study. HelpSteer rows carry human ratings (helpfulness, correctness, coherence, complexity,
 verbosity, 0-4). Every row's response is scored by :func:`hf_sde.score_texts` (the library function, one
 forward per batch), read as chat in the context of its prompt exactly as the shipped heads' fit read it
 (template ``helpsteer-chat``, response path <= 256 tokens, full prompt context). Statistics per response:

@@ -8,8 +8,8 @@ prompts is then run on the test prompts, where all claims are made: methods are 
 diversity, on judge NLL (quality) and MAUVE. (MAUVE first chose the settings, but with a few dozen responses
 per setting it saturated at 0.99-1.00 for every setting and could not rank them.) Methods (ancestral
 sampling, ``top_k=0``): fixed temperature, top-p, min-p, typical-p, eta sampling, EDT (entropy-based dynamic
-temperature), SDE temperature control ``tau = clip(tau0 * exp(-beta z), 0.3, 1.5)``, and the three designs of
-issue 14 (``_designs.py``): a learned per-token temperature (input ablations: entropy, SDE statistics, both;
+temperature), SDE temperature control ``tau = clip(tau0 * exp(-beta z), 0.3, 1.5)``, and the three SDE
+decoding designs (``_designs.py``): a learned per-token temperature (input ablations: entropy, SDE statistics, both;
 heads from ``eval_temperature_head.py``), surprise-triggered cooling, and SDE-gated min-p. Each SDE method is
 compared with the best baseline (lowest test judge NLL) paired over test prompts, and the chosen settings of
 temperature, min-p, SDE temperature and surprise cooling are rerun on long generations (where small models
@@ -102,7 +102,7 @@ SDE_METHODS = ("sde_temperature", *DESIGNS)
 
 
 def design_kwargs(heads, method, value, temp_heads):
-    """``generate`` kwargs of one issue-14 design (``_designs.py``): an observing SDEControl whose step callback
+    """``generate`` kwargs of one decoding design (``_designs.py``): an observing SDEControl whose step callback
     feeds the design's logits processor."""
     import _designs as D
     from transformers import LogitsProcessorList

@@ -1,4 +1,5 @@
-"""Design 1 of issue 14: a learned per-token temperature on the SDE state, as a calibration of SmolLM2.
+"""Design 1 of the decoding study: a learned per-token temperature on the SDE state, as a calibration of
+SmolLM2.
 
 Teacher-forced on human HelpSteer responses (chat template, read as the fit read them), a small network maps
 the step's features to ``tau`` and is fitted by maximizing the likelihood of the human tokens under

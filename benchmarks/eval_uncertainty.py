@@ -9,7 +9,7 @@ is right or wrong (label 1 = wrong). Predictors known at position k:
 * ``entropy``: entropy of the model's next-token distribution at k (the obvious baseline);
 * ``position``: k itself, counted from the path start (a trivial baseline);
 * ``zscore | entropy, position``: the z-score residual after a least-squares fit on entropy and position;
-* combinations (issue 14): logistic regressions of the label on (entropy), (entropy, zscore) and
+* combinations: logistic regressions of the label on (entropy), (entropy, zscore) and
   (entropy, zscore, surprise, position), fitted on half of the sequences and scored on the other half
   (sequence-level split, seeded); the AUROC difference to entropy alone with a paired cluster bootstrap CI.
 

@@ -4,7 +4,7 @@
     python benchmarks/run_all.py --full     # larger settings                            -> benchmarks/results/full/
     python benchmarks/run_all.py --smoke    # seconds; what the test-suite runs          -> benchmarks/.cache/smoke-results/
     python benchmarks/run_all.py --only bench_overhead eval_control
-    python benchmarks/run_all.py --issue14  # what the SDE buys (SmolLM2 + judge): designs and detection study
+    python benchmarks/run_all.py --decoding # what the SDE buys (SmolLM2 + judge): designs and detection study
 
 Each script also runs alone (``python benchmarks/<name>.py [--smoke|--full]``). Results: one JSON (all
 numbers, settings, machine info: CPU, torch / transformers versions, threads, load) and one markdown table
@@ -30,10 +30,10 @@ import _common as C  # noqa: E402
 
 # Evaluations first: they fit (and cache) the stories260K heads the performance benchmarks reuse.
 SCRIPTS = ["eval_fit", "eval_uncertainty", "eval_control", "bench_extract", "bench_fit", "bench_fit_time",
-           "bench_trace", "bench_overhead", "bench_load"]
-# "What the SDE buys" (issue 14) on SmolLM2: the control designs and the detection study. Not in the default
-# run (they need the judge model and ~1 h on 2 cores): ``--issue14`` runs them, smallest defaults first.
-ISSUE14 = ["eval_temperature_head", "eval_detection", "eval_frontier"]
+           "bench_trace", "bench_overhead", "bench_call", "bench_load"]
+# "What the SDE buys" on SmolLM2: the temperature head, the detection study and the decoding designs. Not in
+# the default run (they need the judge model and ~1 h on 2 cores): ``--decoding`` runs them, smallest first.
+DECODING = ["eval_temperature_head", "eval_detection", "eval_frontier"]
 
 
 def main(argv=None) -> int:
@@ -44,15 +44,17 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--only", nargs="+", choices=SCRIPTS + ISSUE14, default=None)
-    p.add_argument("--skip", nargs="+", choices=SCRIPTS + ISSUE14, default=[])
-    p.add_argument("--issue14", action="store_true", help=f"run {', '.join(ISSUE14)} (SmolLM2, the judge)")
+    p.add_argument("--only", nargs="+", choices=SCRIPTS + DECODING, default=None)
+    p.add_argument("--skip", nargs="+", choices=SCRIPTS + DECODING, default=[])
+    p.add_argument("--decoding", action="store_true",
+                   help=f"run the decoding and detection studies instead of the default set: {', '.join(DECODING)} "
+                        "(SmolLM2 and the judge model; about an hour on 2 cores)")
     args = p.parse_args(argv)
     scale = C.scale_of(args)
     out = Path(args.out) if args.out else (C.CACHE / "smoke-results" if scale == "smoke" else
                                           C.RESULTS / "full" if scale == "full" else C.RESULTS)
     C.setup_env(args.threads)
-    names = [n for n in (args.only or (ISSUE14 if args.issue14 else SCRIPTS)) if n not in args.skip]
+    names = [n for n in (args.only or (DECODING if args.decoding else SCRIPTS)) if n not in args.skip]
     flags = (["--smoke"] if scale == "smoke" else ["--full"] if scale == "full" else []) + [
         "--threads", str(args.threads), "--out", str(out), "--seed", str(args.seed)]
     t_all = time.perf_counter()
@@ -72,7 +74,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/run_all.py" + {"smoke": " --smoke", "full": " --full"}.get(scale, "")
     # The summary collects every script's latest tables in this folder (also those not rerun this time).
     walls = {}
-    for name in SCRIPTS + ISSUE14:
+    for name in SCRIPTS + DECODING:
         with contextlib.suppress(OSError, ValueError, KeyError):
             walls[name] = json.loads((out / f"{name}.json").read_text())["wall_seconds"]
     parts = [f"# hf-sde benchmarks and evaluations ({scale})\n",
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
              f"Last invocation: `{' '.join(['python benchmarks/run_all.py', *(argv or sys.argv[1:])])}` "
              f"({total:.0f} s).\n", C.machine_md(info) + ".\n",
              "Load: " + C.load_note(info, C.machine_info()) + ".\n"]
-    for name in SCRIPTS + ISSUE14:
+    for name in SCRIPTS + DECODING:
         md = out / f"{name}.md"
         if md.is_file():
             text = md.read_text().split("\n", 1)[1] if md.read_text().startswith("# ") else md.read_text()

@@ -13,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 HUB = REPO.parent / "shared" / "hf-cache" / "hub"
 SCRIPTS = ["eval_fit", "eval_uncertainty", "eval_control", "bench_extract", "bench_fit", "bench_fit_time",
-           "bench_trace", "bench_overhead", "bench_load"]
+           "bench_trace", "bench_overhead", "bench_call", "bench_load"]
 
 
 @pytest.mark.skipif(not HUB.is_dir(), reason="needs ../shared/hf-cache (stories260K)")
