@@ -269,7 +269,7 @@ def cached_fit(name: str, key: dict, build: Callable[[], tuple]):
         return SDEHeads.from_pretrained(str(folder)), json.loads(summary_path.read_text())
     result, extra = build()
     folder.mkdir(parents=True, exist_ok=True)
-    result.heads.save_pretrained(str(folder))
+    result.heads.save_pretrained(str(folder), overwrite=True)  # an interrupted build left no summary
     summary = {"key": key, "summary": result.summary(), "heldout_parts": result.heldout_parts,
                "train_indices": result.train_indices, "heldout_indices": result.heldout_indices,
                "history": result.history, **(extra or {})}

@@ -30,6 +30,7 @@ def main(argv=None):
     p.add_argument("--limit", type=int, default=None, help="rows of --data (default: all)")
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--max-length", type=int, default=256, help="tokens of each response path")
+    p.add_argument("--overwrite", action="store_true", help="replace heads already saved in --out")
     p.add_argument("--push", default=None, metavar="REPO_ID")
     args = _helpers.parse(p, argv)
 
@@ -45,7 +46,7 @@ def main(argv=None):
     print(f"Layer {heads.config.layer} of {heads.config.num_layers}, {len(traj)} paths, "
           f"time origin {heads.config.time_origin}")
     print("Held-out transition NLL (nats/dim):", {k: round(v, 4) for k, v in result.heldout_nll.items()})
-    heads.save_pretrained(args.out)
+    heads.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"Saved to {args.out}: {sorted(os.listdir(args.out))}")
     if args.push:
         from huggingface_hub import get_token

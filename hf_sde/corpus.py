@@ -108,7 +108,7 @@ def _iter_txt(path: str, separator: str | None, chunk: int = 1 << 20) -> Iterato
         yield buf.strip()
 
 
-def _iter_jsonl(path: str) -> Iterator[dict]:
+def _iter_jsonl(path: str) -> Iterator[tuple[str, dict]]:
     try:
         with open(path, encoding="utf-8") as f:
             for number, line in enumerate(f, 1):
@@ -122,19 +122,21 @@ def _iter_jsonl(path: str) -> Iterator[dict]:
                 if not isinstance(row, dict):
                     raise ValueError(f"{path}, line {number}: a JSON {type(row).__name__}, not an object "
                                      "(each line of a .jsonl file must be one {\"column\": value} object).")
-                yield row
+                yield f"line {number}", row
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
 
 
-def _json_rows(path: str, value) -> list[dict]:
-    """The rows of a parsed .json file, in the shapes ``datasets`` reads: a list of objects (or of strings,
-    each a ``text``), an object of equal-length column lists, or a single object (one row)."""
+def _json_rows(path: str, value) -> list[tuple[str, dict]]:
+    """The rows of a parsed .json file (with where each is: ``row N``, 1-based), in the shapes ``datasets``
+    reads: a list of objects (or of strings, each a ``text``), an object of equal-length column lists, or a
+    single object (one row)."""
     if isinstance(value, dict):
         columns = list(value.values())
         if columns and all(isinstance(c, list) for c in columns) and len({len(c) for c in columns}) == 1:
-            return [dict(zip(value, row, strict=True)) for row in zip(*columns, strict=True)]
-        return [value]
+            return [(f"row {i}", dict(zip(value, row, strict=True)))
+                    for i, row in enumerate(zip(*columns, strict=True), 1)]
+        return [("row 1", value)]
     if not isinstance(value, list):
         raise ValueError(f"{path} holds a JSON {type(value).__name__}, not a list of rows: write "
                          "[{\"text\": ...}, ...] (or one object per line in a .jsonl file).")
@@ -145,11 +147,11 @@ def _json_rows(path: str, value) -> list[dict]:
         if not isinstance(row, dict):
             raise ValueError(f"{path}: item {i} of the list is a JSON {type(row).__name__}, not a row object "
                              "(or a string).")
-        rows.append(row)
+        rows.append((f"row {i + 1}", row))
     return rows
 
 
-def _iter_json(path: str) -> Iterator[dict]:
+def _iter_json(path: str) -> Iterator[tuple[str, dict]]:
     """A .json file: rows as :func:`_json_rows` reads them (or JSON lines, as ``datasets`` also accepts)."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -164,7 +166,7 @@ def _iter_json(path: str) -> Iterator[dict]:
     yield from _json_rows(path, rows)
 
 
-def _iter_csv(path: str) -> Iterator[dict]:
+def _iter_csv(path: str) -> Iterator[tuple[str, dict]]:
     try:
         with open(path, encoding="utf-8", newline="") as f:
             reader = csv.reader(f)
@@ -177,14 +179,14 @@ def _iter_csv(path: str) -> Iterator[dict]:
                 if len(row) != len(header):
                     raise ValueError(f"{path}, line {reader.line_num}: {len(row)} fields where the header has "
                                      f"{len(header)} ({header}); quote fields that contain commas.")
-                yield dict(zip(header, row, strict=True))
+                yield f"line {reader.line_num}", dict(zip(header, row, strict=True))
     except UnicodeDecodeError as e:
         raise _not_utf8(path, e) from None
     except csv.Error as e:
         raise ValueError(f"{path}: not a readable CSV file ({e}).") from None
 
 
-def _iter_parquet(path: str, batch_rows: int = 1024) -> Iterator[dict]:
+def _iter_parquet(path: str, batch_rows: int = 1024) -> Iterator[tuple[str, dict]]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -192,19 +194,23 @@ def _iter_parquet(path: str, batch_rows: int = 1024) -> Iterator[dict]:
         pf = pq.ParquetFile(path)
     except (pa.ArrowException, OSError) as e:
         raise ValueError(f"{path} is not a readable Parquet file ({e}).") from None
+    n = 0
     for batch in pf.iter_batches(batch_size=batch_rows):
-        yield from batch.to_pylist()
+        for row in batch.to_pylist():
+            n += 1
+            yield f"row {n}", row
 
 
 _ROW_READERS = {".jsonl": _iter_jsonl, ".json": _iter_json, ".csv": _iter_csv, ".parquet": _iter_parquet}
 
 
-def _iter_hub(name: str, split: str, streaming: bool) -> Iterator[dict]:
+def _iter_hub(name: str, split: str, streaming: bool) -> Iterator[tuple[str, dict]]:
     import datasets
 
     try:
         ds = datasets.load_dataset(name, split=split, streaming=streaming)
-        yield from ds
+        for i, row in enumerate(ds, 1):
+            yield f"row {i}", row
     except Exception as e:  # noqa: BLE001 - any loader failure is re-raised with the fix
         raise ValueError(f"Could not load corpus {name!r}: not a local file and not a loadable dataset "
                          f"({type(e).__name__}: {e}). Pass a path or a hub dataset id (offline: a cached one).") from e
@@ -224,22 +230,59 @@ def _corpus_files(data: str) -> list[str] | None:
 
 
 # ----- rows to documents --------------------------------------------------------------------------------
-def _row_to_document(row: dict, name: str, template: str | None, text_column: str | None):
-    """``(document, group)`` of one row, with errors that say which column is missing."""
+class _MissingFieldError(ValueError):
+    """A row lacks the column its template (or the text column) needs: ``field``; ``fix`` says what to do."""
+
+    def __init__(self, message: str, field: str, template: str | None, fix: str):
+        super().__init__(message)
+        self.field, self.template, self.fix = field, template, fix
+
+
+def _row_to_document(row: dict, name: str, template: str | None, text_column: str | None, where: str | None = None):
+    """``(document, group)`` of one row, with errors that say which column is missing (and, given ``where``,
+    which row: ``line N`` of a .jsonl/.csv file, ``row N`` otherwise)."""
+    at = f" ({where})" if where else ""
     if template is None:
         column = text_column or "text"
         if column not in row:
-            raise ValueError(f"Corpus {name!r} has no column {column!r} (columns: {sorted(row)}); pass "
-                             "text_column=... (--text-column) or template=... (--template).")
+            fix = "pass text_column=... (--text-column) or template=... (--template)."
+            raise _MissingFieldError(f"Corpus {name!r} has no column {column!r} (fields of the row{at}: {sorted(row)}); "
+                                    f"{fix}", column, None, fix)
         return str(row[column]) if row[column] is not None else "", None
     try:
         doc = TEMPLATES[template](row)
         return doc, (GROUP_KEYS[template](row) if template in GROUP_KEYS else None)
     except KeyError as e:
-        raise ValueError(f"Template {template!r} needs column {e.args[0]!r}, but {name!r} has "
-                         f"{sorted(row)}.") from None
+        fix = f"choose the template that matches the columns (one of {sorted(TEMPLATES)}) or rename them."
+        raise _MissingFieldError(f"Template {template!r} needs column {e.args[0]!r}, but {name!r} has {sorted(row)}"
+                                f"{at}; {fix}", e.args[0], template, fix) from None
     except (ValueError, AttributeError, TypeError) as e:  # e.g. a null prompt: say which row shape fails
-        raise ValueError(f"Template {template!r} cannot read a row of {name!r} ({e}); row: {str(row)[:200]}") from None
+        nulls = sorted(k for k, v in row.items() if v is None)
+        null = f"; null fields: {nulls}" if nulls else ""
+        raise ValueError(f"Template {template!r} cannot read a row of {name!r}{at} ({e}{null}); row: "
+                         f"{str(row)[:200]}") from None
+
+
+def _missing_field(e: _MissingFieldError, name: str, where: str, row: dict, seen: dict[str, str],
+                   rest: Iterator[tuple[str, dict]] | None) -> ValueError:
+    """The error for a row of a file that lacks a field: the row, the field, and whether the file has that
+    column elsewhere (an earlier row or, for local files, a later one: read on, on the error path only)."""
+    field = e.field
+    need = f"template {e.template!r} needs" if e.template else "the text column is"
+    elsewhere = seen.get(field)
+    if elsewhere is None and rest is not None:
+        try:
+            elsewhere = next((w for w, r in rest if isinstance(r, dict) and field in r), None)
+        except ValueError:  # a later line that does not parse: this row's error is the one to report
+            rest = None
+    if elsewhere is not None:
+        return ValueError(f"{name}, {where}: this row has no {field!r} field, which {need} (its fields: {sorted(row)}); "
+                          f"the file has the column elsewhere ({elsewhere} has it), so fix or drop {where}.")
+    nowhere = "no row of the file has it" if rest is not None else "the rows read so far lack it"
+    if e.template:
+        return ValueError(f"Template {e.template!r} needs column {field!r}, but {nowhere} ({name!r}, {where}: fields "
+                          f"{sorted(row)}); {e.fix}")
+    return ValueError(f"Corpus {name!r} has no column {field!r}: {nowhere} ({where}: fields {sorted(row)}); {e.fix}")
 
 
 def _is_blank(doc: Document) -> bool:
@@ -252,9 +295,9 @@ def _documents(data, template: str | None, text_column: str | None, split: str, 
                streaming: bool) -> Iterator[tuple[Document, str | None]]:
     """Every ``(document, group)`` of ``data``, blank ones included."""
     if not isinstance(data, str):
-        for item in data:
+        for i, item in enumerate(data, 1):
             if isinstance(item, dict):
-                yield _row_to_document(item, "<list>", template, text_column)
+                yield _row_to_document(item, "<list>", template, text_column, f"item {i}")
             else:
                 yield str(item), None
         return
@@ -265,14 +308,23 @@ def _documents(data, template: str | None, text_column: str | None, split: str, 
             for t in _iter_txt(path, separator):
                 yield t, None
             continue
-        if os.path.exists(path):
+        local = os.path.exists(path)
+        if local:
             if ext not in _ROW_READERS:
                 raise ValueError(f"Unsupported corpus file {path!r}: use one of {list(_READABLE)} or a hub id.")
             rows = _ROW_READERS[ext](path)
         else:
             rows = _iter_hub(path, split, streaming)
-        for row in rows:
-            yield _row_to_document(row, path, template, text_column)
+        seen: dict[str, str] = {}  # column -> the first row that has it (to tell a bad row from a missing column)
+        for where, row in rows:
+            try:
+                item = _row_to_document(row, path, template, text_column, where)
+            except _MissingFieldError as e:
+                raise _missing_field(e, path, where, row, seen, rows if local else None) from None
+            for key in row:
+                if key not in seen:
+                    seen[key] = where
+            yield item
 
 
 def iter_documents(

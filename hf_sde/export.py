@@ -13,7 +13,7 @@ _MODULES = ("heads.py", "layers.py", "version.py")
 # as ``control.py``, with the package's relative imports rewritten to match.
 _PACKAGE = "control"
 
-REQUIREMENTS = "transformers>=5.0\nhuggingface_hub>=1.0\nsafetensors>=0.4.3\n"
+REQUIREMENTS = "transformers>=5.17\nhuggingface_hub>=1.0\nsafetensors>=0.4.3\n"
 
 
 def _flat_imports(source: str) -> str:

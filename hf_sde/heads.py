@@ -12,6 +12,7 @@ import copy
 import json
 import math
 import os
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,15 @@ from .version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
+CARD_NAME = "README.md"
+#: What ``save_pretrained`` writes.
+HEADS_FILES = (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)
+#: What a fit writes beside the heads (``hf-sde fit``): stale once other heads are saved over them.
+FIT_FILES = ("fit_history.json", "trajectories.safetensors")
+#: Below this spread of ``log s_k`` over the training transitions (``config.log_diffusion_std``) the diffusion head
+#: is (nearly) constant: heads that kept the fit's OU start (constant diffusion) sit at the fit's floor, 1e-6, where
+#: every token gets the same z-score; a trained head is at 0.1-0.3 (the shipped heads: 0.17).
+MIN_LOG_DIFFUSION_STD = 1e-4
 
 
 @dataclass
@@ -62,6 +72,11 @@ class SDEHeadsConfig:
     @property
     def dt(self) -> float:
         return 1.0 / self.horizon
+
+
+def _is_partial(name: str) -> bool:
+    """``.NAME.partial``: the folder an atomic write (``hf_sde.commands._output``) fills before renaming it NAME."""
+    return name.startswith(".") and name.endswith(".partial") and len(name) > len("..partial")
 
 
 def _mlp(inp: int, width: int, depth: int, out: int) -> nn.Sequential:
@@ -251,7 +266,7 @@ class SDEHeads(
         (save_directory / CONFIG_NAME).write_text(json.dumps(asdict(self.config), indent=2, sort_keys=True))
         # A folder written atomically is first named ".NAME.partial": the card names the folder it ends up in.
         name = save_directory.name
-        if name.startswith(".") and name.endswith(".partial"):
+        if _is_partial(name):
             name = name[1: -len(".partial")]
         self.generate_model_card(repo_id=name).save(save_directory / "README.md")
 
@@ -259,9 +274,7 @@ class SDEHeads(
         cfg = self.config
         nll = cfg.heldout_nll or {}
         rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in nll.items()) or "| (not fitted) | |"
-        data = cfg.data or {}
-        desc = ", ".join(f"{k}: {len(v)} {k.split('_')[1]}s (hashed)" if k.endswith("_sha1") and isinstance(v, list)
-                         else f"{k}: {v}" for k, v in data.items()) or "Not recorded."
+        desc = data_description(cfg.data or {})
         kwargs.setdefault("repo_id", "user/heads")
         card_data = copy.deepcopy(self._hub_mixin_info.model_card_data)
         if cfg.base_model and "/" in cfg.base_model and not os.path.exists(cfg.base_model):
@@ -302,6 +315,7 @@ class SDEHeads(
         except (ValueError, TypeError) as e:
             raise ValueError(f"{cfg_path} is not a valid SDEHeads config: {e}") from e
         check_calibration(config, f"Refusing to load {model_id}: ")
+        check_diffusion_spread(config, f"Loading {model_id}: ", stacklevel=5)
         # Loading must not advance the global RNG (the random init is overwritten anyway), so that
         # seeding before generate(sde_control=...) gives the same tokens however the heads arrive.
         with torch.random.fork_rng(devices=[]):
@@ -323,11 +337,35 @@ class SDEHeads(
         heads.load_state_dict(state, strict=True)
         return heads.to(map_location).eval()
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
-        """``ModelHubMixin.save_pretrained``, refusing heads whose calibration or weights are not finite."""
+    def save_pretrained(self, save_directory, *, overwrite: bool = False, **kwargs):
+        """``ModelHubMixin.save_pretrained`` (same keywords: ``config``, ``push_to_hub``, ``repo_id``, ...), refusing
+        heads whose calibration or weights are not finite, and a folder that already holds heads.
+
+        ``overwrite=True`` replaces the heads in ``save_directory`` and removes the files of the earlier fit that
+        this save does not write (``fit_history.json``, ``trajectories.safetensors``), so nothing stale is left
+        beside the new heads (``hf-sde analyze`` would read it). Other files are kept. Without it, a folder holding
+        any file that a save or a fit writes raises ``FileExistsError``, as ``hf-sde fit --out`` refuses a non-empty
+        folder without ``--overwrite``. Heads with a (nearly) constant diffusion are saved with a ``UserWarning``
+        (see :func:`check_diffusion_spread`).
+        """
         check_calibration(self.config, f"Refusing to save to {save_directory}: ")
         check_finite_state(self.state_dict(), f"Refusing to save to {save_directory}: ")
-        return super().save_pretrained(save_directory, *args, **kwargs)
+        folder = Path(save_directory)
+        if folder.exists() and not folder.is_dir():
+            raise FileExistsError(f"Cannot save SDE heads to {folder}: it is a file, not a folder.")
+        existing = [name for name in HEADS_FILES + FIT_FILES if (folder / name).exists()]
+        if existing and not overwrite:
+            raise FileExistsError(
+                f"{folder} already holds saved heads or files of a fit ({', '.join(existing)}). Save to a new folder, "
+                "or pass overwrite=True to replace them (the earlier fit's fit_history.json and "
+                "trajectories.safetensors are removed with them).")
+        # A folder written atomically (hf-sde fit) is first named ".NAME.partial": name the folder it becomes.
+        shown = folder.with_name(folder.name[1:-len(".partial")]) if _is_partial(folder.name) else folder
+        check_diffusion_spread(self.config, f"Saving to {shown}: ", stacklevel=3)
+        if overwrite:
+            for name in FIT_FILES:
+                (folder / name).unlink(missing_ok=True)
+        return super().save_pretrained(save_directory, **kwargs)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> SDEHeads:
@@ -349,6 +387,28 @@ class SDEHeads(
                 raise
             raise FileNotFoundError(f"{path}: there is no local folder of that name, and the hub repo could not "
                                     f"be fetched ({type(e).__name__}: {str(e).splitlines()[0]})") from e
+
+
+#: The fields of ``config.data`` that say what the heads were fitted on, in the model card's first sentence.
+_DATA_HEADLINE = ("corpus", "template", "max_length")
+
+
+def data_description(data: dict) -> str:
+    """The model card's Data section from ``config.data``: the corpus, template and max length first (what
+    ``hf-sde fit`` records, and ``fit_heads(data_description=...)`` for API fits), then the other fields."""
+    known = {k: data[k] for k in _DATA_HEADLINE if data.get(k) is not None}
+    if known:
+        parts = [f"Corpus `{known['corpus']}`" if "corpus" in known else "Corpus not recorded"]
+        parts.append(f"template `{known['template']}`" if "template" in known else "no row template")
+        if "max_length" in known:
+            parts.append(f"paths of at most {known['max_length']} tokens")
+        headline = ", ".join(parts) + "."
+    else:
+        headline = ("Corpus, template and max length not recorded (`hf-sde fit` records them; from Python, pass "
+                    "`fit_heads(..., data_description={\"corpus\": ..., \"template\": ..., \"max_length\": ...})`).")
+    rest = ", ".join(f"{k}: {len(v)} {k.split('_')[1]}s (hashed)" if k.endswith("_sha1") and isinstance(v, list)
+                     else f"{k}: {v}" for k, v in data.items() if k not in _DATA_HEADLINE)
+    return headline + (f"\n\n{rest}" if rest else "")
 
 
 def looks_like_path(name: str) -> bool:
@@ -389,6 +449,27 @@ def check_calibration(config: SDEHeadsConfig, prefix: str = "") -> None:
     if bad:
         raise ValueError(f"{prefix}these SDE heads have a non-finite or non-positive calibration ({', '.join(bad)}): "
                          "the fit diverged or had too little data. Refit on more data.")
+
+
+def check_diffusion_spread(config: SDEHeadsConfig, prefix: str = "", stacklevel: int = 2) -> None:
+    """Warn (``UserWarning``) when the diffusion head is (nearly) constant on the training transitions.
+
+    ``config.log_diffusion_std`` (the spread of ``log s_k``) below ``MIN_LOG_DIFFUSION_STD`` means the diffusion
+    z-score has nothing to measure: at the fit's floor (1e-6) every token gets the same z, so temperature control
+    acts as a fixed temperature; just above it z magnifies rounding noise. It happens when early stopping kept
+    the fit's starting point (OU, whose diffusion is constant) or the data were too few. Non-finite or
+    non-positive values are errors (:func:`check_calibration`).
+    """
+    spread = float(config.log_diffusion_std)
+    if spread < MIN_LOG_DIFFUSION_STD:
+        warnings.warn(
+            f"{prefix}these SDE heads' diffusion is (nearly) constant: log_diffusion_std={spread:.3g}, the spread of "
+            f"log diffusion over the training transitions, is below {MIN_LOG_DIFFUSION_STD:g}. The diffusion z-score "
+            "then has nothing to measure (at the fit's floor of 1e-06 it is the same on every token), so SDE "
+            "temperature control acts as a fixed temperature. The fit most likely kept its OU starting point (early "
+            "stopping saw no improvement) or had too little data: refit on more data, or with more epochs / a "
+            "larger --patience (see fit_history.json).",
+            UserWarning, stacklevel=stacklevel)
 
 
 def check_finite_state(state: dict, prefix: str = "") -> None:

@@ -391,16 +391,21 @@ def build_report(
     """Run every analysis and write ``out_dir/index.html``, ``out_dir/metrics.json`` and the figures.
 
     Args:
-        model, tokenizer: the causal LM the heads were fitted on (checked with ``heads.check_compatible``).
+        model: the causal LM the heads were fitted on (checked with ``heads.check_compatible``).
+        tokenizer: its tokenizer.
         heads: fitted :class:`~hf_sde.heads.SDEHeads`.
         data: a corpus :func:`hf_sde.corpus.load_texts` reads (path, hub dataset id or list of strings).
-        template, text_column, limit: how rows become texts (as for ``hf-sde fit``).
+        template: how rows become texts (as for ``hf-sde fit``).
+        text_column: the column holding the text, where no template is given.
+        limit: the number of rows read.
         max_length: token truncation (default: what the heads record, else 256).
         history: ``fit_history.json`` (path or loaded dict, as ``hf-sde fit`` writes it), a ``FitResult``
             or ``None`` (then the loss-curve figure is replaced by a note).
-        heldout_fraction, seed: the split when the fit's own split cannot be recovered (module doc).
-        n_paths, max_starts, method: simulation: ``n_paths`` paths from each of up to ``max_starts``
-            held-out start states, for each held-out path's length; ``method`` as in :func:`simulate`.
+        heldout_fraction: the held-out share when the fit's own split cannot be recovered (module doc).
+        seed: that split's seed.
+        n_paths: simulated paths from each start state.
+        max_starts: held-out start states simulated from (for each held-out path's length).
+        method: the solver, as in :func:`simulate`.
         n_examples: held-out texts shown with per-token diffusion z-scores.
         max_samples: data points (held-out transitions) for Jacobians, attractor and Lyapunov checks.
 
@@ -848,14 +853,28 @@ def _fmt(x, digits=4) -> str:
     return html.escape(str(x))
 
 
+def _zscore_color(z: float) -> str:
+    """A token's background: red above 0 (noisier than usual), blue below (calmer), opaque from |z| = 3."""
+    a = min(abs(z) / 3.0, 1.0) * 0.85
+    return f"rgba(214,39,40,{a:.2f})" if z > 0 else f"rgba(31,119,180,{a:.2f})"
+
+
 def _zscore_html(ex: dict) -> str:
     spans = []
     for tok, z, s in zip(ex["tokens"], ex["zscore"], ex["diffusion"], strict=True):
-        a = min(abs(z) / 3.0, 1.0) * 0.85
-        color = f"rgba(214,39,40,{a:.2f})" if z > 0 else f"rgba(31,119,180,{a:.2f})"
         text = html.escape(tok).replace("\n", "&#8629;<br>")
-        spans.append(f'<span style="background:{color}" title="z={z:.2f}, s={s:.3g}">{text}</span>')
+        spans.append(f'<span style="background:{_zscore_color(z)}" title="z={z:.2f}, s={s:.3g}">{text}</span>')
     return "".join(spans)
+
+
+def _zscore_legend() -> str:
+    """The colour key of the per-token z-scores (the same colours as the tokens)."""
+    keys = "".join(f'<span class="key" style="background:{_zscore_color(z)}">&nbsp;z = {z:+d}&nbsp;</span> '
+                   for z in range(-3, 4))
+    return (f"<p class='legend'>Colour key: {keys}<br>Blue: the diffusion at that token is below its usual level "
+            "(a calm, predictable step), red: above it (a noisy step, where the model's path is least certain); "
+            "white: the usual level (z = 0). The colour saturates at |z| = 3. z is the diffusion magnitude's "
+            "log, standardized by its mean and spread over the training transitions; &#8629; marks a line break.</p>")
 
 
 CSS = """body{font-family:system-ui,sans-serif;max-width:1150px;margin:2em auto;padding:0 1em;color:#222}
@@ -863,7 +882,7 @@ table{border-collapse:collapse;margin:.5em 0 1.5em}td,th{border:1px solid #ccc;p
 th{background:#f3f3f3}figure{margin:1.5em 0}img{max-width:100%}figcaption{color:#444;font-size:.95em}
 .verdict{font-size:1.1em;padding:.6em;border-left:4px solid #888;background:#f7f7f7}
 .tokens{font-family:ui-monospace,monospace;white-space:pre-wrap;line-height:1.7;border:1px solid #ddd;padding:.6em}
-.tokens span{border-radius:2px}"""
+.tokens span{border-radius:2px}.legend span{font-family:ui-monospace,monospace;border-radius:2px}"""
 
 
 def _theory_rows(m: dict) -> str:
@@ -874,18 +893,24 @@ def _theory_rows(m: dict) -> str:
          f"{_fmt(lip['drift']['jacobian_max'])} / {_fmt(lip['drift']['jacobian_p95'])}",
          "finite on the data region: local Lipschitz condition holds there"),
         ("Lipschitz constant of sigma (max / p95)",
-         f"{_fmt(lip['diffusion']['jacobian_max'])} / {_fmt(lip['diffusion']['jacobian_p95'])}", ""),
+         f"{_fmt(lip['diffusion']['jacobian_max'])} / {_fmt(lip['diffusion']['jacobian_p95'])}",
+         "finite on the data region: the noise level changes smoothly there, as existence and uniqueness need; "
+         "a max far above the p95 means a few places where it changes sharply"),
         ("Largest difference quotient mu / sigma over random pairs",
          f"{_fmt(lip['drift']['pair_ratio_max'])} / {_fmt(lip['diffusion']['pair_ratio_max'])}",
          "a lower bound of the Lipschitz constant; should not exceed the Jacobian max by much"),
         ("Linear-growth constant max ||f|| / (1 + ||z||), mu / sigma",
-         f"{_fmt(lip['drift']['growth_max'])} / {_fmt(lip['diffusion']['growth_max'])}", "finite: growth condition on the data"),
+         f"{_fmt(lip['drift']['growth_max'])} / {_fmt(lip['diffusion']['growth_max'])}",
+         "finite: neither field grows faster than linearly on the data (the growth condition), so paths cannot "
+         "blow up in finite time there"),
         ("Attractor z*: residual drift / data RMS drift",
          f"{_fmt(att['residual_drift'])} / {_fmt(att['data_drift_norm'])}",
          "a small ratio means the drift field has a true zero"),
         ("z* distance from the data mean (data RMS radii)", _fmt(att["distance_from_data_mean"]),
          "below ~1: the attractor lies inside the data cloud"),
-        ("Linearized drift: largest real part of eig(A)", _fmt(att["linear_eig_real_max"]), "negative: linearly stable"),
+        ("Linearized drift: largest real part of eig(A)", _fmt(att["linear_eig_real_max"]),
+         "negative: near z* the drift pulls a displaced state back (linearly stable); positive: it pushes it away "
+         "along some direction"),
         (f"Share of data points with LV &lt; 0 outside the ball r = {ly['radius']:.3g}",
          _fmt(ly["share_negative_outside"]), "near 1: mean reversion dominates noise far from z*"),
         ("Share with LV &lt; 0 overall / critical radius", f"{_fmt(ly['share_negative_all'])} / {_fmt(ly['critical_radius'])}",
@@ -981,6 +1006,7 @@ floor.</p>
 <h2>Per-token diffusion z-score</h2>
 <p>Each token is coloured by the calibrated z-score of the diffusion at its state (red: noisier than usual,
 blue: calmer), which governs the step to the next token. Hover for values.</p>
+{_zscore_legend()}
 {ex_html}
 <p style="color:#777;font-size:.85em">hf-sde {html.escape(str(m['hf_sde_version']))}; all numbers in
 <a href="metrics.json">metrics.json</a>; built in {m['runtime_s']:.1f} s.</p>

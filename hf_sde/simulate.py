@@ -118,8 +118,9 @@ def simulate(
             ``t0 = k / T``).
         dt: step size in time units (default: the heads' ``dt = 1/T``, where Euler reproduces the fitted
             transition model exactly).
-        generator, seed: randomness (a ``torch.Generator`` wins over ``seed``; for torchsde methods the seed
-            is the Brownian interval's entropy, taken from the generator when only that is given).
+        generator: randomness; wins over ``seed``.
+        seed: randomness when no ``generator`` is given (for torchsde methods the seed is the Brownian
+            interval's entropy, taken from the generator when only that is given).
         horizon: ``T`` for bare baselines.
 
     Returns:

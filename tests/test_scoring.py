@@ -231,7 +231,8 @@ def test_cli_score_json(saved_heads, capsys, stories_model, fit, texts):
     assert row["ou_nll"] is None and row["sde_nll"] > 0
     assert main(["score", "--heads", str(saved_heads), "--model", STORIES_REPO, "--text", SHORT, "--text", "Hi there"]) == 0
     table = capsys.readouterr().out.splitlines()
-    assert "surprise" in table[0] and len(table) == 3 and " - " in table[1]
+    assert "surprise" in table[0] and len(table) == 4 and " - " in table[1]
+    assert table[3].startswith("Note: the OU NLL and SDE-OU columns are '-'")  # and why: no --ou-data
 
 
 def test_cli_score_errors_exit_2(saved_heads, capsys):

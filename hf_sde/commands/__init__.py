@@ -14,6 +14,7 @@ import importlib
 import logging
 import sys
 
+from ._args import HelpFormatter
 from ._smoke import SMOKE_ENV, apply_smoke
 
 #: sub-command name -> module under hf_sde.commands (each has HELP, add_arguments(p), run(args), maybe SMOKE)
@@ -39,19 +40,41 @@ def _module(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hf-sde", description=__doc__.split("\n\n")[0], epilog=EPILOG)
-    parser.add_argument("-v", "--verbose", action="store_true")
+    parser = argparse.ArgumentParser(prog="hf-sde", description=__doc__.split("\n\n")[0], epilog=EPILOG,
+                                     formatter_class=HelpFormatter)
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log what each step does (INFO messages; default: warnings only)")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
         mod = _module(name)
-        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, epilog=EPILOG)
+        p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, epilog=EPILOG, formatter_class=HelpFormatter)
         mod.add_arguments(p)
-        p.set_defaults(func=mod.run, smoke=getattr(mod, "SMOKE", {}))
+        p.set_defaults(func=mod.run, smoke=getattr(mod, "SMOKE", {}), _parser=p)
     return parser
+
+
+def _check(args) -> None:
+    """A command's checks that involve several arguments (``check_args``), as argparse errors (exit 2, before
+    any model loads)."""
+    check = getattr(_module(args.command), "check_args", None)
+    if check is not None:
+        try:
+            check(args)
+        except ValueError as e:
+            args._parser.error(str(e))
+
+
+def _interrupted(args) -> str:
+    """The one line printed on Ctrl-C: what was interrupted and what was (not) written."""
+    describe = getattr(_module(args.command), "interrupted", None)
+    if describe is not None:
+        return describe(args)
+    return f"hf-sde {args.command}: interrupted (Ctrl-C); nothing was written."
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _check(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     apply_smoke(args, args.smoke)
     try:
@@ -59,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:
         print(f"hf-sde {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(_interrupted(args), file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports a process stopped by Ctrl-C
 
 
 __all__ = ["COMMANDS", "SMOKE_ENV", "build_parser", "main"]

@@ -17,8 +17,11 @@ def add_model_args(p: argparse.ArgumentParser, *, from_heads: bool = False) -> N
     p.add_argument("--model", default=None,
                    help=f"hub id or local folder of a causal LM (default: {default}; known hub ids fill in "
                         "their pinned --gguf-file and --revision)")
-    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model (e.g. tinyllamas/stories260K.gguf)")
-    p.add_argument("--revision", default=None, help="hub revision (branch, tag or commit)")
+    p.add_argument("--gguf-file", default=None,
+                   help="GGUF file inside --model (e.g. tinyllamas/stories260K.gguf; default: the pinned file of a "
+                        "known model, else none: safetensors weights)")
+    p.add_argument("--revision", default=None,
+                   help="hub revision (branch, tag or commit; default: the pinned commit of a known model, else main)")
     p.add_argument("--device", default=None, help="torch device for the model (default: CPU)")
 
 

@@ -6,6 +6,7 @@ import json
 import os
 
 from . import _model
+from ._args import nonnegative_int, open_fraction, positive_int, template_choices, template_help
 from ._output import atomic_output_dir, check_output_dir
 
 HELP = "write the analysis report (HTML, metrics.json, figures) for fitted heads"
@@ -15,27 +16,34 @@ SMOKE = {"limit": 8, "n_paths": 2, "max_starts": 4, "max_samples": 300, "example
 def add_arguments(p) -> None:
     p.add_argument("--heads", required=True, help="folder or hub id of fitted SDE heads")
     _model.add_model_args(p, from_heads=True)
-    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="extraction batch size")
     p.add_argument("--data", required=True, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
-    p.add_argument("--template", default=None, help="row template, e.g. helpsteer or helpsteer-response")
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N documents")
-    p.add_argument("--max-length", type=int, default=None, help="token truncation (default: as the heads were fitted)")
+    p.add_argument("--template", default=None, choices=template_choices(), metavar="TEMPLATE",
+                   help=template_help(note="; use the template the heads were fitted with"))
+    p.add_argument("--text-column", default=None,
+                   help="column holding the text when there is no --template (default: text)")
+    p.add_argument("--limit", type=positive_int, default=None, help="use only the first N documents (default: all)")
+    p.add_argument("--max-length", type=positive_int, default=None,
+                   help="token truncation (default: as the heads were fitted)")
     p.add_argument("--history", default=None, help="fit_history.json (default: the one next to the heads)")
-    p.add_argument("--heldout-fraction", type=float, default=0.2,
+    p.add_argument("--heldout-fraction", type=open_fraction, default=0.2,
                    help="held-out share when the fit's own split cannot be recovered")
-    p.add_argument("--n-paths", type=int, default=4, help="simulated paths per held-out start")
-    p.add_argument("--max-starts", type=int, default=64, help="held-out start states to simulate from")
+    p.add_argument("--n-paths", type=positive_int, default=4, help="simulated paths per held-out start")
+    p.add_argument("--max-starts", type=positive_int, default=64, help="held-out start states to simulate from")
     p.add_argument("--method", default="euler", choices=["euler", "milstein", "srk"],
                    help="simulation scheme (milstein/srk need pip install hf-sde[sde])")
-    p.add_argument("--examples", type=int, default=3, help="held-out texts shown with per-token z-scores")
-    p.add_argument("--max-samples", type=int, default=4000, help="data points for the theory checks")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--examples", type=nonnegative_int, default=3, help="held-out texts shown with per-token z-scores")
+    p.add_argument("--max-samples", type=positive_int, default=4000, help="data points for the theory checks")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the split and the simulations")
     p.add_argument("--out", required=True,
                    help="output folder for index.html, metrics.json and the figures (new or empty, else --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.add_argument("--json", action="store_true", help="print a one-line JSON summary")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+
+
+def interrupted(args) -> str:
+    return f"hf-sde analyze: interrupted (Ctrl-C) before the report was finished; nothing was written to {args.out}."
 
 
 def _load_history(heads_path: str, explicit: str | None):

@@ -3,31 +3,80 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+from pathlib import Path
 
 from ..fitting import DEFAULT_BATCH_SIZE, MATMUL_PRECISIONS
+from ..loading import resolve_model_spec
 from ..trajectories import DEFAULT_MAX_LENGTH
 from . import _model
+from ._args import (
+    any_int,
+    nonnegative_int,
+    open_fraction,
+    positive_float,
+    positive_int,
+    template_choices,
+    template_help,
+)
 from ._output import atomic_output_dir, check_output_dir
 
 HELP = "extract hidden trajectories and fit SDE heads"
 SMOKE = {"limit": 8, "epochs": 2, "max_length": 64, "self_generate": 4, "max_new_tokens": 16}
 
+#: The shipped heads (``hf_sde/pretrained/*/config.json``), found by path: no import of ``hf_sde.pretrained``.
+PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
+#: Resamples of the paired bootstrap behind the fit's verdict, and its level.
+BOOTSTRAP_RESAMPLES, BOOTSTRAP_LEVEL = 2000, 0.95
+#: A held-out NLL gain below this (nats/dim) is a tie whatever the interval says: float rounding of a fit that
+#: kept its OU starting point is ~1e-7, and early stopping counts less than 1e-4 as no improvement.
+MIN_NLL_GAIN = 1e-4
+
+
+def shipped_layers() -> dict[str, int]:
+    """Base model id -> the decoder layer its shipped heads read (from their ``config.json``)."""
+    layers: dict[str, int] = {}
+    for cfg in sorted(PRETRAINED.glob("*/config.json")):
+        try:
+            c = json.loads(cfg.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(c.get("base_model"), str) and isinstance(c.get("layer"), int):
+            layers.setdefault(c["base_model"], c["layer"])
+    return layers
+
+
+def default_layer(model: str | None) -> int:
+    """``--layer`` when it is not given: the shipped heads' layer for their model, else -1 (the last layer)."""
+    return shipped_layers().get(resolve_model_spec(model).name_or_path, -1)
+
+
+def _layer_help() -> str:
+    known = "; ".join(f"{layer} for {name}, the layer its shipped heads read" for name, layer in shipped_layers().items())
+    return ("decoder layer whose hidden states are modelled, negative counting from the end (default: "
+            + (f"{known}; " if known else "") + "-1, the last layer, for other models)")
+
 
 def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
     """The corpus-reading and fitting hyperparameters that ``fit`` and ``fit-distributed`` share."""
-    p.add_argument("--template", default=None, help="row template, e.g. helpsteer or helpsteer-response")
-    p.add_argument("--text-column", default=None)
-    p.add_argument("--limit", type=int, default=None, help="use only the first N documents")
-    p.add_argument("--layer", type=int, default=-1, help="decoder layer (negative counts from the end)")
-    p.add_argument("--proj-dim", type=int, default=16, help="PCA dimensions (0: no projection)")
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH)
-    p.add_argument("--batch-size", type=int, default=8, help="extraction batch size")
-    p.add_argument("--epochs", type=int, default=60)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--fit-batch-size", type=int, default=DEFAULT_BATCH_SIZE,
+    p.add_argument("--template", default=None, choices=template_choices(), metavar="TEMPLATE", help=template_help())
+    p.add_argument("--text-column", default=None,
+                   help="column holding the text when there is no --template (default: text)")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="use only the first N documents (default: all)")
+    p.add_argument("--layer", type=any_int, default=None, help=_layer_help())
+    p.add_argument("--proj-dim", type=nonnegative_int, default=16,
+                   help="PCA dimensions the SDE runs in; 0: no projection, the SDE runs on every hidden dimension "
+                        "(slower, and needs at least 10 x (hidden size + 1) training transitions)")
+    p.add_argument("--max-length", type=positive_int, default=DEFAULT_MAX_LENGTH,
+                   help="tokens of each document's path (longer documents are truncated)")
+    p.add_argument("--batch-size", type=positive_int, default=8, help="extraction batch size (documents per forward)")
+    p.add_argument("--epochs", type=positive_int, default=60, help="training epochs at most (early stopping may end sooner)")
+    p.add_argument("--width", type=positive_int, default=128, help="hidden width of the drift and diffusion MLPs")
+    p.add_argument("--depth", type=positive_int, default=2, help="hidden layers of the drift and diffusion MLPs")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="AdamW learning rate")
+    p.add_argument("--fit-batch-size", type=positive_int, default=DEFAULT_BATCH_SIZE,
                    help=fit_batch_size_help or "training batch size (default: %(default)s)")
     p.add_argument("--compile", action="store_true",
                    help="torch.compile the training loss (same fit; ~10-20 s to compile, pays on long fits)")
@@ -40,18 +89,24 @@ def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
                         "optimizer and loss; float32 evaluation and calibration), as TrainingArguments(bf16=True). "
                         "Faster only at large batches (--fit-batch-size 4096) on CPUs with native bfloat16 (AMX / "
                         "AVX512-BF16); slower at the default batch, several times slower without native bfloat16")
-    p.add_argument("--patience", type=int, default=10)
-    p.add_argument("--heldout-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--patience", type=nonnegative_int, default=10,
+                   help="epochs without improvement of the early-stopping NLL before training stops")
+    p.add_argument("--heldout-fraction", type=open_fraction, default=0.2,
+                   help="share of the sequences (of the prompts, for chat data) held out to compare the fit with "
+                        "the baselines")
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="seed of the split, the initialisation and the batches")
 
 
 def add_arguments(p) -> None:
     _model.add_model_args(p)
-    p.add_argument("--data", help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
-    p.add_argument("--self-generate", type=int, default=0, metavar="N",
-                   help="use N of the model's own samples as the corpus (needs --prompts)")
-    p.add_argument("--prompts", default=None, help="file of prompts, one per line, for --self-generate")
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--data", help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id "
+                                  "(default: none; give it or --self-generate)")
+    p.add_argument("--self-generate", type=nonnegative_int, default=0, metavar="N",
+                   help="use N of the model's own samples as the corpus, with --prompts; 0 is off")
+    p.add_argument("--prompts", default=None,
+                   help="file of prompts, one per line, for --self-generate (default: none)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=128,
+                   help="tokens per sample of --self-generate")
     add_fit_arguments(p)
     p.add_argument("--early-stopping", choices=("auto", "sequences", "transitions"), default="auto",
                    help="watch held-back training sequences (auto: from 10 groups up) or a transition slice")
@@ -60,6 +115,17 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.add_argument("--json", action="store_true", help="print the fit summary as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def check_args(args) -> None:
+    """Fill in ``--layer`` (before the model loads: it depends on the model name only)."""
+    if args.layer is None:
+        args.layer = default_layer(args.model)
+
+
+def interrupted(args) -> str:
+    return (f"hf-sde fit: interrupted (Ctrl-C) before the heads were saved; nothing was written "
+            f"(--out {args.out} is as it was).")
 
 
 def _trajectories(args, model, tokenizer):
@@ -90,14 +156,107 @@ def _trajectories(args, model, tokenizer):
     return traj, desc
 
 
-def print_summary(summary: dict, first_line: str) -> None:
+def paired_bootstrap(diff_sums, counts, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL,
+                     seed: int = 0) -> tuple[float, float] | None:
+    """Percentile interval of the transition-weighted mean difference ``sum(diff) / sum(count)``, resampling
+    whole sequences (paired: both models' NLLs of a sequence move together); ``None`` below 2 sequences."""
+    import numpy as np
+
+    diff, n_tr = np.asarray(diff_sums, dtype=float), np.asarray(counts, dtype=float)
+    if len(diff) < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    boots = []
+    for start in range(0, resamples, 256):  # bounded memory: 256 resamples of all sequences at a time
+        idx = rng.integers(0, len(diff), size=(min(256, resamples - start), len(diff)))
+        boots.append(diff[idx].sum(1) / n_tr[idx].sum(1))
+    boots = np.concatenate(boots)
+    tail = (1 - level) / 2
+    return float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))
+
+
+def heldout_comparison(result, trajectories) -> dict:
+    """neural - OU and neural - Brownian held-out NLL (nats/dim) with paired bootstrap intervals over the
+    held-out sequences, and whether the neural SDE beats both (every interval below 0, every gain at least
+    ``MIN_NLL_GAIN``)."""
+    import torch
+
+    from ..fitting import make_transitions
+
+    heads = result.heads
+    predict = {"neural": heads, "ou": result.baselines["ou"].predict, "brownian": result.baselines["brownian"].predict}
+    sums = {k: [] for k in predict}
+    counts = []
+    with torch.no_grad():
+        for i in result.heldout_indices:
+            states = trajectories.states[i]
+            if states.shape[0] < 2:
+                continue
+            tr = make_transitions([heads.project(states.float())], heads.config.horizon)
+            for k, f in predict.items():
+                mean, std = f(tr.z, tr.t)
+                sums[k].append(float(heads.transition_nll(tr.dz, mean, std).mean(-1).double().sum()))
+            counts.append(len(tr))
+    total = sum(counts)
+    out = {"sequences": len(counts), "resamples": BOOTSTRAP_RESAMPLES, "level": BOOTSTRAP_LEVEL,
+           "min_gain": MIN_NLL_GAIN}
+    beats = True
+    for b in ("ou", "brownian"):
+        diff = [a - c for a, c in zip(sums["neural"], sums[b], strict=True)]
+        mean = sum(diff) / total if total else math.nan
+        interval = paired_bootstrap(diff, counts)
+        wins = interval is not None and interval[1] < 0 and mean <= -MIN_NLL_GAIN
+        beats = beats and wins
+        out[b] = {"difference": mean, "interval": list(interval) if interval else None, "neural_better": wins}
+    out["neural_beats_baselines"] = beats
+    return out
+
+
+def _interval(iv) -> str:
+    return "no interval" if iv is None else f"{BOOTSTRAP_LEVEL:.0%} interval [{iv[0]:+.4f}, {iv[1]:+.4f}]"
+
+
+def verdict_lines(cmp: dict) -> list[str]:
+    """The fit's verdict: "beats" only when every paired interval lies below 0 (by at least ``MIN_NLL_GAIN``)."""
+    names = {"ou": "OU", "brownian": "Brownian"}
+    n = cmp["sequences"]
+    lines = [f"  neural - {names[b]:<8s} {cmp[b]['difference']:+.4f}  {_interval(cmp[b]['interval'])}"
+             for b in ("ou", "brownian")]
+    lines.append(f"  (paired bootstrap over the {n} held-out sequence{'s' if n != 1 else ''}, "
+                 f"{cmp['resamples']} resamples)")
+    if n < 2:
+        lines.append(f"The neural SDE is not shown to beat the baselines: {n} held-out sequence gives no interval; "
+                     "hold out more (more data or a larger --heldout-fraction).")
+    elif cmp["neural_beats_baselines"]:
+        lines.append("The neural SDE beats both baselines (both intervals lie below 0).")
+    else:
+        lost = [names[b] for b in ("ou", "brownian") if not cmp[b]["neural_better"]]
+        why = []
+        for b in ("ou", "brownian"):
+            if cmp[b]["neural_better"]:
+                continue
+            iv, d = cmp[b]["interval"], cmp[b]["difference"]
+            if iv[0] <= 0 <= iv[1]:
+                why.append(f"the interval of neural - {names[b]} includes 0")
+            elif abs(d) < MIN_NLL_GAIN:
+                why.append(f"neural and {names[b]} differ by less than {MIN_NLL_GAIN:g} nats/dim (a tie)")
+            elif iv[0] > 0:
+                why.append(f"it is worse than {names[b]} (the interval lies above 0)")
+            else:
+                why.append(f"its gain over {names[b]} is not clear")
+        lines.append(f"The neural SDE is no better than {' or '.join(lost)}: {'; '.join(why)}.")
+    return lines
+
+
+def print_summary(summary: dict, first_line: str, comparison: dict | None = None) -> None:
     nll = summary["heldout_nll"]
     print(first_line)
     print("Held-out transition NLL (nats/dim, lower is better):")
     for k in ("neural", "ou", "brownian"):
         print(f"  {k:9s} {nll[k]:.4f}")
-    verdict = "beats" if summary["neural_beats_baselines"] else "does NOT beat"
-    print(f"The neural SDE {verdict} both baselines.")
+    if comparison is not None:
+        for line in verdict_lines(comparison):
+            print(line)
 
 
 def run(args) -> int:
@@ -107,6 +266,7 @@ def run(args) -> int:
 
     if not args.self_generate and not args.data:
         raise SystemExit("hf-sde fit needs --data PATH_OR_DATASET or --self-generate N --prompts FILE.")
+    check_args(args)  # main() already did; again for callers of run() with parsed arguments
     check_output_dir(args.out, args.overwrite)  # before the slow part
     model, tokenizer = _model.load_model_from_args(args)
     traj, data_desc = _trajectories(args, model, tokenizer)
@@ -121,6 +281,8 @@ def run(args) -> int:
         compile=args.compile, matmul_precision=args.matmul_precision, bf16=args.bf16,
     )
     summary = result.summary()
+    comparison = heldout_comparison(result, traj)
+    summary["heldout_comparison"] = comparison
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         result.heads.save_pretrained(tmp)
         with open(tmp / "fit_history.json", "w") as f:
@@ -133,5 +295,5 @@ def run(args) -> int:
     else:
         print_summary(summary, f"Fitted SDE heads on {len(traj)} sequences ({traj.num_transitions} transitions), "
                                f"layer {result.heads.config.layer}, proj dim {result.heads.config.proj_dim}; "
-                               f"saved to {args.out}")
+                               f"saved to {args.out}", comparison)
     return 0

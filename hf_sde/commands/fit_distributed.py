@@ -9,8 +9,9 @@ import json
 import os
 
 from . import _model
+from ._args import positive_int
 from ._output import check_output_dir, partial_dir, partial_path, publish
-from .fit import add_fit_arguments
+from .fit import add_fit_arguments, default_layer
 
 HELP = "sharded extraction + data-parallel fit (run under accelerate launch / torchrun)"
 SMOKE = {"limit": 8, "epochs": 2, "max_length": 64}
@@ -28,22 +29,35 @@ def _library():
 
 def add_arguments(p) -> None:
     _model.add_model_args(p)
-    p.add_argument("--device-map", default=None, help='e.g. "auto" (one process per node) to spread the model')
-    p.add_argument("--dtype", default=None, choices=DTYPES, help="model dtype (states are stored float32)")
+    p.add_argument("--device-map", default=None,
+                   help='e.g. "auto" (one process per node) to spread the model (default: one device per process)')
+    p.add_argument("--dtype", default=None, choices=DTYPES,
+                   help="model dtype (states are stored float32; default: as the model loads)")
     p.add_argument("--cpu", action="store_true", help="gloo on CPU even where CUDA is available")
-    p.add_argument("--data", help="corpus: file, folder/glob of files (a sharded corpus) or hub dataset id (streamed)")
+    p.add_argument("--data", help="corpus: file, folder/glob of files (a sharded corpus) or hub dataset id (streamed; "
+                                  "default: none, fit the --shards as they are)")
     p.add_argument("--shards", default=None,
                    help="trajectory shard folder: written by the extraction (default OUT/trajectories), or fitted "
-                        "directly when --data is not given")
-    p.add_argument("--shard-size", type=int, default=256, help="documents per trajectory shard")
+                        "directly when --data is not given (default: OUT/trajectories)")
+    p.add_argument("--shard-size", type=positive_int, default=256, help="documents per trajectory shard")
     p.add_argument("--mode", choices=("exact", "stream"), default="exact",
                    help="exact: equals the single-process fit; stream: one shard in memory at a time")
     add_fit_arguments(p, fit_batch_size_help="global batch size (all processes together; default: %(default)s)")
     p.add_argument("--out", required=True, help="output folder for the heads (written by rank 0; new or empty, "
                                                  "else --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
-    p.add_argument("--json", action="store_true")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the fit summary as one JSON object")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+
+
+def check_args(args) -> None:
+    if args.layer is None:
+        args.layer = default_layer(args.model)
+
+
+def interrupted(args) -> str:
+    return (f"hf-sde fit-distributed: interrupted (Ctrl-C); --out {args.out} was not written (the unfinished "
+            f"work in {partial_path(args.out)} is cleared by the next run).")
 
 
 def _extract(args, env, shard_dir: str, clear_shards, extract_to_shards) -> tuple[dict, str | None]:
@@ -83,6 +97,7 @@ def run(args) -> int:
     DistEnv, clear_shards, extract_to_shards, fit_heads_distributed = _library()
     if not args.data and not args.shards:
         raise SystemExit("hf-sde fit-distributed needs --data (extract, then fit) or --shards DIR (fit only).")
+    check_args(args)  # main() already did; again for callers of run() with parsed arguments
     check_output_dir(args.out, args.overwrite)  # every rank, before any work
     with DistEnv.init(cpu=True if args.cpu else None) as env:  # destroys the group even on error
         return _run(args, env, clear_shards, extract_to_shards, fit_heads_distributed)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from . import _model
+from ._args import finite_float, nonnegative_int, positive_float, positive_int, probability
 from ._output import print_json
 
 HELP = "generate with SDE control and print per-token statistics"
@@ -18,25 +19,39 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", default=None,
                    help="heads folder or hub repo id (default: the heads shipped with hf-sde, "
                         "hf_sde.pretrained.DEFAULT_HEADS)")
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", required=True, help="the prompt to continue (the user turn with --chat)")
     p.add_argument("--chat", action=argparse.BooleanOptionalAction, default=None,
                    help="format the prompt with the tokenizer's chat template (default: on when the tokenizer "
                         "has one and the heads model response paths, time_origin 'prompt_end')")
-    p.add_argument("--mode", choices=MODES, default="temperature")
-    p.add_argument("--beta", type=float, default=1.0)
-    p.add_argument("--temperature", type=float, default=1.0, help="base temperature tau_0")
-    p.add_argument("--min-temperature", type=float, default=0.3)
-    p.add_argument("--max-temperature", type=float, default=1.5)
-    p.add_argument("--alpha", type=float, default=0.0, help="steering strength")
-    p.add_argument("--direction", choices=("drift", "attractor"), default="drift")
-    p.add_argument("--gate", choices=("always", "threshold", "sigmoid"), default="always")
-    p.add_argument("--gate-threshold", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--mode", choices=MODES, default="temperature",
+                   help="what the heads control: the sampling temperature, steering of the hidden state, both, or "
+                        "nothing (observe: plain sampling with the per-token statistics)")
+    p.add_argument("--beta", type=finite_float, default=1.0,
+                   help="temperature sensitivity: tau = clip(tau_0 exp(-beta z), min, max) of the diffusion z-score; "
+                        "0 is plain sampling")
+    p.add_argument("--temperature", type=positive_float, default=1.0, help="base temperature tau_0 (> 0)")
+    p.add_argument("--min-temperature", type=positive_float, default=0.3, help="lowest temperature the law may set")
+    p.add_argument("--max-temperature", type=positive_float, default=1.5, help="highest temperature the law may set")
+    p.add_argument("--alpha", type=finite_float, default=0.0, help="steering strength (modes steer, temperature+steer)")
+    p.add_argument("--direction", choices=("drift", "attractor"), default="drift",
+                   help="steer along the drift or towards the attractor")
+    p.add_argument("--gate", choices=("always", "threshold", "sigmoid"), default="always",
+                   help="when to steer: always, where z > --gate-threshold, or smoothly around it")
+    p.add_argument("--gate-threshold", type=finite_float, default=1.0, help="diffusion z-score of the steering gate")
+    p.add_argument("--top-p", type=probability, default=None,
+                   help="nucleus sampling: keep the smallest set of tokens with this probability, in (0, 1] "
+                        "(default: off, every token)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=48, help="tokens to generate at most")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=nonnegative_int, default=0, help="sampling seed (the same for --compare)")
     p.add_argument("--compare", action="store_true", help="also run plain generation with the same seed")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of the tables")
+
+
+def check_args(args) -> None:
+    if args.min_temperature > args.max_temperature:
+        raise ValueError(f"--min-temperature {args.min_temperature:g} is above --max-temperature "
+                         f"{args.max_temperature:g}; give min <= max.")
 
 
 def default_heads() -> str:

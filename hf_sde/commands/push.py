@@ -8,11 +8,17 @@ HELP = "upload a saved heads folder to the Hub"
 
 
 def add_arguments(p) -> None:
-    p.add_argument("folder")
-    p.add_argument("repo_id")
-    p.add_argument("--token", default=None)
-    p.add_argument("--private", action="store_true")
-    p.add_argument("--message", default="Upload SDE heads with hf-sde")
+    p.add_argument("folder", help="a saved heads folder (what hf-sde fit --out wrote)")
+    p.add_argument("repo_id", help="the Hub model repo to upload to, e.g. user/my-heads (created if missing)")
+    p.add_argument("--token", default=None,
+                   help="Hugging Face token (default: HF_TOKEN or the one `hf auth login` stored)")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--message", default="Upload SDE heads with hf-sde", help="commit message")
+
+
+def interrupted(args) -> str:
+    return (f"hf-sde push: interrupted (Ctrl-C); {args.repo_id} holds either its earlier files or this whole upload "
+            "(the Hub commits all files at once): run the same command again to be sure.")
 
 
 def run(args) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from . import _model
+from ._args import open_fraction, positive_int, template_choices, template_help
 from ._output import print_json
 from .generate import default_heads
 
@@ -23,27 +24,33 @@ def add_arguments(p) -> None:
                    help="heads folder or hub repo id (default: the heads shipped with hf-sde)")
     _model.add_model_args(p, from_heads=True)
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--data", default=None, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
-    src.add_argument("--text", action="append", default=None, help="a text to score (repeat for several)")
+    src.add_argument("--data", default=None, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id "
+                                                  "(this or --text is required)")
+    src.add_argument("--text", action="append", default=None,
+                     help="a text to score (repeat for several; this or --data is required)")
     p.add_argument("--prompt", action="append", default=None,
                    help="with --text: the prompt each text answers (repeat, one per --text); the text is then read "
-                        "as the response in the tokenizer's chat template, as response heads were fitted")
-    p.add_argument("--template", default=None,
-                   help="row template for --data, e.g. helpsteer-chat (the response in the context of its prompt, "
-                        "as the shipped heads were fitted), helpsteer-response or chat")
+                        "as the response in the tokenizer's chat template, as response heads were fitted "
+                        "(default: none, each text is read on its own)")
+    p.add_argument("--template", default=None, choices=template_choices(), metavar="TEMPLATE",
+                   help=template_help("row template for --data",
+                                      "; the shipped heads were fitted with helpsteer-chat"))
     p.add_argument("--text-column", default=None, help="text column of --data (default: text)")
-    p.add_argument("--limit", type=int, default=None, help="score only the first N documents")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="score only the first N documents (default: all)")
+    p.add_argument("--max-length", type=positive_int, default=None,
                    help="tokens of each text's path scored (default: as the heads were fitted)")
-    p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--tube", type=float, default=DEFAULT_TUBE,
+    p.add_argument("--batch-size", type=positive_int, default=4, help="texts per forward")
+    p.add_argument("--tube", type=open_fraction, default=DEFAULT_TUBE,
                    help="probability inside the tube: a step is outside when its standardized increment lies "
                         "outside this central ellipsoid of the fitted transition (default %(default)s)")
     p.add_argument("--ou-data", default=None,
                    help="reference corpus to fit the OU baseline on (e.g. the heads' training data), for the OU "
-                        "NLL columns; without it they are empty (the heads do not store an OU fit)")
-    p.add_argument("--ou-template", default=None, help="row template for --ou-data (default: --template)")
-    p.add_argument("--ou-limit", type=int, default=None, help="use only the first N documents of --ou-data")
+                        "NLL columns (default: none, and those columns print '-': the heads do not store an OU fit)")
+    p.add_argument("--ou-template", default=None, choices=template_choices(), metavar="TEMPLATE",
+                   help="row template for --ou-data (default: --template)")
+    p.add_argument("--ou-limit", type=positive_int, default=None,
+                   help="use only the first N documents of --ou-data (default: all)")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -81,6 +88,11 @@ def format_table(scores, texts) -> str:
     return "\n".join(lines)
 
 
+#: Printed under the table when the OU columns are empty.
+OU_NOTE = ("Note: the OU NLL and SDE-OU columns are '-' because the heads store no OU fit; pass --ou-data FILE "
+           "(e.g. the heads' training corpus, with --ou-template) to fit one and fill them.")
+
+
 def run(args) -> int:
     from ..heads import SDEHeads
     from ..scoring import fit_ou_baseline, score_texts
@@ -104,4 +116,6 @@ def run(args) -> int:
                     "ou_data": args.ou_data, "scores": [s.as_dict() for s in scores]})
         return 0
     print(format_table(scores, texts))
+    if ou is None:
+        print(OU_NOTE)
     return 0

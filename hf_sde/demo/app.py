@@ -96,6 +96,18 @@ def _stream(gr, demo, backend, model_choice, values, request):
         stream.close()  # cancels both runs when the client left early
 
 
+def _takes_request(gr, fn):
+    """Mark ``fn``'s ``request`` parameter as Gradio's ``gr.Request``, so that Gradio fills it in.
+
+    Gradio finds that parameter with ``typing.get_type_hints``; this module's annotations are strings (``from
+    __future__ import annotations``) naming the local ``gr``, which it cannot resolve, so it took ``request`` for
+    one more input ("Expected 11 arguments for function on_generate, received 10" at start, "Unexpected
+    argument. Filling with None." on every call) and the handler never saw the request.
+    """
+    fn.__annotations__["request"] = gr.Request
+    return fn
+
+
 def _chain(first, rest):
     """``first`` then the rest of ``rest`` (the first item was taken to surface input errors early)."""
     yield first
@@ -124,10 +136,11 @@ def _controls(gr):
 
 
 def _outputs(gr, initial: str):
-    summary = gr.Markdown("Press **Generate**.", elem_id="sde-summary")
+    # Labels name the outputs in the API docs (gradio_client's view_api), where unlabelled ones read "value_NN".
+    summary = gr.Markdown("Press **Generate**.", label="summary", show_label=False, elem_id="sde-summary")
     with gr.Row(equal_height=True):
-        plain_out = gr.HTML(label="plain", elem_id="sde-plain")
-        controlled_out = gr.HTML(label="controlled", elem_id="sde-controlled")
+        plain_out = gr.HTML(label="plain sample", elem_id="sde-plain")
+        controlled_out = gr.HTML(label="SDE-controlled sample", elem_id="sde-controlled")
     gr.HTML(LEGEND_HTML)
     with gr.Row():
         trace_plot = gr.Plot(label="Per-step SDE statistics", show_label=False, format="png", elem_id="sde-trace-plot")
@@ -159,7 +172,7 @@ def build_demo(backend: DemoBackend | None = None, *, allow_model_choice: bool =
                     if allow_model_choice:
                         choice = _lenient(gr.Dropdown)(backend.choices, value=backend.spec.name_or_path,
                                                        label="model (allowlisted hub ids)", elem_id="sde-model")
-                    info = gr.Markdown(initial, elem_id="sde-info")
+                    info = gr.Markdown(initial, label="model and heads", show_label=False, elem_id="sde-info")
             with gr.Column(scale=2):
                 plain_out, controlled_out, trace_plot, phase_plot, summary = _outputs(gr, initial)
         outputs = [plain_out, controlled_out, trace_plot, phase_plot, summary, info]
@@ -177,7 +190,11 @@ def build_demo(backend: DemoBackend | None = None, *, allow_model_choice: bool =
                           seed, max_new_tokens)
                 yield from _stream(gr, demo, backend, None, values, request)
             inputs = controls
-        button.click(on_generate, inputs, outputs, concurrency_limit=concurrency_limit, api_name="generate")
+        _takes_request(gr, on_generate)
+        button.click(on_generate, inputs, outputs, concurrency_limit=concurrency_limit, api_name="generate",
+                     api_description="Sample the prompt plainly and under SDE control with the same seed; returns "
+                                     "both texts (HTML), the per-step trace and phase-plane figures, a summary and "
+                                     "the model / heads description.")
         controls[0].submit(on_generate, inputs, outputs, concurrency_limit=concurrency_limit, api_name=False)
     demo.queue(default_concurrency_limit=concurrency_limit, max_size=max_queue)
     demo.hf_sde_backend = backend
@@ -201,24 +218,41 @@ def launch(demo, **kwargs):
     return demo.launch(**kwargs)
 
 
+def _positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1 (the demo does not import ``hf_sde.commands``, which has its own)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (1 or more), got {text!r}")
+    return value
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The ``hf-sde demo`` options (``hf_sde.commands`` only wires them)."""
     p.add_argument("--model", default=DEFAULT_MODEL.name_or_path,
                    help=f"hub id or local folder of the served causal LM (default {DEFAULT_MODEL.name_or_path}; "
                         f"known ids: {', '.join(KNOWN_MODELS)})")
-    p.add_argument("--gguf-file", default=None, help="GGUF file inside --model (known ids fill it in)")
-    p.add_argument("--revision", default=None, help="hub revision (known ids are pinned)")
+    p.add_argument("--gguf-file", default=None,
+                   help="GGUF file inside --model (default: the pinned file of a known id, else none)")
+    p.add_argument("--revision", default=None,
+                   help="hub revision (default: the pinned commit of a known id, else main)")
     p.add_argument("--device", default=None, help="torch device for the model (default: CPU)")
     p.add_argument("--heads", default=None, help="heads folder or hub id (default: the shipped heads for the default "
                                                  "model, else demo heads fitted once and cached)")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0 for all interfaces)")
-    p.add_argument("--port", type=int, default=None, help="port (default: Gradio's, 7860 or the next free one)")
+    p.add_argument("--port", type=_positive_int, default=None,
+                   help="port (default: Gradio's, 7860 or the next free one)")
     p.add_argument("--cache-dir", default=None, help="where demo heads are cached (default: $HF_SDE_CACHE/demo-heads "
                                                     "or ~/.cache/hf-sde/demo-heads)")
-    p.add_argument("--fit-epochs", type=int, default=None, help=f"epochs for demo heads (default {DEMO_FIT['epochs']})")
-    p.add_argument("--concurrency", type=int, default=16, help="requests in flight at once (their rows are batched)")
-    p.add_argument("--max-batch", type=int, default=16, help="rows per batched generate call (a request is 2 rows)")
-    p.add_argument("--max-queue", type=int, default=32, help="requests allowed to wait")
+    p.add_argument("--fit-epochs", type=_positive_int, default=None,
+                   help=f"epochs for demo heads (default {DEMO_FIT['epochs']})")
+    p.add_argument("--concurrency", type=_positive_int, default=16,
+                   help="requests in flight at once (their rows are batched)")
+    p.add_argument("--max-batch", type=_positive_int, default=16,
+                   help="rows per batched generate call (a request is 2 rows)")
+    p.add_argument("--max-queue", type=_positive_int, default=32, help="requests allowed to wait")
     p.add_argument("--allow-model-choice", action="store_true",
                    help="local runs only: offer a model dropdown (the served model and --allowed-model ids)")
     p.add_argument("--allowed-model", action="append", default=None, metavar="HUB_ID",
