@@ -1,8 +1,10 @@
-"""The README is executed, not just read: every ```bash block runs verbatim in a fresh shell.
+"""The README and the documentation pages are executed, not just read: every ```bash block runs verbatim in a
+fresh shell, every ```python block as a script.
 
-Conventions (generic, so that the README can be rewritten freely):
+Conventions (generic, so that the README and the docs can be rewritten freely):
 
-* Every fenced block whose info string is ``bash`` (or ``sh`` / ``shell``) is a command block. Blocks under a
+* Every fenced block whose info string is ``bash`` (or ``sh`` / ``shell``) is a command block, and every one whose
+  info string is ``python`` (or ``py``) a Python block, run as a script by the environment's ``python``. Blocks under a
   heading containing "Set up" / "Setup" are the set-up commands and are not run (the checkout under test is
   already set up); neither is a block directly preceded by an HTML comment ``<!-- readme-test: skip (why) -->``
   (servers that run until stopped, uploads that need the network, the test suite itself).
@@ -10,9 +12,9 @@ Conventions (generic, so that the README can be rewritten freely):
   (only blank lines between) is its expected output, compared loosely: numbers are masked, lines containing
   ``...`` and blank lines are ignored, and every other shown line must appear in what the block printed
   (stdout and stderr together, in any order, whitespace collapsed).
-* Blocks run in order, each with ``bash -e -o pipefail -c BLOCK`` in one scratch copy of the checkout (its
-  tracked files, with ``../shared`` beside it), so later blocks see what earlier ones wrote and the checkout
-  stays clean. The environment is fresh (``env -i``): only ``PATH``, ``HOME`` and ``LANG`` come from the test
+* Blocks run in order, each with ``bash -e -o pipefail -c BLOCK`` (or ``python BLOCK``) in one scratch copy of
+  the checkout per page (its tracked files, with ``../shared`` beside it), so later blocks of a page see what
+  earlier ones wrote and the checkout stays clean. The environment is fresh (``env -i``): only ``PATH``, ``HOME`` and ``LANG`` come from the test
   process, plus ``HF_SDE_SMOKE=1`` (hf-sde commands cap their work; see ``hf-sde --help``) and ``PYTHONPATH``
   set to the scratch copy (the code under test). The shell starts the way the set-up leaves a user's shell:
   the virtual environment is activated (``.venv/bin/activate`` of the checkout, else of the running Python),
@@ -33,6 +35,8 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 COMMAND_LANGS = {"bash", "sh", "shell"}
+PYTHON_LANGS = {"python", "py"}
+DOCS = sorted((REPO / "docs").glob("*.md"))
 OUTPUT_LANGS = {"", "text", "console", "output"}
 SKIP_MARK = re.compile(r"<!--\s*readme-test:\s*skip\b.*?-->", re.S)
 SETUP_HEADING = re.compile(r"set[\s-]?up", re.I)
@@ -46,6 +50,7 @@ class Block:
     code: str
     skip: str | None = None  # why it is not run
     expected: str | None = None
+    lang: str = "bash"  # "bash" or "python"
 
 
 def parse_readme(text: str) -> list[Block]:
@@ -71,9 +76,9 @@ def parse_readme(text: str) -> list[Block]:
         while j < len(lines) and not lines[j].strip().startswith(marker):
             j += 1
         body = "\n".join(lines[i + 1:j])
-        if lang in COMMAND_LANGS:
+        if lang in COMMAND_LANGS or lang in PYTHON_LANGS:
             skip = "set-up block" if SETUP_HEADING.search(heading) else pending_skip
-            blocks.append(Block(heading, i + 1, body, skip))
+            blocks.append(Block(heading, i + 1, body, skip, lang="python" if lang in PYTHON_LANGS else "bash"))
             last_block_end = len(blocks)
         elif lang in OUTPUT_LANGS and last_block_end == len(blocks) and blocks and blocks[-1].expected is None:
             blocks[-1].expected = body
@@ -135,8 +140,11 @@ def run_block(block: Block, root: Path) -> subprocess.CompletedProcess:
     env.update(HF_SDE_SMOKE="1", PYTHONPATH=str(root))
     activate = _activate_script(root)
     prelude = f". {str(activate)!r}\n" if activate else ""
+    code, args = block.code, []
+    if block.lang == "python":  # the script as an argument: the shell's python is the activated environment's
+        code, args = 'python -c "$0"', [block.code]
     return subprocess.run(["env", "-i", *(f"{k}={v}" for k, v in env.items()), "bash", "-e", "-o", "pipefail",
-                           "-c", prelude + block.code], cwd=root, capture_output=True, text=True)
+                           "-c", prelude + code, *args], cwd=root, capture_output=True, text=True)
 
 
 # ----- the harness itself (fast) -------------------------------------------------------------------------
@@ -166,17 +174,23 @@ python spaces/app.py
 ```
 
 ```python
-print("not a shell block")
+print("a Python block")
 ```
 ```
-not an expected output of anything
+a Python block
+```
+
+```text
+not run
 ```
 """
 
 
 def test_parse_finds_command_blocks_skips_and_expected_output():
     blocks = parse_readme(SAMPLE)
-    assert [b.skip is None for b in blocks] == [False, True, False]
+    assert [b.skip is None for b in blocks] == [False, True, False, True]
+    assert [b.lang for b in blocks] == ["bash", "bash", "bash", "python"]
+    assert blocks[3].expected == "a Python block"
     assert blocks[0].skip == "set-up block"
     assert blocks[1].heading == "Use" and "echo" in blocks[1].code
     assert blocks[1].expected.splitlines() == ["Held-out NLL: neural 9.9, ou 0.1", "...", "step token"]
@@ -195,19 +209,37 @@ def test_blocks_run_in_a_fresh_environment(tmp_path, monkeypatch):
     assert "smoke=1 leak=none" in done.stdout and "unreachable" not in done.stdout and done.returncode != 0
 
 
-# ----- the README ----------------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_readme_command_blocks_run_verbatim(tmp_path):
-    blocks = [b for b in parse_readme((REPO / "README.md").read_text()) if b.skip is None]
-    assert blocks, "README.md has no command blocks to run"
+def test_python_blocks_run_as_scripts(tmp_path):
+    ok = run_block(Block("", 1, 'import os\nprint("smoke", os.environ["HF_SDE_SMOKE"], "$0")', lang="python"), tmp_path)
+    assert ok.returncode == 0 and "smoke 1 $0" in ok.stdout, ok.stderr
+    failed = run_block(Block("", 1, 'raise SystemExit("broken snippet")', lang="python"), tmp_path)
+    assert failed.returncode != 0 and "broken snippet" in failed.stderr
+
+
+# ----- the README and the docs ----------------------------------------------------------------------------
+def run_page(page: Path, tmp_path: Path) -> None:
+    """Every block of ``page`` that is not skipped, in order, in one scratch checkout; fail with each mismatch."""
+    blocks = [b for b in parse_readme(page.read_text()) if b.skip is None]
     root = scratch_checkout(tmp_path)
     failures = []
     for block in blocks:
         done = run_block(block, root)
         output = done.stdout + done.stderr
-        where = f"README.md line {block.line} ({block.heading}):\n{block.code}\n"
+        where = f"{page.relative_to(REPO)} line {block.line} ({block.heading}):\n{block.code}\n"
         if done.returncode != 0:
             failures.append(f"{where}exit {done.returncode}; output:\n{output[-3000:]}")
         elif block.expected is not None and (missing := missing_lines(block.expected, output)):
             failures.append(f"{where}printed nothing like:\n" + "\n".join(missing) + f"\noutput:\n{output[-3000:]}")
     assert not failures, "\n\n".join(failures)
+
+
+@pytest.mark.slow
+def test_readme_command_blocks_run_verbatim(tmp_path):
+    assert parse_readme((REPO / "README.md").read_text()), "README.md has no command blocks to run"
+    run_page(REPO / "README.md", tmp_path)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("page", DOCS, ids=[p.name for p in DOCS])
+def test_docs_blocks_run_verbatim(page, tmp_path):
+    run_page(page, tmp_path)
