@@ -1,5 +1,9 @@
 """Decoding baselines (logits processors) that SDE control is compared against.
 
+Besides transformers' own temperature, top-p, min-p, typical and eta warpers: entropy-based dynamic temperature
+(:class:`EntropyDynamicTemperatureLogitsProcessor`) and the truncation samplers top-nσ
+(:class:`TopNSigmaLogitsProcessor`) and p-less (:class:`PLessLogitsProcessor`).
+
 :class:`EntropyDynamicTemperatureLogitsProcessor` is entropy-based dynamic temperature (EDT; Zhang et al.,
 "EDT: Improving Large Language Models' Generation by Entropy-based Dynamic Temperature Sampling",
 arXiv:2403.14541): at every step the temperature is ``T = T0 * N ** (theta / H)`` with ``H`` the entropy of
@@ -86,3 +90,85 @@ class EntropyDynamicTemperatureLogitsProcessor(LogitsProcessor):
         if self.record:
             self.temperatures.append(tau)
         return scores / tau.to(scores.dtype).unsqueeze(-1)
+
+
+def _check_filter_value(filter_value: float) -> float:
+    if not isinstance(filter_value, (int, float)) or math.isnan(filter_value) or filter_value == math.inf:
+        raise ValueError(f"filter_value must be a finite number or -inf (the default), got {filter_value!r}")
+    return float(filter_value)
+
+
+class TopNSigmaLogitsProcessor(LogitsProcessor):
+    r"""Top-nσ truncation (Tang et al., "Top-nσ: Not All Logits Are You Need", arXiv:2411.07641): keep the tokens
+    whose logit is within ``n`` standard deviations of the row's largest, ``l >= max(l) - n * std(l)``.
+
+    The statistics are taken over the row's finite logits (tokens an earlier processor removed do not count). The
+    kept set does not change with the temperature (dividing the logits divides ``max - l`` and ``std`` alike), which
+    is the method's point: it stays stable where top-p and min-p admit ever more tokens as the temperature rises.
+
+    Args:
+        n: how many standard deviations below the maximum are kept (the paper's default 1.0); ``n > 0``.
+        filter_value: what removed tokens' logits become (``-inf``).
+
+    Example:
+        >>> from transformers import LogitsProcessorList
+        >>> from hf_sde.processors import TopNSigmaLogitsProcessor
+        >>> out = model.generate(**inputs, do_sample=True, top_k=0, temperature=1.5,
+        ...                      logits_processor=LogitsProcessorList([TopNSigmaLogitsProcessor(n=1.0)]))
+    """
+
+    def __init__(self, n: float = 1.0, filter_value: float = -float("inf")):
+        if not (isinstance(n, (int, float)) and n > 0 and math.isfinite(n)):
+            raise ValueError(f"n must be a positive finite number of standard deviations, got {n!r}")
+        self.n = float(n)
+        self.filter_value = _check_filter_value(filter_value)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        logits = scores.float()
+        finite = torch.isfinite(logits)
+        count = finite.sum(-1, keepdim=True).clamp_min(1)
+        values = torch.where(finite, logits, torch.zeros_like(logits))
+        mean = values.sum(-1, keepdim=True) / count
+        var = (torch.where(finite, logits - mean, torch.zeros_like(logits)) ** 2).sum(-1, keepdim=True) / count
+        top = torch.where(finite, logits, torch.full_like(logits, -float("inf"))).amax(-1, keepdim=True)
+        keep = logits >= top - self.n * var.sqrt()
+        return scores.masked_fill(~keep, self.filter_value)
+
+
+class PLessLogitsProcessor(LogitsProcessor):
+    r"""p-less truncation (Tan et al., "p-less Sampling: A Robust Hyperparameter-Free Approach for LLM Decoding",
+    arXiv:2509.23234): keep the tokens whose probability is at least ``sum_v p(v)^2``, the probability that two
+    draws from the step's distribution coincide. No hyperparameter: a peaked distribution keeps few tokens, a flat
+    one many.
+
+    The threshold is computed on the distribution that is sampled. transformers runs the processors passed in
+    ``logits_processor`` before its own temperature, so pass that temperature here too (``temperature=``, the
+    same value as ``generate``'s): the threshold is then computed on ``softmax(scores / temperature)`` while the
+    scores are left for ``generate`` to divide. (The paper's normalized variant is not implemented.)
+
+    Args:
+        temperature: the temperature ``generate`` applies after this processor (1.0 without one).
+        filter_value: what removed tokens' logits become (``-inf``).
+
+    Example:
+        >>> from transformers import LogitsProcessorList
+        >>> from hf_sde.processors import PLessLogitsProcessor
+        >>> out = model.generate(**inputs, do_sample=True, top_k=0, temperature=1.3,
+        ...                      logits_processor=LogitsProcessorList([PLessLogitsProcessor(temperature=1.3)]))
+    """
+
+    def __init__(self, temperature: float = 1.0, filter_value: float = -float("inf")):
+        if not (isinstance(temperature, (int, float)) and temperature > 0 and math.isfinite(temperature)):
+            raise ValueError(f"temperature must be a positive finite number (generate's), got {temperature!r}")
+        self.temperature = float(temperature)
+        self.filter_value = _check_filter_value(filter_value)
+
+    @staticmethod
+    def threshold(probs: torch.Tensor) -> torch.Tensor:
+        """``sum_v p(v)^2`` per row, ``(batch, 1)``."""
+        return (probs * probs).sum(-1, keepdim=True)
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        probs = torch.softmax(scores.float() / self.temperature, dim=-1)
+        keep = probs >= self.threshold(probs)
+        return scores.masked_fill(~keep, self.filter_value)

@@ -101,3 +101,80 @@ def test_sde_baselines_from_summed_statistics_equal_the_pooled_fit():
     # The residual std expanded from the sums is the std of the actual residuals.
     mean, _ = ou.predict(tr.z, tr.t)
     torch.testing.assert_close(ou.std, (tr.dz - mean).std(0, unbiased=False), atol=1e-6, rtol=0)
+
+
+# ----- truncation samplers: top-nσ and p-less ---------------------------------------------------------------
+from hf_sde.processors import PLessLogitsProcessor, TopNSigmaLogitsProcessor  # noqa: E402
+
+IDS = torch.zeros(4, 1, dtype=torch.long)
+
+
+def _logits(seed: int = 0, batch: int = 4, vocab: int = 200) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, vocab, generator=g) * torch.linspace(0.5, 6.0, batch).unsqueeze(1)
+
+
+def test_top_n_sigma_keeps_what_is_within_n_sigma_of_the_max():
+    scores = _logits()
+    for n in (0.5, 1.0, 2.0):
+        out = TopNSigmaLogitsProcessor(n)(IDS, scores)
+        keep = scores >= scores.amax(-1, keepdim=True) - n * scores.std(-1, unbiased=False, keepdim=True)
+        assert torch.equal(torch.isfinite(out), keep)
+        assert torch.equal(out[keep], scores[keep])  # kept logits untouched
+    sizes = [int(torch.isfinite(TopNSigmaLogitsProcessor(n)(IDS, scores)).sum()) for n in (0.5, 1.0, 2.0)]
+    assert sizes[0] < sizes[1] < sizes[2]  # more sigmas, more tokens
+
+
+def test_top_n_sigma_is_temperature_invariant_and_ignores_removed_tokens():
+    scores = _logits(1)
+    kept = torch.isfinite(TopNSigmaLogitsProcessor(1.0)(IDS, scores))
+    for t in (0.3, 1.7, 5.0):
+        assert torch.equal(torch.isfinite(TopNSigmaLogitsProcessor(1.0)(IDS, scores / t)), kept)
+    masked = scores.clone()
+    masked[:, 100:] = -float("inf")  # an earlier processor removed half the vocabulary
+    out = TopNSigmaLogitsProcessor(1.0)(IDS, masked)
+    part = scores[:, :100]
+    keep = part >= part.amax(-1, keepdim=True) - part.std(-1, unbiased=False, keepdim=True)
+    assert torch.equal(torch.isfinite(out[:, :100]), keep) and not torch.isfinite(out[:, 100:]).any()
+
+
+def test_p_less_keeps_tokens_at_least_as_likely_as_a_collision():
+    scores = _logits(2)
+    out = PLessLogitsProcessor()(IDS, scores)
+    p = torch.softmax(scores, -1)
+    assert torch.equal(torch.isfinite(out), p >= (p ** 2).sum(-1, keepdim=True))
+    assert torch.isfinite(out.gather(1, scores.argmax(-1, keepdim=True))).all()  # the mode is always kept
+    sizes = torch.isfinite(out).sum(-1)
+    assert (sizes[:-1] >= sizes[1:]).all() and sizes[0] > sizes[-1]  # sharper rows keep fewer tokens
+    flat = PLessLogitsProcessor()(IDS[:1], torch.zeros(1, 50))
+    assert torch.isfinite(flat).all()  # a uniform distribution keeps everything
+
+
+def test_p_less_threshold_is_taken_at_generates_temperature():
+    scores = _logits(3)
+    hot = PLessLogitsProcessor(temperature=2.0)(IDS, scores)
+    p = torch.softmax(scores / 2.0, -1)
+    assert torch.equal(torch.isfinite(hot), p >= (p ** 2).sum(-1, keepdim=True))
+    assert torch.equal(hot[torch.isfinite(hot)], scores[torch.isfinite(hot)])  # generate divides, not this
+    assert (torch.isfinite(hot).sum(-1) >= torch.isfinite(PLessLogitsProcessor()(IDS, scores)).sum(-1)).all()
+
+
+@pytest.mark.parametrize("make", [lambda: TopNSigmaLogitsProcessor(1.0), lambda: PLessLogitsProcessor(1.3)])
+def test_truncation_samplers_in_generate_only_sample_kept_tokens(make):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=16, vocab_size=64, n_positions=32)).eval()
+    torch.manual_seed(1)
+    out = model.generate(torch.tensor([[1, 2, 3]]), do_sample=True, top_k=0, temperature=1.3, max_new_tokens=8,
+                         min_new_tokens=8, pad_token_id=0, logits_processor=LogitsProcessorList([make()]),
+                         return_dict_in_generate=True, output_scores=True)
+    new = out.sequences[0, 3:]
+    for step, token in enumerate(new):
+        scores = out.scores[step][0]
+        assert torch.isfinite(scores[token]) and not torch.isfinite(scores).all()  # truncated, and obeyed
+
+
+@pytest.mark.parametrize("bad", [lambda: TopNSigmaLogitsProcessor(0), lambda: TopNSigmaLogitsProcessor(float("nan")),
+                                 lambda: PLessLogitsProcessor(0.0), lambda: PLessLogitsProcessor(filter_value=float("nan"))])
+def test_truncation_samplers_refuse_bad_settings(bad):
+    with pytest.raises(ValueError, match="must be"):
+        bad()
