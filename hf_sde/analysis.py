@@ -260,7 +260,8 @@ def common_length(lengths: Sequence[int], min_fraction: float = 0.5) -> int:
     """The largest ``K`` that at least ``min_fraction`` of the sequences (and at least 2, if there are 2)
     reach: moment curves over a fixed set of sequences run over positions ``0..K-1``."""
     if not lengths:
-        raise ValueError("No sequences.")
+        raise ValueError("common_length needs the lengths of at least one sequence, got none: the corpus gave "
+                         "no held-out paths (check the data, --limit and the held-out fraction).")
     desc = sorted(lengths, reverse=True)
     need = max(math.ceil(min_fraction * len(desc)), min(2, len(desc)))
     return int(desc[need - 1])

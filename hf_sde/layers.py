@@ -51,7 +51,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     if not candidates:
         raise ValueError(
             f"Could not find the decoder blocks of {type(model).__name__}: no nn.ModuleList of length "
-            f"num_hidden_layers={n}. Please open an issue with the model class."
+            f"num_hidden_layers={n}. hf-sde reads the hidden state at the output of a decoder block and finds the "
+            "blocks as that list (model.layers, transformer.h, ...); this architecture keeps them elsewhere, so "
+            "it is not supported."
         )
     return candidates[0]
 

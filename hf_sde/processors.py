@@ -60,7 +60,9 @@ class EntropyDynamicTemperatureLogitsProcessor(LogitsProcessor):
             raise ValueError(f"theta must be a finite number, got {theta!r}")
         max_temperature = float(temperature) if max_temperature is None else float(max_temperature)
         if not 0 < min_temperature <= max_temperature:
-            raise ValueError(f"need 0 < min_temperature <= max_temperature, got {min_temperature}, {max_temperature}")
+            raise ValueError(f"need 0 < min_temperature <= max_temperature, got {min_temperature}, {max_temperature} "
+                             "(max_temperature defaults to temperature: pass a lower min_temperature or a "
+                             "max_temperature)")
         self.temperature = float(temperature)
         self.base = float(base)
         self.theta = float(theta)

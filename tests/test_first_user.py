@@ -410,3 +410,14 @@ def test_transformers_is_pinned_to_5_17_or_later_and_installed_so():
     req = next(Requirement(d) for d in re.findall(r'"([^"]+)"', deps) if Requirement(d).name == "transformers")
     assert not req.specifier.contains("5.16.99") and req.specifier.contains("5.17.0")
     assert Version(transformers.__version__) in req.specifier
+
+
+@pytest.mark.parametrize("name", ["beta", "alpha", "temperature"])
+def test_sde_control_names_the_argument_that_is_not_finite(name):
+    from control_fixtures import tiny_bundle
+
+    from hf_sde import SDEControl
+
+    value = float("inf") if name == "temperature" else float("nan")
+    with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got"):
+        SDEControl(tiny_bundle(layer=1).heads, **{name: value})

@@ -129,8 +129,9 @@ class SDEControl:
             )
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not all(math.isfinite(x) for x in (self.beta, self.alpha, self.temperature)):
-            raise ValueError("beta, alpha and temperature must be finite numbers")
+        for name in ("beta", "alpha", "temperature"):
+            if not math.isfinite(getattr(self, name)):
+                raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if isinstance(self.direction, str) and self.direction not in ("drift", "attractor"):
             raise ValueError(f"direction must be 'drift', 'attractor' or a tensor, got {self.direction!r}")
         if isinstance(self.direction, torch.Tensor) and self.direction.shape != (self.heads.config.hidden_size,):

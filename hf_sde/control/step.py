@@ -501,8 +501,9 @@ class _Runtime:
             raise RuntimeError(
                 f"The SDE temperature reached the LM head in {self.head_scaled} of {self.step} steps: this model "
                 "computes its logits without calling get_output_embeddings() as a module, so the sampled tokens did "
-                "not get the SDE temperature. Please report the model; meanwhile pass any logits_processor (the "
-                "temperature then divides the logits)."
+                "not get the SDE temperature. Pass a logits_processor with at least one processor (e.g. "
+                "LogitsProcessorList([TemperatureLogitsWarper(1.0)]), which changes nothing else): the SDE "
+                "temperature then divides the logits instead."
             )
         n = min(self.step, generated)
         rows = sequences.shape[0] if self.buf is None else self.buf.records.shape[1]

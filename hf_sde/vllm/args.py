@@ -52,7 +52,9 @@ def _type_name(types: tuple[type, ...]) -> str:
 
 def _check_value(key: str, value: Any, types: tuple[type, ...]) -> Any:
     if isinstance(value, bool) or not isinstance(value, types):
-        raise ValueError(f"{key} must be a {_type_name(types)}, got {type(value).__name__} {value!r}")
+        name = _type_name(types)
+        article = "an" if name[0] in "aeiou" else "a"
+        raise ValueError(f"{key} must be {article} {name}, got {type(value).__name__} {value!r}")
     if isinstance(value, float) and not math.isfinite(value):
         raise ValueError(f"{key} must be finite, got {value!r}")
     if isinstance(value, list):
