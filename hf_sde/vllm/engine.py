@@ -6,8 +6,9 @@ request in this forward: its slot, its first and last row in the flattened batch
 :meth:`SDEBatch.plan_rows`; everything after that is common.
 
 - Forward hooks on the decoder block(s) the requests read (the heads' layer) and steer. vLLM flattens the
-  batch's tokens; the block's ``positions`` argument gives each row's position. A Llama block returns
-  ``(hidden, residual)``; their sum is the block output transformers' hooks see.
+  batch's tokens; the block's ``positions`` argument gives each row's position. How a block's output carries
+  the residual stream (the block output transformers' hooks see) is the one family-specific fact, kept in
+  :data:`STREAMS` (architecture -> :class:`BlockStream`); any other architecture is refused at engine start.
 - Per request and step: the state of the row that produces the next token (position ``prompt_len - 1 + k``)
   goes through the heads exactly as in :func:`hf_sde.sde_generate` — ``SDEHeads.project``, ``heads(z, t)`` with
   ``heads.times``, ``heads.diffusion_magnitude``, ``heads.zscore``, ``SDEControl.temperature_law`` and
@@ -26,20 +27,84 @@ import logging
 import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from ..control import SDEControl
-from ..layers import block_output, decoder_layers, replace_block_output
+from ..layers import block_output, decoder_layers
 from . import traces
 from .args import SDERequest
 from .heads_registry import ENV, allowlist, resolve_heads
 
 logger = logging.getLogger("hf_sde.vllm")
 
-#: Architectures whose decoder blocks were checked to return ``(hidden, residual)`` with ``hidden + residual``
-#: equal to transformers' block output (measured on SmolLM2 / Llama, tests_vllm/test_parity.py).
-SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+@dataclass(frozen=True)
+class BlockStream:
+    """How a vLLM decoder block's output carries the residual stream: transformers' block output for the same
+    family, the state ``SDEHeads`` are fitted on and steering edits.
+
+    ``read(output, rows)``: the stream at ``rows`` of the flattened batch (model dtype).
+    ``add(output, rows, delta)``: add ``delta`` to the stream at ``rows`` so every later consumer (the next
+    block, the final norm) sees it; returns the block output to pass on.
+    """
+
+    name: str
+    read: Callable[[Any, torch.Tensor], torch.Tensor]
+    add: Callable[[Any, torch.Tensor, torch.Tensor], Any]
+
+
+def _pair(output) -> tuple[torch.Tensor, torch.Tensor]:
+    if not (isinstance(output, (tuple, list)) and len(output) == 2
+            and all(isinstance(t, torch.Tensor) for t in output)):
+        got = type(output).__name__ if not isinstance(output, (tuple, list)) else \
+            f"({', '.join(type(t).__name__ for t in output)})"
+        raise RuntimeError(f"hf-sde: a vLLM decoder block returned {got}, not (hidden, residual) tensors: this "
+                           "model's blocks are not the ones hf-sde's table of architectures describes.")
+    return output[0], output[1]
+
+
+def _pair_read(output, rows: torch.Tensor) -> torch.Tensor:
+    hidden, residual = _pair(output)
+    return hidden[rows] + residual[rows]
+
+
+def _pair_add(output, rows: torch.Tensor, delta: torch.Tensor):
+    hidden, _ = _pair(output)
+    hidden.index_add_(0, rows, delta.to(hidden.dtype))
+    return output
+
+
+#: vLLM's fused add-norm blocks: ``forward(positions, hidden, residual) -> (hidden, residual)``, where the
+#: returned ``residual`` is the stream before the block's last branch and ``hidden`` that branch's output, added
+#: by the next block's ``input_layernorm(hidden, residual)`` (or the final ``norm``). The stream is their sum;
+#: steering adds to ``hidden``, and that fused add carries it into the stream every later block and the final
+#: norm see (the first block, given no residual, takes its input embedding as the residual).
+FUSED_ADD_NORM = BlockStream("(hidden, residual), stream = hidden + residual", _pair_read, _pair_add)
+
+#: Architecture (``config.architectures``) -> how its vLLM decoder blocks carry the stream. Each was read in
+#: vLLM's model file and measured against transformers' ``generate`` (tests_vllm/test_parity.py on SmolLM2,
+#: tests_vllm/test_families.py on tiny random models of every family). The only place family knowledge lives.
+STREAMS: dict[str, BlockStream] = {
+    "LlamaForCausalLM": FUSED_ADD_NORM,    # llama.py LlamaDecoderLayer
+    "MistralForCausalLM": FUSED_ADD_NORM,  # mistral.py MistralDecoderLayer (a LlamaDecoderLayer)
+    "Qwen2ForCausalLM": FUSED_ADD_NORM,    # qwen2.py Qwen2DecoderLayer
+    "Qwen3ForCausalLM": FUSED_ADD_NORM,    # qwen3.py Qwen3DecoderLayer (q / k norms stay inside attention)
+    # gemma2.py Gemma2DecoderLayer: its post-attention / post-feedforward norms act on the branch before the add
+    # (inside ``hidden``), and the sqrt(hidden_size) embedding scale is in embed_input_ids, so the first
+    # block's residual is the scaled embedding, as in transformers.
+    "Gemma2ForCausalLM": FUSED_ADD_NORM,
+}
+
+#: The architectures hf-sde can read and steer in vLLM (:data:`STREAMS`).
+SUPPORTED_ARCHITECTURES = tuple(STREAMS)
+
+
+def stream_of(hf_config) -> BlockStream | None:
+    """The :class:`BlockStream` of the first of ``hf_config.architectures`` that :data:`STREAMS` covers."""
+    archs = getattr(hf_config, "architectures", None) or []
+    return next((STREAMS[a] for a in archs if a in STREAMS), None)
 
 
 def find_runner():
@@ -76,9 +141,12 @@ def refusals(vllm_config) -> list[str]:
     if getattr(par, "enable_dbo", False):
         why.append("dual batch overlap is on (--enable-dbo splits each forward into micro-batches)")
     archs = list(getattr(model_config.hf_config, "architectures", None) or [])
-    if not any(a in SUPPORTED_ARCHITECTURES for a in archs):
+    if stream_of(model_config.hf_config) is None:
         why.append(f"architecture {archs} is not one whose decoder-block output hf-sde can read in vLLM "
                    f"(supported: {list(SUPPORTED_ARCHITECTURES)})")
+    elif getattr(model_config, "model_impl", "auto") == "transformers":
+        why.append("the model runs on vLLM's Transformers backend (model_impl='transformers'), whose blocks are "
+                   "not the vLLM blocks hf-sde reads: serve it with model_impl='auto' / 'vllm'")
     hf_config = model_config.hf_config
     text = hf_config.get_text_config() if hasattr(hf_config, "get_text_config") else hf_config
     for name in allowlist():
@@ -218,11 +286,13 @@ class SDEBatch:
     slots: dict[int, Slot]
     hooks: ModelHooks | None
 
-    def init_batch(self, get_model: Callable[[], torch.nn.Module], prefix_caching: bool) -> None:
+    def init_batch(self, get_model: Callable[[], torch.nn.Module], vllm_config) -> None:
+        """Start empty; ``vllm_config`` passed :func:`refusals` (so its architecture has a :class:`BlockStream`)."""
         self.slots = {}
         self.hooks = None
         self._get_model = get_model
-        self.prefix_caching = prefix_caching
+        self.prefix_caching = bool(vllm_config.cache_config.enable_prefix_caching)
+        self.stream = stream_of(vllm_config.model_config.hf_config)
         self._warned_salt = False
         traces.configure()
 
@@ -310,29 +380,27 @@ class SDEBatch:
         return work
 
     def on_block(self, layer: int, work: Work, output):
-        hidden = block_output(output)
-        residual = output[1] if isinstance(output, tuple) and len(output) == 2 else None
-        if residual is not None and not isinstance(residual, torch.Tensor):
-            raise RuntimeError(f"hf-sde: decoder block {layer} returned {type(residual).__name__} as its second "
-                               "output, not the residual tensor: this architecture is not supported.")
+        """Read, then steer, the stream at block ``layer``'s output (through this architecture's :class:`BlockStream`)."""
+        stream = self.stream
+        device = block_output(output).device
 
-        def state(idx: torch.Tensor) -> torch.Tensor:
-            """The block output (hidden + residual) of the rows ``idx`` only, in float32."""
-            rows = hidden[idx] if residual is None else hidden[idx] + residual[idx]
-            return rows.float()
+        def state(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+            """The rows' index and their stream (transformers' block output), in float32."""
+            idx = torch.tensor(rows, device=device)
+            return idx, stream.read(output, idx).float()
 
         for slot, rows, ks, record, index in work.read.get(layer, ()):
-            self._read(slot, rows, ks, record, index, state(torch.tensor(rows, device=hidden.device)), work)
+            self._read(slot, rows, ks, record, index, state(rows)[1], work)
         steer = work.steer.get(layer)
         if not steer:
             return None
         for slot, rows, unit, record in steer:
-            idx = torch.tensor(rows, device=hidden.device)
-            delta = SDEControl.steer_delta(unit, state(idx))
-            hidden.index_add_(0, idx, delta.to(hidden.dtype))
+            idx, h = state(rows)
+            delta = SDEControl.steer_delta(unit, h)
+            output = stream.add(output, idx, delta)
             if record:
                 slot.trace.set_steer_norm(torch.linalg.vector_norm(delta[-1]))
-        return replace_block_output(output, hidden)
+        return output
 
     def _read(self, slot: Slot, rows: list[int], ks: list[int], record: bool, index: int, state: torch.Tensor,
               work: Work) -> None:

@@ -37,7 +37,7 @@ class SDELogitsProcessorV1(SDELogitsProcessor, SDEBatch):
         if self.runner is None:
             why.append("hf-sde could not find vLLM's model runner (this vLLM version is not supported)")
         engine.refuse(why)
-        self.init_batch(lambda: self.runner.get_model(), bool(vllm_config.cache_config.enable_prefix_caching))
+        self.init_batch(lambda: self.runner.get_model(), vllm_config)
 
     # -- vLLM interface -----------------------------------------------------------------------------------
     def is_argmax_invariant(self) -> bool:

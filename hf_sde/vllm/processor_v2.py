@@ -52,7 +52,7 @@ class SDELogitsProcessorV2(SDELogitsProcessor, SDEBatch):
                        "(this vLLM version is not supported; VLLM_USE_V2_MODEL_RUNNER=0 selects the V1 runner)")
         engine.refuse(why)
         self.model_state = model_state
-        self.init_batch(runner.get_model, bool(vllm_config.cache_config.enable_prefix_caching))
+        self.init_batch(runner.get_model, vllm_config)
 
     # -- vLLM interface -----------------------------------------------------------------------------------
     def add_request(self, req_idx: int, sampling_params) -> bool:
