@@ -158,20 +158,35 @@ class Analysis:
 
 
 def extract_paths(a: Analysis, model, tokenizer, data, *, template, text_column, limit, max_length,
-                  batch_size) -> None:
-    """Step 1: the corpus's hidden paths at the heads' layer, projected to SDE coordinates."""
+                  batch_size, progress: bool = False, cache=None, trajectories=None) -> None:
+    """Step 1: the corpus's hidden paths at the heads' layer, projected to SDE coordinates.
+
+    ``cache`` as :func:`~hf_sde.trajectories.extract_trajectories`; ``trajectories``: paths already extracted
+    from this corpus with these options (an ``hf-sde extract`` folder's), checked against its tokens.
+    """
     from .corpus import load_texts
-    from .trajectories import extract_from_ids, tokenize_documents
+    from .trajectories import corpus_description, extract_documents, tokenize_documents
 
     heads = a.heads
     heads.check_compatible(model)
     docs, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
     # Texts or conversations (chat templates: the path is the response, read in the context of its prompt).
-    ids, starts = tokenize_documents(tokenizer, docs, max_length, template=template)
-    traj = extract_from_ids(model, ids, heads.config.layer, batch_size=batch_size, progress=False, starts=starts)
-    a.kept = traj.meta["kept_indices"]
-    a.groups = [groups[i] for i in a.kept] if groups is not None else None
+    max_context = getattr(model.config, "max_position_embeddings", None)  # as the fit's extraction
+    ids, starts = tokenize_documents(tokenizer, docs, max_length, max_context, template=template)
     first = starts or [0] * len(ids)
+    if trajectories is None:
+        trajectories = extract_documents(model, tokenizer, docs, heads.config.layer, groups=groups,
+                                         max_length=max_length, max_context=max_context, batch_size=batch_size,
+                                         template=template, progress=progress, cache=cache,
+                                         corpus=corpus_description(data, template, text_column, limit),
+                                         tokens=(ids, starts))
+    traj = trajectories
+    a.kept = list(traj.meta["kept_indices"])
+    usable = [i for i in range(len(ids)) if len(ids[i]) - first[i] >= 2]
+    if a.kept != usable or any(s.shape[0] != len(ids[i]) - first[i] for i, s in zip(a.kept, traj.states, strict=True)):
+        raise ValueError("The trajectories do not match the corpus's tokens (other documents, template or "
+                         "max length); extract them again from this corpus.")
+    a.groups = [groups[i] for i in a.kept] if groups is not None else None
     a.kept_ids = [ids[i][first[i]:] for i in a.kept]  # the tokens at the path's positions
     a.kept_context = [ids[i][: first[i]] for i in a.kept]
     a.skipped = traj.skipped
@@ -387,6 +402,8 @@ def build_report(
     max_samples: int = 4000,
     batch_size: int = 8,
     progress: bool = True,
+    cache=None,
+    trajectories=None,
 ) -> dict:
     """Run every analysis and write ``out_dir/index.html``, ``out_dir/metrics.json`` and the figures.
 
@@ -408,6 +425,11 @@ def build_report(
         method: the solver, as in :func:`simulate`.
         n_examples: held-out texts shown with per-token diffusion z-scores.
         max_samples: data points (held-out transitions) for Jacobians, attractor and Lyapunov checks.
+        batch_size: extraction batch size (documents per forward).
+        progress: the step bar and the extraction's own bar (per batch, with an ETA).
+        cache: reuse / store the extracted paths (as :func:`~hf_sde.trajectories.extract_trajectories`).
+        trajectories: the paths at the heads' layer already extracted from ``data`` with these options (e.g. an
+            ``hf-sde extract`` folder's), instead of extracting them; checked against the corpus's tokens.
 
     Returns:
         The metrics dict also written to ``metrics.json``.
@@ -422,7 +444,8 @@ def build_report(
     a = Analysis(heads=heads, seed=seed)
     steps = [
         lambda: extract_paths(a, model, tokenizer, data, template=template, text_column=text_column, limit=limit,
-                              max_length=max_length, batch_size=batch_size),
+                              max_length=max_length, batch_size=batch_size, progress=progress, cache=cache,
+                              trajectories=trajectories),
         lambda: split_and_baselines(a, summary, heldout_fraction),
         lambda: drift_and_diffusion(a),
         lambda: process_properties(a),

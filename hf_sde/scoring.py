@@ -329,16 +329,27 @@ def fit_ou_baseline(model, tokenizer, heads, texts: Sequence, *, prompts: Sequen
 
     One forward per batch that stops after the heads' layer (:func:`~hf_sde.trajectories.extract_from_ids`).
     """
-    from .baselines import OUBaseline
-    from .fitting import TRANSITIONS_PER_COEFFICIENT
     from .trajectories import extract_from_ids
-    from .transitions import make_transitions
 
     heads.check_compatible(model)
     docs = _documents(texts, prompts, template)
     ids, starts = _token_ids(model, tokenizer, heads, docs, *_caps(model, heads, max_length, max_context), template)
     traj = extract_from_ids(model, ids, heads.config.layer, batch_size=batch_size, progress=progress, starts=starts)
-    tr = make_transitions([heads.project(s) for s in traj.states], heads.config.horizon)
+    return ou_baseline_from_trajectories(heads, traj)
+
+
+@torch.no_grad()
+def ou_baseline_from_trajectories(heads, trajectories):
+    """An :class:`~hf_sde.baselines.OUBaseline` fitted on the projected paths of already extracted
+    ``trajectories`` at the heads' layer (what :func:`fit_ou_baseline` does after its forward)."""
+    from .baselines import OUBaseline
+    from .fitting import TRANSITIONS_PER_COEFFICIENT
+    from .transitions import make_transitions
+
+    if trajectories.layer != heads.config.layer:
+        raise ValueError(f"The trajectories are of layer {trajectories.layer}; the heads read layer "
+                         f"{heads.config.layer}.")
+    tr = make_transitions([heads.project(s) for s in trajectories.states], heads.config.horizon)
     need = TRANSITIONS_PER_COEFFICIENT * (heads.config.proj_dim + 1)
     if len(tr) < need:
         raise ValueError(f"Too little reference text for an OU baseline at proj_dim {heads.config.proj_dim}: "

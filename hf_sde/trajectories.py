@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -338,6 +339,90 @@ def extract_from_ids(
     return result[0] if isinstance(layer, int) else result
 
 
+def corpus_description(data, template: str | None, text_column: str | None, limit: int | None) -> dict:
+    """How a corpus was read, as recorded beside extracted trajectories (a local path made absolute)."""
+    if isinstance(data, os.PathLike):
+        data = os.fspath(data)
+    if isinstance(data, str):
+        data = os.path.abspath(data) if os.path.exists(data) else data
+    else:
+        data = "<list>"
+    return {"data": data, "template": template, "text_column": text_column, "limit": limit}
+
+
+def extract_documents(
+    model,
+    tokenizer,
+    docs: Sequence,
+    layer: int | Sequence[int] = -1,
+    *,
+    groups: Sequence | None = None,
+    max_length: int | None = DEFAULT_MAX_LENGTH,
+    max_context: int | None = None,
+    batch_size: int = 8,
+    template: str | None = None,
+    progress: bool = True,
+    cache=None,
+    corpus: dict | None = None,
+    tokens: tuple | None = None,
+) -> Trajectories | list[Trajectories]:
+    """:func:`extract_trajectories` of already loaded documents (:func:`~hf_sde.corpus.load_texts` with
+    ``return_groups=True``): ``groups`` go into ``meta["groups"]``, ``corpus`` (see :func:`corpus_description`)
+    into ``meta`` and a cache entry's record, ``tokens`` is ``tokenize_documents``' result if already computed.
+
+    ``cache`` (``True``: ``$HF_SDE_CACHE/trajectories``; a path: that folder; see :mod:`hf_sde.trajectory_cache`)
+    reads the layers already extracted with the same model, documents and caps (saying so on stderr when
+    ``progress``), and stores the others. ``meta["cache"]`` says where each came from (``{"status": "read"}``,
+    ``"written"`` or ``"off"``, with the entry's ``"path"``).
+    """
+    from . import trajectory_cache as tc
+
+    if max_context is None:
+        max_context = getattr(model.config, "max_position_embeddings", None)
+    layers = [resolve_layer(model, x) for x in ([layer] if isinstance(layer, int) else layer)]
+    if not layers:
+        raise ValueError("extract_documents needs at least one layer.")
+    corpus = dict(corpus or {"data": "<list>", "template": template, "text_column": None, "limit": None})
+    root = tc.resolve_cache(cache)
+    key = (tc.extraction_key(model, tokenizer, docs, groups, max_length=max_length, max_context=max_context)
+           if root is not None else None)
+    found: dict[int, Trajectories] = {}
+    status: dict[int, dict] = {}
+    if root is not None:
+        for x in sorted(set(layers)):
+            traj = tc.lookup(root, key, x)
+            if traj is not None:
+                found[x] = traj
+                status[x] = {"status": "read", "path": str(tc.entry_dir(root, key, x))}
+                if progress:
+                    tqdm.write(f"Read the layer-{x} trajectories from the cache ({status[x]['path']}); no extraction.",
+                               file=sys.stderr)
+    missing = sorted(set(layers) - set(found))
+    if missing:
+        ids, starts = tokens if tokens is not None else tokenize_documents(tokenizer, docs, max_length, max_context,
+                                                                           template=template)
+        fresh = extract_from_ids(model, ids, missing, batch_size=batch_size, progress=progress, starts=starts)
+        for x, traj in zip(missing, fresh, strict=True):
+            if groups is not None:
+                traj.meta["groups"] = [groups[i] for i in traj.meta["kept_indices"]]
+            traj.meta.update({"data": corpus["data"], "template": template, "max_length": max_length,
+                              "num_texts": len(docs)})
+            if starts is not None:
+                traj.meta["max_context"] = max_context
+            found[x] = traj
+            status[x] = {"status": "off"}
+            if root is not None:
+                entry = tc.store(root, key, traj, corpus)
+                if entry is not None:
+                    status[x] = {"status": "written", "path": str(entry)}
+    result = []
+    for x in layers:
+        traj = found[x]
+        traj.meta.update({"data": corpus["data"], "template": template, "cache": status[x]})
+        result.append(traj)
+    return result[0] if isinstance(layer, int) else result
+
+
 def extract_trajectories(
     model,
     tokenizer,
@@ -351,6 +436,7 @@ def extract_trajectories(
     text_column: str | None = None,
     limit: int | None = None,
     progress: bool = True,
+    cache=None,
 ) -> Trajectories | list[Trajectories]:
     """Hidden-state paths of a corpus at one decoder layer (or a list of layers: one result per layer).
 
@@ -359,6 +445,10 @@ def extract_trajectories(
     With a chat template (``template="helpsteer-chat"`` or ``"chat"``) the path is the response read in the
     context of the prompt (see :func:`tokenize_chats`): ``max_length`` bounds the path, ``max_context``
     (default: the model's ``max_position_embeddings``) the whole input, cut from the left of the prompt.
+
+    ``cache=True`` reuses an earlier extraction of the same documents with the same model, layer and caps from
+    ``$HF_SDE_CACHE/trajectories`` (default ``~/.cache/hf-sde``) and stores new ones there; a path names
+    another cache folder. Off by default (see :mod:`hf_sde.trajectory_cache` for the key and the checks).
 
     Example:
         >>> traj = extract_trajectories(model, tok, "../shared/data/tinystories_sample.txt", layer=-1)
@@ -369,19 +459,14 @@ def extract_trajectories(
     if template in CHAT_TEMPLATES:
         check_chat_template(tokenizer, template, model)
     docs, groups = load_texts(data, template=template, text_column=text_column, limit=limit, return_groups=True)
-    if max_context is None:
-        max_context = getattr(model.config, "max_position_embeddings", None)
-    ids, starts = tokenize_documents(tokenizer, docs, max_length, max_context, template=template)
-    result = extract_from_ids(model, ids, layer, batch_size=batch_size, progress=progress, starts=starts)
+    corpus = corpus_description(data, template, text_column, limit)
+    result = extract_documents(model, tokenizer, docs, layer, groups=groups, max_length=max_length,
+                               max_context=max_context, batch_size=batch_size, template=template, progress=progress,
+                               cache=cache, corpus=corpus)
     if isinstance(data, os.PathLike):
         data = os.fspath(data)
     for traj in [result] if isinstance(result, Trajectories) else result:
-        if groups is not None:
-            traj.meta["groups"] = [groups[i] for i in traj.meta["kept_indices"]]
-        traj.meta.update({"data": data if isinstance(data, str) else "<list>", "template": template,
-                          "max_length": max_length, "num_texts": len(docs)})
-        if starts is not None:
-            traj.meta["max_context"] = max_context
+        traj.meta["data"] = data if isinstance(data, str) else "<list>"
     return result
 
 

@@ -14,6 +14,9 @@ SHARED = (REPO.parent / "shared").resolve()
 HUB_CACHE = SHARED / "hf-cache" / "hub"
 os.environ["HF_HUB_CACHE"] = str(HUB_CACHE)
 os.environ["HF_HUB_OFFLINE"] = "1"
+# The hf-sde commands reuse extracted trajectories from $HF_SDE_CACHE/trajectories; the suite does not, so that no
+# test reads what another one (or an earlier run) wrote. tests/test_trajectory_cache.py turns it on in tmp_path.
+os.environ.setdefault("HF_SDE_TRAJECTORY_CACHE", "0")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

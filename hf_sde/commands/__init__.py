@@ -20,6 +20,7 @@ from ._smoke import SMOKE_ENV, apply_smoke
 #: sub-command name -> module under hf_sde.commands (each has HELP, add_arguments(p), run(args), maybe SMOKE)
 COMMANDS = {
     "fit": "fit",
+    "extract": "extract",
     "push": "push",
     "generate": "generate",
     "analyze": "analyze",
@@ -32,7 +33,8 @@ COMMANDS = {
 EPILOG = (f"Environment: {SMOKE_ENV}=1 caps every command's work (documents, epochs, lengths, new tokens, "
           "simulated paths) for fast smoke runs such as the README test; its results are not meaningful. "
           "HF_HUB_OFFLINE=1 and HF_HUB_CACHE work as for transformers. HF_SDE_CACHE: where hf-sde caches "
-          "(dequantized GGUF weights, demo heads); default ~/.cache/hf-sde.")
+          "(dequantized GGUF weights, extracted trajectories, demo heads); default ~/.cache/hf-sde. "
+          "HF_SDE_TRAJECTORY_CACHE=0 turns the trajectory cache off (as --no-cache).")
 
 
 def _module(name: str):

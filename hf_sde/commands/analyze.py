@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from . import _model
+from . import _cache, _model
 from ._args import nonnegative_int, open_fraction, positive_int, template_choices, template_help
 from ._output import atomic_output_dir, check_output_dir
 
@@ -17,7 +17,9 @@ def add_arguments(p) -> None:
     p.add_argument("--heads", required=True, help="folder or hub id of fitted SDE heads")
     _model.add_model_args(p, from_heads=True)
     p.add_argument("--batch-size", type=positive_int, default=8, help="extraction batch size")
-    p.add_argument("--data", required=True, help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id")
+    p.add_argument("--data", default=None,
+                   help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id (default: none, required "
+                        "unless --trajectories names the corpus its paths came from)")
     p.add_argument("--template", default=None, choices=template_choices(), metavar="TEMPLATE",
                    help=template_help(note="; use the template the heads were fitted with"))
     p.add_argument("--text-column", default=None,
@@ -25,6 +27,9 @@ def add_arguments(p) -> None:
     p.add_argument("--limit", type=positive_int, default=None, help="use only the first N documents (default: all)")
     p.add_argument("--max-length", type=positive_int, default=None,
                    help="token truncation (default: as the heads were fitted)")
+    _cache.add_no_cache(p)
+    _cache.add_trajectories(p, "instead of extracting them (at the heads' layer; the data options not given are "
+                               "the folder's, those given must match it; the corpus is still read for its tokens)")
     p.add_argument("--history", default=None, help="fit_history.json (default: the one next to the heads)")
     p.add_argument("--heldout-fraction", type=open_fraction, default=0.2,
                    help="held-out share when the fit's own split cannot be recovered")
@@ -69,15 +74,43 @@ def _check_out(args) -> None:
         raise ValueError(f"--out {args.out} is the --heads folder; write the report to another folder.")
 
 
+def check_args(args) -> None:
+    if args.data is None and args.trajectories is None:
+        raise ValueError("analyze needs --data (the corpus) or --trajectories FOLDER (from hf-sde extract).")
+
+
+def _from_folder(args, model, tokenizer, heads):
+    """The paths of ``--trajectories`` at the heads' layer; the data options default to the folder's."""
+    from .. import trajectory_cache as tc
+
+    traj, manifest = tc.load_for_model(args.trajectories, model, tokenizer, heads.config.layer,
+                                       "the heads' layer")
+    _cache.adopt_corpus_options(args, manifest, args.trajectories)
+    if args.data is None:
+        args.data = (manifest.get("corpus") or {}).get("data")
+    if not args.data or args.data == "<list>":
+        raise ValueError(f"--trajectories {args.trajectories} records no corpus file; pass --data (the corpus it "
+                         "was extracted from: analyze reads its tokens).")
+    from ..corpus import load_texts
+
+    docs, groups = load_texts(args.data, template=args.template, text_column=args.text_column, limit=args.limit,
+                              return_groups=True)
+    tc.check_corpus(manifest, args.trajectories, docs, groups, args.max_length,
+                    (manifest.get("key") or {}).get("max_context"))
+    return traj
+
+
 def run(args) -> int:
     from ..heads import SDEHeads
     from ..report import build_report, verdicts
 
+    check_args(args)
     _check_out(args)
     check_output_dir(args.out, args.overwrite)  # before the slow part
     heads = SDEHeads.from_pretrained(args.heads)
     model, tokenizer = _model.load_model_from_args(args, heads.config)
     history = _load_history(args.heads, args.history)
+    trajectories = _from_folder(args, model, tokenizer, heads) if args.trajectories else None
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         metrics = build_report(
             model, tokenizer, heads, args.data, str(tmp), template=args.template, max_length=args.max_length,
@@ -85,6 +118,7 @@ def run(args) -> int:
             heldout_fraction=args.heldout_fraction, seed=args.seed, n_paths=args.n_paths,
             max_starts=args.max_starts, method=args.method, n_examples=args.examples,
             max_samples=args.max_samples, batch_size=args.batch_size, progress=not args.quiet,
+            cache=_cache.cache_flag(args), trajectories=trajectories,
         )
     sim = metrics["simulation"]
     said = verdicts(metrics)  # the same sentences as the HTML report

@@ -10,7 +10,7 @@ from pathlib import Path
 from ..fitting import DEFAULT_BATCH_SIZE, MATMUL_PRECISIONS
 from ..loading import resolve_model_spec
 from ..trajectories import DEFAULT_MAX_LENGTH
-from . import _model
+from . import _cache, _model
 from ._args import (
     any_int,
     nonnegative_int,
@@ -100,7 +100,7 @@ def add_fit_arguments(p, *, fit_batch_size_help: str | None = None) -> None:
 def add_arguments(p) -> None:
     _model.add_model_args(p)
     p.add_argument("--data", help="corpus: .txt/.jsonl/.json/.csv/.parquet file or hub dataset id "
-                                  "(default: none; give it or --self-generate)")
+                                  "(default: none; give it, --self-generate or --trajectories)")
     p.add_argument("--self-generate", type=nonnegative_int, default=0, metavar="N",
                    help="use N of the model's own samples as the corpus, with --prompts; 0 is off")
     p.add_argument("--prompts", default=None,
@@ -111,6 +111,9 @@ def add_arguments(p) -> None:
     p.add_argument("--early-stopping", choices=("auto", "sequences", "transitions"), default="auto",
                    help="watch held-back training sequences (auto: from 10 groups up) or a transition slice")
     p.add_argument("--save-trajectories", action="store_true", help="also save trajectories.safetensors")
+    _cache.add_no_cache(p)
+    _cache.add_trajectories(p, "instead of extracting --data (the data options not given are the folder's; those "
+                               "given must match it, and --data, if given, must be the corpus it was made from)")
     p.add_argument("--out", required=True, help="output folder for the heads (new or empty, else --overwrite)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.add_argument("--json", action="store_true", help="print the fit summary as one JSON object")
@@ -126,6 +129,25 @@ def check_args(args) -> None:
 def interrupted(args) -> str:
     return (f"hf-sde fit: interrupted (Ctrl-C) before the heads were saved; nothing was written "
             f"(--out {args.out} is as it was).")
+
+
+def _from_folder(args, model, tokenizer):
+    """The trajectories of ``--trajectories`` (checked against the model, ``--layer`` and, if given, ``--data``)."""
+    from .. import trajectory_cache as tc
+
+    traj, manifest = tc.load_for_model(args.trajectories, model, tokenizer, args.layer)
+    _cache.adopt_corpus_options(args, manifest, args.trajectories)
+    corpus = manifest.get("corpus") or {}
+    if args.data:
+        from ..corpus import load_texts
+
+        docs, groups = load_texts(args.data, template=args.template, text_column=args.text_column, limit=args.limit,
+                                  return_groups=True)
+        key = manifest.get("key") or {}
+        tc.check_corpus(manifest, args.trajectories, docs, groups, args.max_length, key.get("max_context"))
+    else:
+        args.data = corpus.get("data") or "<unknown>"
+    return traj
 
 
 def _trajectories(args, model, tokenizer):
@@ -146,9 +168,14 @@ def _trajectories(args, model, tokenizer):
         desc = {"corpus": f"{args.self_generate} samples of the model from {args.prompts}",
                 "max_new_tokens": args.max_new_tokens}
     else:
-        traj = extract_trajectories(model, tokenizer, args.data, args.layer, max_length=args.max_length,
-                                    batch_size=args.batch_size, template=args.template,
-                                    text_column=args.text_column, limit=args.limit, progress=progress)
+        if args.trajectories:
+            traj = _from_folder(args, model, tokenizer)
+        else:
+            traj = extract_trajectories(model, tokenizer, args.data, args.layer, max_length=args.max_length,
+                                        batch_size=args.batch_size, template=args.template,
+                                        text_column=args.text_column, limit=args.limit, progress=progress,
+                                        cache=_cache.cache_flag(args))
+            traj.meta.pop("cache", None)
         desc = {"corpus": os.path.basename(args.data.rstrip("/")), "template": args.template,
                 "max_length": args.max_length}
     desc["sequences"] = len(traj)
@@ -264,8 +291,11 @@ def run(args) -> int:
 
     from ..fitting import fit_heads
 
-    if not args.self_generate and not args.data:
-        raise SystemExit("hf-sde fit needs --data PATH_OR_DATASET or --self-generate N --prompts FILE.")
+    if not args.self_generate and not args.data and not args.trajectories:
+        raise SystemExit("hf-sde fit needs --data PATH_OR_DATASET, --trajectories FOLDER or --self-generate N "
+                         "--prompts FILE.")
+    if args.self_generate and args.trajectories:
+        raise ValueError("--trajectories replaces the extraction of --data; it does not go with --self-generate.")
     check_args(args)  # main() already did; again for callers of run() with parsed arguments
     check_output_dir(args.out, args.overwrite)  # before the slow part
     model, tokenizer = _model.load_model_from_args(args)

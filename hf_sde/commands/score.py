@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from . import _model
+from . import _cache, _model
 from ._args import open_fraction, positive_int, template_choices, template_help
 from ._output import print_json
 from .generate import default_heads
@@ -51,6 +51,9 @@ def add_arguments(p) -> None:
                    help="row template for --ou-data (default: --template)")
     p.add_argument("--ou-limit", type=positive_int, default=None,
                    help="use only the first N documents of --ou-data (default: all)")
+    _cache.add_trajectories(p, "to fit the OU baseline on instead of extracting --ou-data (e.g. the heads' training "
+                               "corpus; at the heads' layer)")
+    _cache.add_no_cache(p)
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
 
@@ -93,27 +96,56 @@ OU_NOTE = ("Note: the OU NLL and SDE-OU columns are '-' because the heads store 
            "(e.g. the heads' training corpus, with --ou-template) to fit one and fill them.")
 
 
+def _ou_baseline(args, model, tokenizer, heads):
+    """The OU baseline of the OU columns: fitted on ``--trajectories`` or on ``--ou-data`` (through the trajectory
+    cache where its paths are read as a fit reads them), else ``None``."""
+    from ..corpus import CHAT_TEMPLATES
+    from ..scoring import _caps, fit_ou_baseline, ou_baseline_from_trajectories
+
+    progress = not args.quiet and not args.json
+    if args.trajectories is not None:
+        from .. import trajectory_cache as tc
+
+        traj, _ = tc.load_for_model(args.trajectories, model, tokenizer, heads.config.layer, "the heads' layer")
+        return ou_baseline_from_trajectories(heads, traj)
+    if args.ou_data is None:
+        return None
+    template = args.ou_template or args.template
+    if heads.config.time_origin == "prompt_end" and template not in CHAT_TEMPLATES:
+        # plain texts under response heads start at position 1 (scoring module doc): not a fit's extraction
+        from ..corpus import load_texts
+
+        reference = load_texts(args.ou_data, template=template, text_column=args.text_column, limit=args.ou_limit)
+        return fit_ou_baseline(model, tokenizer, heads, reference, max_length=args.max_length,
+                               batch_size=args.batch_size, progress=progress)
+    from ..trajectories import extract_trajectories
+
+    heads.check_compatible(model)
+    max_length, max_context = _caps(model, heads, args.max_length, None)
+    traj = extract_trajectories(model, tokenizer, args.ou_data, heads.config.layer, max_length=max_length,
+                                max_context=max_context, batch_size=args.batch_size, template=template,
+                                text_column=args.text_column, limit=args.ou_limit, progress=progress,
+                                cache=_cache.cache_flag(args))
+    return ou_baseline_from_trajectories(heads, traj)
+
+
 def run(args) -> int:
     from ..heads import SDEHeads
-    from ..scoring import fit_ou_baseline, score_texts
+    from ..scoring import score_texts
 
+    if args.trajectories is not None and args.ou_data is not None:
+        raise ValueError("--trajectories replaces --ou-data (the OU baseline's reference paths); give one of them.")
     heads = SDEHeads.from_pretrained(args.heads or default_heads())
     texts, prompts = _documents(args)  # before the model loads: a bad file fails fast
     model, tokenizer = _model.load_model_from_args(args, heads.config)
-    ou = None
-    if args.ou_data is not None:
-        from ..corpus import load_texts
-
-        reference = load_texts(args.ou_data, template=args.ou_template or args.template,
-                               text_column=args.text_column, limit=args.ou_limit)
-        ou = fit_ou_baseline(model, tokenizer, heads, reference, max_length=args.max_length,
-                             batch_size=args.batch_size, progress=not args.quiet and not args.json)
+    ou = _ou_baseline(args, model, tokenizer, heads)
     scores = score_texts(model, tokenizer, heads, texts, prompts=prompts, ou=ou, tube=args.tube,
                          batch_size=args.batch_size, max_length=args.max_length,
                          progress=not args.quiet and not args.json)
     if args.json:
         print_json({"heads": str(args.heads or default_heads()), "model": args.model, "tube": args.tube,
-                    "ou_data": args.ou_data, "scores": [s.as_dict() for s in scores]})
+                    "ou_data": args.ou_data, "trajectories": args.trajectories,
+                    "scores": [s.as_dict() for s in scores]})
         return 0
     print(format_table(scores, texts))
     if ou is None:
