@@ -31,11 +31,11 @@ import logging
 import os
 import shutil
 import uuid
-import zlib
 from pathlib import Path
 
 import torch
 
+from .gguf_cache import _crc32  # the same file check as the weights cache
 from .trajectories import Trajectories
 
 logger = logging.getLogger(__name__)
@@ -182,14 +182,6 @@ def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
 
 
 # ----- folders -----------------------------------------------------------------------------------------------
-def _crc32(path: Path, chunk: int = 1 << 24) -> int:
-    crc = 0
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            crc = zlib.crc32(block, crc)
-    return crc
-
-
 def layer_file(layer: int) -> str:
     return f"layer-{layer}.safetensors"
 

@@ -11,7 +11,7 @@ import os
 from . import _model
 from ._args import positive_int
 from ._output import check_output_dir, partial_dir, partial_path, publish
-from .fit import add_fit_arguments, default_layer
+from .fit import add_fit_arguments, check_args  # noqa: F401 - the same --layer default as fit
 
 HELP = "sharded extraction + data-parallel fit (run under accelerate launch / torchrun)"
 SMOKE = {"limit": 8, "epochs": 2, "max_length": 64}
@@ -48,11 +48,6 @@ def add_arguments(p) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace --out if it is not empty")
     p.add_argument("--json", action="store_true", help="print the fit summary as one JSON object")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-
-
-def check_args(args) -> None:
-    if args.layer is None:
-        args.layer = default_layer(args.model)
 
 
 def interrupted(args) -> str:
