@@ -30,6 +30,22 @@ import hf_sde  # noqa: E402
 PROMPTS = ["Once upon a time", "The little dog ran to the park and"]
 
 
+def random_heads(seed: int = 0, **overrides) -> hf_sde.SDEHeads:
+    """Heads for the tiny Llama (hidden 32, 3 layers, last layer) with random (non-zero) weights."""
+    cfg = dict(hidden_size=32, proj_dim=6, layer=2, num_layers=3, horizon=50.0, base_model="tiny/llama",
+               base_model_revision="abc123", width=16, depth=2, heldout_nll={"neural": 1.1, "ou": 1.2, "brownian": 1.5},
+               data={"corpus": "unit-test"})
+    cfg.update(overrides)
+    heads = hf_sde.SDEHeads(hf_sde.SDEHeadsConfig(**cfg))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, tensor in heads.state_dict().items():
+            if name != "frequencies":
+                tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.3 + (1.0 if name == "proj_scale" else 0.0))
+        heads.proj_scale.abs_().add_(0.1)
+    return heads
+
+
 @dataclass
 class Bundle:
     model: torch.nn.Module

@@ -15,29 +15,19 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import REPO, STORIES_REPO, TINYSTORIES
+from control_fixtures import random_heads
 
 from hf_sde.commands import COMMANDS, build_parser, main
 from hf_sde.corpus import CHAT_TEMPLATES, TEMPLATES, load_texts
-from hf_sde.heads import SDEHeads, SDEHeadsConfig
+from hf_sde.heads import SDEHeads
 
 SHIPPED_CONFIG = REPO / "hf_sde" / "pretrained" / "smollm2-135m-instruct-helpsteer" / "config.json"
 
 
 def _heads(**overrides) -> SDEHeads:
     """Small heads (hidden 32, 3 layers) with random non-zero weights and a sound calibration."""
-    cfg = dict(hidden_size=32, proj_dim=6, layer=2, num_layers=3, horizon=50.0, base_model="tiny/llama", width=16,
-               depth=2, heldout_nll={"neural": 1.1, "ou": 1.2, "brownian": 1.5}, log_diffusion_std=0.2)
-    cfg.update(overrides)
-    heads = SDEHeads(SDEHeadsConfig(**cfg))
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, tensor in heads.state_dict().items():
-            if name != "frequencies":
-                tensor.copy_(torch.randn(tensor.shape, generator=g) * 0.3 + (1.0 if name == "proj_scale" else 0.0))
-        heads.proj_scale.abs_().add_(0.1)
-    return heads
+    return random_heads(**{"log_diffusion_std": 0.2, "base_model_revision": None, "data": {}, **overrides})
 
 
 def _subparsers() -> dict[str, argparse.ArgumentParser]:
