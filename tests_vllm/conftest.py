@@ -92,3 +92,28 @@ def llm(folder):
 
     scheduler._preempt_request = counting
     return engine
+
+
+def engine_config(hidden_size: int = 576, num_hidden_layers: int = 30, **changes):
+    """A stand-in ``VllmConfig`` with what hf-sde's engine checks read: an eager, single-worker Llama engine
+    without speculative decoding or prefix caching; ``changes`` maps dotted paths to other values
+    (``{"model_config.enforce_eager": False}``)."""
+    from types import SimpleNamespace
+
+    hf_config = SimpleNamespace(architectures=["LlamaForCausalLM"], hidden_size=hidden_size,
+                                num_hidden_layers=num_hidden_layers)
+    cfg = SimpleNamespace(
+        model_config=SimpleNamespace(enforce_eager=True, hf_config=hf_config),
+        compilation_config=SimpleNamespace(mode=0),
+        speculative_config=None,
+        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, enable_dbo=False,
+                                        decode_context_parallel_size=1, prefill_context_parallel_size=1),
+        cache_config=SimpleNamespace(enable_prefix_caching=False),
+    )
+    for path, value in changes.items():
+        obj = cfg
+        *parents, last = path.split(".")
+        for p in parents:
+            obj = getattr(obj, p)
+        setattr(obj, last, value)
+    return cfg

@@ -6,6 +6,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import engine_config
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 
@@ -75,21 +76,7 @@ def test_allowlisted_path_that_is_missing_is_reported(monkeypatch, tmp_path):
 
 
 def _config(**changes):
-    hf_config = SimpleNamespace(architectures=["LlamaForCausalLM"], hidden_size=576, num_hidden_layers=30)
-    cfg = SimpleNamespace(
-        model_config=SimpleNamespace(enforce_eager=True, hf_config=hf_config),
-        compilation_config=SimpleNamespace(mode=0),
-        speculative_config=None,
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1),
-        cache_config=SimpleNamespace(enable_prefix_caching=False),
-    )
-    for path, value in changes.items():
-        obj = cfg
-        *parents, last = path.split(".")
-        for p in parents:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return cfg
+    return engine_config(**changes)
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from conftest import engine_config
 from vllm import SamplingParams
 from vllm.exceptions import VLLMValidationError
 from vllm.v1.sample import logits_processor as v1
@@ -42,22 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _config(**changes):
-    hf_config = SimpleNamespace(architectures=["LlamaForCausalLM"], hidden_size=HIDDEN, num_hidden_layers=LAYERS)
-    cfg = SimpleNamespace(
-        model_config=SimpleNamespace(enforce_eager=True, hf_config=hf_config),
-        compilation_config=SimpleNamespace(mode=0),
-        speculative_config=None,
-        parallel_config=SimpleNamespace(tensor_parallel_size=1, pipeline_parallel_size=1, enable_dbo=False,
-                                        decode_context_parallel_size=1, prefill_context_parallel_size=1),
-        cache_config=SimpleNamespace(enable_prefix_caching=False),
-    )
-    for path, value in changes.items():
-        obj = cfg
-        *parents, last = path.split(".")
-        for p in parents:
-            obj = getattr(obj, p)
-        setattr(obj, last, value)
-    return cfg
+    return engine_config(hidden_size=HIDDEN, num_hidden_layers=LAYERS, **changes)
 
 
 class _Block(torch.nn.Module):
