@@ -63,7 +63,7 @@ def setup_env(threads: int | None = None) -> None:
     transformers.logging.set_verbosity_error()
     library_fingerprint()
     logging.getLogger("hf_sde").setLevel(logging.ERROR)
-    logging.getLogger("hf_sde.loading").setLevel(logging.ERROR)
+    logging.getLogger("hf_sde.data.loading").setLevel(logging.ERROR)
     if threads:
         torch.set_num_threads(int(threads))
     with contextlib.suppress(RuntimeError):
@@ -205,7 +205,7 @@ def tinystories_texts() -> list[str]:
 def helpsteer_ids(tok, max_length: int = 256, limit: int | None = None) -> tuple[list[list[int]], list[str]]:
     """HelpSteer responses (template ``helpsteer-response``) tokenized and truncated, with prompt groups."""
     from hf_sde import load_texts
-    from hf_sde.trajectories import tokenize_texts
+    from hf_sde.trajectories.extract import tokenize_texts
 
     texts, groups = load_texts(str(HELPSTEER), template="helpsteer-response", limit=limit, return_groups=True)
     return tokenize_texts(tok, texts, max_length), groups
@@ -244,12 +244,12 @@ def library_fingerprint() -> str:
     Computed once per process, right after importing that code: a file edited while a long run is going
     must not relabel heads fitted by the code the process actually runs."""
     if not _FINGERPRINT:
-        import hf_sde.fitting  # noqa: F401 - the code whose source is hashed is the code in use
+        import hf_sde.fitting.fit  # noqa: F401 - the code whose source is hashed is the code in use
 
         h = hashlib.sha1()
-        for name in ("fitting.py", "heads.py", "trajectories.py"):
-            with contextlib.suppress(OSError):
-                h.update((REPO / "hf_sde" / name).read_bytes())
+        package = REPO / "hf_sde"
+        for path in [*sorted((package / "fitting").glob("*.py")), package / "trajectories" / "extract.py"]:
+            h.update(path.read_bytes())
         _FINGERPRINT.append(h.hexdigest()[:10])
     return _FINGERPRINT[0]
 
@@ -613,7 +613,7 @@ _SMOLLM2: list = []
 
 def load_smollm2():
     """SmolLM2-135M-Instruct and its tokenizer (loaded once per process)."""
-    from hf_sde.loading import SMOLLM2
+    from hf_sde.data.loading import SMOLLM2
 
     if not _SMOLLM2:
         _SMOLLM2.append(SMOLLM2.load())

@@ -77,7 +77,7 @@ def main(argv=None):
             texts = None
         elif corpus == "tinystories":
             texts = C.tinystories_texts()[:n]
-            ids = hf_sde.trajectories.tokenize_texts(tok, texts, max_length)
+            ids = hf_sde.trajectories.extract.tokenize_texts(tok, texts, max_length)
         else:
             import torch
 

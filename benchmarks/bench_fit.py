@@ -89,7 +89,7 @@ def matmul_gflops(rows: int, width: int = 128, seconds: float = 0.3, precision: 
     (and the fit's float32 matmul precision)."""
     import torch
 
-    from hf_sde.fitting import float32_matmul_precision
+    from hf_sde.fitting.fit import float32_matmul_precision
 
     a, b = torch.randn(rows, width), torch.randn(width, width)
     with float32_matmul_precision(precision):

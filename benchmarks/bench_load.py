@@ -36,7 +36,7 @@ def probe(model: str) -> dict:
     """Runs in the child: one timed load."""
     C.setup_env(1)
     import hf_sde  # noqa: F401 - imports outside the timed part
-    from hf_sde.loading import SMOLLM2
+    from hf_sde.data.loading import SMOLLM2
 
     t0 = time.perf_counter()
     if model == "SmolLM2":

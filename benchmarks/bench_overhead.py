@@ -103,7 +103,7 @@ def prepare(name: str, scale: str):
         model, tok = C.load_stories()
         heads, _ = C.stories_heads(model, tok, "helpsteer", -1, "smoke" if scale == "smoke" else "default")
     else:
-        from hf_sde.loading import SMOLLM2
+        from hf_sde.data.loading import SMOLLM2
 
         model, tok = SMOLLM2.load()
         model.eval()
@@ -243,7 +243,7 @@ def reference_step(heads):
 def _in_situ_us(call, model, layer: int, fn, n_hook: int) -> float:
     """us per call of ``fn(h)`` (``h``: the newest position's hidden state as float32, the slice included) in a
     hook at ``layer`` inside one plain ``generate`` call (no SDE control)."""
-    from hf_sde.layers import register_block_hook
+    from hf_sde.data.layers import register_block_hook
 
     spent = []
 

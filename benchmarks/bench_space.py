@@ -64,7 +64,7 @@ def _wait_up(port: int, proc: subprocess.Popen, timeout: float = 900) -> None:
 
 
 def _start(variant: str, port: int, env: dict, heads: str | None, log: Path) -> subprocess.Popen:
-    spec = "from hf_sde.loading import SMOLLM2 as S\n"
+    spec = "from hf_sde.data.loading import SMOLLM2 as S\n"
     if variant == "before":
         code = spec + ("import hf_sde.demo as d\n"
                        f"demo = d.build_demo(S.name_or_path, S.gguf_file, S.revision, {heads!r})\n"
@@ -123,7 +123,7 @@ def run_variant(variant: str, env: dict, heads: str | None, work: Path, args) ->
         _wait_up(port, proc)
         startup = time.perf_counter() - t0
         url = f"http://127.0.0.1:{port}/"
-        from hf_sde.loading import SMOLLM2 as S
+        from hf_sde.data.loading import SMOLLM2 as S
 
         # The old page's model / GGUF / revision / heads boxes come first in its API.
         prefix = [S.name_or_path, S.gguf_file, S.revision, heads] if variant == "before" else []

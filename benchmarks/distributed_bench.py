@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(HERE), "examples"))
 def extract(args) -> None:
     import _offline  # noqa: F401  (offline hub cache when ../shared exists)
 
-    from hf_sde.process_group import DistEnv
+    from hf_sde.fitting.process_group import DistEnv
 
     with DistEnv.init(cpu=True) as env:
         _extract(args, env)
@@ -40,10 +40,10 @@ def _extract(args, env) -> None:
     import torch
 
     import hf_sde
-    import hf_sde.loading
-    from hf_sde.shards import clear_shards, extract_to_shards
+    import hf_sde.data.loading
+    from hf_sde.trajectories.shards import clear_shards, extract_to_shards
 
-    model, tok = hf_sde.loading.STORIES260K.load()
+    model, tok = hf_sde.data.loading.STORIES260K.load()
     out = args.out or tempfile.mkdtemp()
     if env.is_main:
         clear_shards(out)
@@ -68,7 +68,7 @@ def _extract(args, env) -> None:
 def make_corpus(folder: str, sequences: int, length: int, hidden: int, shard_size: int) -> None:
     import torch
 
-    from hf_sde.trajectories import Trajectories
+    from hf_sde.trajectories.extract import Trajectories
 
     os.makedirs(folder, exist_ok=True)
     g = torch.Generator().manual_seed(0)
@@ -96,8 +96,8 @@ def fit_child(args) -> None:
     """
     import torch
 
-    from hf_sde.fitting import fit_heads, fit_heads_distributed
-    from hf_sde.shards import load_shards
+    from hf_sde.fitting.fit import fit_heads, fit_heads_distributed
+    from hf_sde.trajectories.shards import load_shards
 
     torch.set_num_threads(1)
     base = _vm("VmRSS")

@@ -5,7 +5,7 @@ Strategies (all ancestral sampling, ``top_k=0``, fixed seed, same prompts):
 * fixed temperature sweep;
 * SDE temperature control, ``tau = clip(tau0 * exp(-beta * z), 0.3, 1.5)`` (beta sweep at two tau0);
 * min-p sweep at temperature 1;
-* EDT, entropy-based dynamic temperature ``T = T0 * N^(theta/H)`` (N = 0.8, theta sweep; hf_sde.processors).
+* EDT, entropy-based dynamic temperature ``T = T0 * N^(theta/H)`` (N = 0.8, theta sweep; hf_sde.control.processors).
 
 Metrics per setting: mean per-token NLL of the generated continuation under the base model at
 temperature 1 (lower = more typical for the model), corpus-level distinct-2 / distinct-3 over words, and
@@ -59,7 +59,7 @@ def generate(model, tok, heads, prompts, method, params, cfg, seed):
     from transformers import LogitsProcessorList
 
     import hf_sde
-    from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor
+    from hf_sde.control.processors import EntropyDynamicTemperatureLogitsProcessor
 
     hf_sde.enable_sde_control(model)
     eos = tok.eos_token_id

@@ -88,7 +88,7 @@ def _load_scores(path):
     import torch
     from safetensors import safe_open
 
-    from hf_sde.scoring import summarize
+    from hf_sde.analysis.scoring import summarize
 
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
@@ -111,7 +111,7 @@ def score_rows(model_name, model, tok, heads, heads_id, rows, template, cfg, pro
     import hashlib
     import time
 
-    from hf_sde.scoring import score_texts
+    from hf_sde.analysis.scoring import score_texts
 
     key = C.cache_key(model=model_name, heads=heads_id, rows=hashlib.sha1(json.dumps(rows).encode()).hexdigest(),
                       template=template, max_length=cfg["max_length"], v=1)
@@ -242,7 +242,7 @@ def _ci(b) -> list[float]:
 def setup_smollm2(heads_dir, rows):
     """SmolLM2, the heads, template ``helpsteer-chat``, and the held-out row mask from the heads' record."""
     from hf_sde import SDEHeads
-    from hf_sde.fitting import group_hash
+    from hf_sde.fitting.fit import group_hash
 
     model, tok = C.load_smollm2()
     heads = SDEHeads.from_pretrained(str(heads_dir)).eval()
@@ -377,8 +377,8 @@ def main(argv=None):
     import time
 
     from hf_sde import OUBaseline
-    from hf_sde.fitting import make_transitions
-    from hf_sde.scoring import DEFAULT_TUBE, rescore
+    from hf_sde.analysis.scoring import DEFAULT_TUBE, rescore
+    from hf_sde.fitting.fit import make_transitions
 
     scale = C.scale_of(args)
     cfg = dict(SETTINGS[scale])

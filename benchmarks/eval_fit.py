@@ -41,7 +41,7 @@ def per_sequence_nll(predict, paths, horizon):
     """Per held-out sequence: (sum of per-transition NLL (mean over dims), number of transitions)."""
     import torch
 
-    from hf_sde.fitting import make_transitions
+    from hf_sde.fitting.fit import make_transitions
 
     sums, counts, values = [], [], []
     with torch.no_grad():
@@ -58,7 +58,7 @@ def per_sequence_nll(predict, paths, horizon):
 def compare(heads, train_paths, eval_paths, boot: int, seed: int) -> dict:
     import numpy as np
 
-    from hf_sde.fitting import BrownianBaseline, OUBaseline, make_transitions
+    from hf_sde.fitting.fit import BrownianBaseline, OUBaseline, make_transitions
 
     T = heads.config.horizon
     train = make_transitions(train_paths, T)
@@ -96,7 +96,7 @@ def main(argv=None):
     hs = C.HEADS_SCALE[scale]
     run = C.Run("eval_fit", args, {**cfg, "heads": hs, "proj_dim": 16, "width": 128, "depth": 2})
     model, tok = C.load_stories()
-    real_ids = hf_sde.trajectories.tokenize_texts(tok, C.tinystories_texts(), 512)
+    real_ids = hf_sde.trajectories.extract.tokenize_texts(tok, C.tinystories_texts(), 512)
     results, rows = {}, []
     for corpus, layer, stopping, jitter in cfg["runs"]:
         heads, summary = C.stories_heads(model, tok, corpus, layer, scale, seed=args.seed, stopping=stopping,

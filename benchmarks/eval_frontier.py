@@ -61,7 +61,7 @@ MAX_PROMPT_TOKENS = 512
 
 def sha1(text: str) -> str:
     """The hash ``fit_heads`` records for held-out prompts (``config.data["heldout_prompt_sha1"]``)."""
-    from hf_sde.fitting import group_hash
+    from hf_sde.fitting.fit import group_hash
 
     return group_hash(text)
 
@@ -129,7 +129,7 @@ def generate(model, tok, heads, prompt_ids, method, value, cfg, seed, temp_heads
     from transformers import LogitsProcessorList
 
     import hf_sde
-    from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor
+    from hf_sde.control.processors import EntropyDynamicTemperatureLogitsProcessor
 
     hf_sde.enable_sde_control(model)
     out_ids = []
@@ -332,7 +332,7 @@ def main(argv=None):
     from _quality import Judge
 
     import hf_sde
-    from hf_sde.loading import SMOLLM2
+    from hf_sde.data.loading import SMOLLM2
 
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]

@@ -136,7 +136,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     C.setup_env(args.threads)
     import hf_sde
-    from hf_sde.loading import SMOLLM2
+    from hf_sde.data.loading import SMOLLM2
 
     scale = C.scale_of(args)
     cfg = SETTINGS[scale]

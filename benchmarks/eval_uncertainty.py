@@ -110,7 +110,7 @@ def features(model, heads, token_ids, starts=None, batch_size: int = 8, grid=Non
     would not fit in memory)."""
     import torch
 
-    from hf_sde.layers import register_block_hook
+    from hf_sde.data.layers import register_block_hook
 
     starts = list(starts) if starts is not None else [0] * len(token_ids)
     keep = [i for i, ids in enumerate(token_ids) if len(ids) - starts[i] >= 4]
@@ -277,8 +277,8 @@ def heldout_rows(heads, n_prompts: int | None) -> tuple[list[dict], list[str]]:
 
 def human_ids(tok, rows, max_length: int, max_context: int):
     """Chat ids and path starts of the rows, as the fit tokenized them (template ``helpsteer-chat``)."""
-    from hf_sde.corpus import TEMPLATES
-    from hf_sde.trajectories import tokenize_documents
+    from hf_sde.data.corpus import TEMPLATES
+    from hf_sde.trajectories.extract import tokenize_documents
 
     docs = [TEMPLATES["helpsteer-chat"](r) for r in rows]
     return tokenize_documents(tok, docs, max_length, max_context, template="helpsteer-chat")
@@ -317,7 +317,7 @@ def run_smollm2(args, cfg, heads_dir) -> tuple[dict, str]:
     import time
 
     from hf_sde import SDEHeads
-    from hf_sde.loading import SMOLLM2
+    from hf_sde.data.loading import SMOLLM2
 
     t0 = time.perf_counter()
     model, tok = SMOLLM2.load()
@@ -354,7 +354,7 @@ def run_stories(args, sets, scale: str, boot: int) -> tuple[dict, str]:
     import hf_sde
 
     model, tok = C.load_stories()
-    real_ids = hf_sde.trajectories.tokenize_texts(tok, C.tinystories_texts(), 512)
+    real_ids = hf_sde.trajectories.extract.tokenize_texts(tok, C.tinystories_texts(), 512)
     results, rows_main, rows_comb = {}, [], []
     for corpus, layer in sets:
         heads, summary = C.stories_heads(model, tok, corpus, layer, scale, seed=args.seed, stopping="auto")

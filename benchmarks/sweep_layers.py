@@ -33,7 +33,7 @@ SETTINGS = {
 
 def fit_layer(traj, cfg, seed):
     import hf_sde
-    from hf_sde.loading import SMOLLM2
+    from hf_sde.data.loading import SMOLLM2
 
     return hf_sde.fit_heads(traj, proj_dim=16, epochs=cfg["epochs"], seed=seed, progress=False,
                             base_model=SMOLLM2.name_or_path, base_model_revision=SMOLLM2.revision,

@@ -1,9 +1,9 @@
 """What every example shares: ``--model`` / ``--heads`` arguments, chat prompts and ``HF_SDE_SMOKE=1`` caps.
 
-By default the examples use SmolLM2-135M-Instruct (``hf_sde.loading.DEFAULT_MODEL``) with the heads shipped in
+By default the examples use SmolLM2-135M-Instruct (``hf_sde.data.loading.DEFAULT_MODEL``) with the heads shipped in
 the package (``hf_sde.pretrained.DEFAULT_HEADS``). ``--model`` takes a hub id or folder; a known id (e.g.
 ``ggml-org/models-moved`` for stories260K) gets its pinned GGUF file and revision from
-``hf_sde.loading.resolve_model_spec``.
+``hf_sde.data.loading.resolve_model_spec``.
 """
 
 import argparse
@@ -13,7 +13,7 @@ import _offline  # noqa: F401  (sets HF_HUB_CACHE/HF_HUB_OFFLINE for the shared 
 
 import hf_sde
 from hf_sde.commands._smoke import apply_smoke
-from hf_sde.loading import DEFAULT_MODEL, resolve_model_spec
+from hf_sde.data.loading import DEFAULT_MODEL, resolve_model_spec
 from hf_sde.pretrained import DEFAULT_HEADS
 
 #: A chat prompt SmolLM2 answers coherently.

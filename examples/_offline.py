@@ -1,7 +1,7 @@
 """Point the hub cache at the repository's ../shared assets when they exist (offline use).
 
 Examples import this first (before anything imports huggingface_hub); with your own HF_HUB_CACHE / network, it
-changes nothing. The models themselves are named in :mod:`hf_sde.loading` (``DEFAULT_MODEL``, ``STORIES260K``).
+changes nothing. The models themselves are named in :mod:`hf_sde.data.loading` (``DEFAULT_MODEL``, ``STORIES260K``).
 """
 
 import os

@@ -15,7 +15,7 @@ import _helpers
 import torch
 
 import hf_sde
-from hf_sde.generate_cli import format_table, token_table
+from hf_sde.analysis.generate_table import format_table, token_table
 
 
 def main(argv=None):

@@ -23,7 +23,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     _helpers.add_model_arguments(p)
     p.add_argument("--data", default=_offline.HELPSTEER)
-    p.add_argument("--template", default="helpsteer-chat", help="corpus template (hf_sde.corpus)")
+    p.add_argument("--template", default="helpsteer-chat", help="corpus template (hf_sde.data.corpus)")
     p.add_argument("--out", default="heads/helpsteer")
     p.add_argument("--layer", type=int, default=-1)
     p.add_argument("--proj-dim", type=int, default=16)

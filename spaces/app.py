@@ -28,7 +28,7 @@ except ImportError:  # running from a checkout without the package installed, or
     here = os.path.dirname(os.path.abspath(__file__))
     sys.path[:0] = [here, os.path.dirname(here)]
     import hf_sde.demo as sde_demo
-from hf_sde.loading import resolve_model_spec
+from hf_sde.data.loading import resolve_model_spec
 
 
 def _env(name: str, default=None):

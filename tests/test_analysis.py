@@ -1,4 +1,4 @@
-"""Known-answer tests for hf_sde.analysis and hf_sde.simulate.
+"""Known-answer tests for hf_sde.analysis.diagnostics and hf_sde.analysis.simulate.
 
 Exact Ornstein-Uhlenbeck heads are built by setting SDEHeads' weights (drift_linear = OU drift, drift_net and
 the diffusion net's last-layer weight zero, diffusion through the last-layer bias); data are simulated from the
@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 import torch
 
-from hf_sde import analysis as an
-from hf_sde.fitting import BrownianBaseline, OUBaseline, _evaluate, fit_heads, make_transitions
-from hf_sde.heads import SDEHeads, SDEHeadsConfig
-from hf_sde.simulate import BaselineSDE, as_sde, simulate
-from hf_sde.trajectories import Trajectories
+from hf_sde.analysis import diagnostics as an
+from hf_sde.analysis.simulate import BaselineSDE, as_sde, simulate
+from hf_sde.fitting.fit import BrownianBaseline, OUBaseline, _evaluate, fit_heads, make_transitions
+from hf_sde.fitting.heads import SDEHeads, SDEHeadsConfig
+from hf_sde.trajectories.extract import Trajectories
 
 T = 50
 DT = 1.0 / T

@@ -1,4 +1,4 @@
-"""The EDT baseline logits processor (hf_sde.processors)."""
+"""The EDT baseline logits processor (hf_sde.control.processors)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel, LogitsProcessorList
 
-from hf_sde.processors import EntropyDynamicTemperatureLogitsProcessor as EDT
+from hf_sde.control.processors import EntropyDynamicTemperatureLogitsProcessor as EDT
 
 
 def _scores_with_entropies(batch: int = 6, vocab: int = 50) -> torch.Tensor:
@@ -81,11 +81,11 @@ def test_in_generate_records_every_step():
     assert all(t.shape == (2,) and (t > 0).all() and (t <= 1.0 + 1e-6).all() for t in edt.temperatures)
 
 
-# ----- the SDE baselines (hf_sde.baselines) ---------------------------------------------------------------
+# ----- the SDE baselines (hf_sde.fitting.baselines) ---------------------------------------------------------------
 def test_sde_baselines_from_summed_statistics_equal_the_pooled_fit():
     """Statistics of two halves, summed, give the baselines of the whole (what N processes all-reduce)."""
-    from hf_sde.baselines import BrownianBaseline, OUBaseline, TransitionStats
-    from hf_sde.fitting import make_transitions
+    from hf_sde.fitting.baselines import BrownianBaseline, OUBaseline, TransitionStats
+    from hf_sde.fitting.fit import make_transitions
 
     g = torch.Generator().manual_seed(0)
     tr = make_transitions([torch.randn(40, 3, generator=g).cumsum(0) * 0.1 for _ in range(6)], horizon=40)
@@ -104,7 +104,7 @@ def test_sde_baselines_from_summed_statistics_equal_the_pooled_fit():
 
 
 # ----- truncation samplers: top-nσ and p-less ---------------------------------------------------------------
-from hf_sde.processors import PLessLogitsProcessor, TopNSigmaLogitsProcessor  # noqa: E402
+from hf_sde.control.processors import PLessLogitsProcessor, TopNSigmaLogitsProcessor  # noqa: E402
 
 IDS = torch.zeros(4, 1, dtype=torch.long)
 

@@ -10,7 +10,7 @@ from control_fixtures import encode, run
 
 import hf_sde.commands._model
 from hf_sde.commands import main
-from hf_sde.loading import STORIES260K
+from hf_sde.data.loading import STORIES260K
 
 DEFAULT_MODEL = STORIES260K.name_or_path
 

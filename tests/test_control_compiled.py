@@ -16,7 +16,7 @@ from control_fixtures import PARITY_FAMILIES, parity_bundle
 from transformers import CompileConfig, StoppingCriteria, StoppingCriteriaList
 
 from hf_sde import SDEControl, sde_generate
-from hf_sde.layers import decoder_layers
+from hf_sde.data.layers import decoder_layers
 
 IDS = torch.tensor([[1, 5, 9, 13, 17, 21], [0, 0, 1, 40, 41, 42]])
 MASK = (IDS != 0).long()

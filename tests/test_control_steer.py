@@ -9,7 +9,7 @@ from control_fixtures import PROMPTS, all_hooks, encode, run, tiny_bundle
 from transformers import GenerationConfig
 
 from hf_sde import SDEControl, enable_sde_control
-from hf_sde.layers import decoder_layers
+from hf_sde.data.layers import decoder_layers
 
 NEW = 10
 

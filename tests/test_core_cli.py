@@ -11,7 +11,7 @@ import torch
 from conftest import STORIES_REPO, TINYSTORIES
 
 from hf_sde.commands import main
-from hf_sde.heads import SDEHeads
+from hf_sde.fitting.heads import SDEHeads
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def no_network(monkeypatch):
 
 @pytest.fixture
 def saved_heads(tmp_path, stories_trajectories):
-    from hf_sde.fitting import fit_heads
+    from hf_sde.fitting.fit import fit_heads
 
     folder = tmp_path / "heads"
     fit_heads(stories_trajectories, proj_dim=4, epochs=1, width=8, progress=False).heads.save_pretrained(folder)
@@ -60,7 +60,7 @@ def test_fit_prints_one_json_summary_and_saves_heads(tmp_path, capsys):
 
 
 def test_fit_with_a_bad_layer_exits_2_with_the_valid_range(tmp_path, capsys, monkeypatch, stories_model):
-    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", lambda *args, **kwargs: stories_model)
     rc = main(["fit", "--model", STORIES_REPO, "--data", str(TINYSTORIES), "--layer", "5", "-q", "--out", str(tmp_path / "out")])
     assert rc == 2
     err = capsys.readouterr().err
@@ -69,7 +69,7 @@ def test_fit_with_a_bad_layer_exits_2_with_the_valid_range(tmp_path, capsys, mon
 
 
 def test_fit_with_a_missing_corpus_exits_2(tmp_path, capsys, monkeypatch, stories_model):
-    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", lambda *args, **kwargs: stories_model)
     rc = main(["fit", "--model", STORIES_REPO, "--data", str(tmp_path / "nope.txt"), "-q", "--out", str(tmp_path / "out")])
     assert rc == 2
     assert "nope.txt" in capsys.readouterr().err
@@ -103,7 +103,7 @@ def test_push_validates_the_folder_first(tmp_path, capsys, no_network):
 
 def test_fit_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys, monkeypatch, stories_model):
     """Before: `fit --out` into a folder of earlier heads silently overwrote them."""
-    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", lambda *args, **kwargs: stories_model)
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("earlier work")
@@ -118,7 +118,7 @@ def test_fit_refuses_a_non_empty_out_unless_overwrite(tmp_path, capsys, monkeypa
 
 
 def test_an_interrupted_fit_leaves_nothing_that_loads(tmp_path, monkeypatch, stories_model):
-    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", lambda *args, **kwargs: stories_model)
     real_save = SDEHeads._save_pretrained
 
     def save_then_die(self, save_directory):

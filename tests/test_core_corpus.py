@@ -8,8 +8,8 @@ import json
 import pytest
 from conftest import HELPSTEER, TINYSTORIES
 
-from hf_sde.corpus import load_texts
-from hf_sde.trajectories import extract_trajectories
+from hf_sde.data.corpus import load_texts
+from hf_sde.trajectories.extract import extract_trajectories
 
 
 def test_txt_with_separator_and_one_per_line(tmp_path):
@@ -126,7 +126,7 @@ def _write(path, content: str | bytes):
     ("latin1.jsonl", b'{"text": "a"}\n{"text": "caf\xe9"}\n', r"latin1\.jsonl, line 2: not UTF-8 text"),
 ])
 def test_bad_files_name_the_file_and_line(tmp_path, name, content, message):
-    from hf_sde.corpus import iter_documents
+    from hf_sde.data.corpus import iter_documents
 
     path = _write(tmp_path / name, content)
     with pytest.raises(ValueError, match=message):

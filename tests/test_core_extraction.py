@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import TINY_ARCHITECTURES, TINYSTORIES, make_tiny_model, random_ids
 
-from hf_sde.layers import decoder_layers, num_decoder_layers, resolve_layer
-from hf_sde.trajectories import (
+from hf_sde.data.layers import decoder_layers, num_decoder_layers, resolve_layer
+from hf_sde.trajectories.extract import (
     Trajectories,
     check_finite,
     extract_from_ids,
@@ -160,7 +160,7 @@ def test_hook_is_removed_even_if_forward_raises():
 def test_short_texts_are_skipped_and_counted(tiny_models, caplog):
     model = tiny_models("gpt2")
     ids = [[5], [6, 7, 8], [], [9, 10], [11]]
-    with caplog.at_level(logging.WARNING, logger="hf_sde.trajectories"):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.trajectories.extract"):
         traj = extract_from_ids(model, ids, -1, progress=False)
     assert traj.skipped == 3
     assert len(traj) == 2 and traj.lengths == [3, 2]
@@ -340,8 +340,8 @@ def _template_ids(tok, messages, **kw) -> list[int]:
 
 
 def test_chat_path_starts_at_the_last_prompt_position(chat_tok):
-    from hf_sde.corpus import load_texts
-    from hf_sde.trajectories import tokenize_chats
+    from hf_sde.data.corpus import load_texts
+    from hf_sde.trajectories.extract import tokenize_chats
 
     convs = load_texts(ROWS, template="helpsteer-chat")
     assert convs[0] == [{"role": "user", "content": ROWS[0]["prompt"]},
@@ -361,8 +361,8 @@ def test_chat_states_equal_the_full_conversation_forward(stories_model, chat_tok
                                    progress=False)
     single = extract_trajectories(model, chat_tok, ROWS, [2, -1], template="helpsteer-chat", batch_size=1,
                                   progress=False)
-    from hf_sde.corpus import load_texts
-    from hf_sde.trajectories import tokenize_chats
+    from hf_sde.data.corpus import load_texts
+    from hf_sde.trajectories.extract import tokenize_chats
 
     ids, starts = tokenize_chats(chat_tok, load_texts(ROWS, template="helpsteer-chat"))
     for b, s in zip(batched, single, strict=True):
@@ -380,8 +380,8 @@ def test_chat_states_equal_the_full_conversation_forward(stories_model, chat_tok
 def test_chat_truncation_groups_and_messages(stories_model, chat_tok):
     from conftest import HELPSTEER
 
-    from hf_sde.corpus import load_texts
-    from hf_sde.trajectories import tokenize_chats
+    from hf_sde.data.corpus import load_texts
+    from hf_sde.trajectories.extract import tokenize_chats
 
     convs, groups = load_texts(HELPSTEER, template="helpsteer-chat", limit=8, return_groups=True)
     assert groups == load_texts(HELPSTEER, template="helpsteer", limit=8, return_groups=True)[1]

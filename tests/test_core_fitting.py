@@ -9,8 +9,8 @@ import pytest
 import torch
 from conftest import HELPSTEER
 
-from hf_sde.corpus import load_texts
-from hf_sde.fitting import (
+from hf_sde.data.corpus import load_texts
+from hf_sde.fitting.fit import (
     BrownianBaseline,
     OUBaseline,
     fit_heads,
@@ -19,7 +19,7 @@ from hf_sde.fitting import (
     make_transitions,
     split_sequences,
 )
-from hf_sde.trajectories import Trajectories, extract_trajectories
+from hf_sde.trajectories.extract import Trajectories, extract_trajectories
 
 # A stable 2-D OU process in time units (t in [0, 1]): dZ = A (Z - m) dt + diag(sigma) dW.
 OU_A = torch.tensor([[-6.0, 3.0], [-3.0, -4.0]])
@@ -195,7 +195,7 @@ def test_split_keeps_groups_together():
 
 
 def test_split_with_a_single_group_falls_back_to_sequences_and_warns(caplog):
-    with caplog.at_level(logging.WARNING, logger="hf_sde.fitting"):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.fitting.fit"):
         train, held = split_sequences(5, 0.2, 0, ["same prompt"] * 5)
     assert len(held) == 1 and len(train) == 4
     assert "share one group" in caplog.text
@@ -282,7 +282,7 @@ def test_too_little_heldout_data_is_refused():
 
 
 def test_non_finite_calibration_fails_the_fit(monkeypatch):
-    from hf_sde.heads import SDEHeads
+    from hf_sde.fitting.heads import SDEHeads
 
     monkeypatch.setattr(SDEHeads, "diffusion_magnitude", lambda self, s: torch.full(s.shape[:-1], float("nan")))
     with pytest.raises(ValueError, match="calibration is not finite"):
@@ -304,7 +304,7 @@ def test_heads_record_heldout_groups_as_hashes():
     import torch
 
     import hf_sde
-    from hf_sde.fitting import group_hash
+    from hf_sde.fitting.fit import group_hash
 
     g = torch.Generator().manual_seed(0)
     states = [torch.randn(40, 8, generator=g) for _ in range(12)]
@@ -356,7 +356,7 @@ def _assert_same_fit(a, b, tol: float) -> None:
 
 def test_fused_adamw_fit_equals_the_unfused_one(well_fit, monkeypatch):
     """The fit's AdamW is the fused kernel; the per-tensor implementation it replaced gives the same fit."""
-    import hf_sde.training as training
+    import hf_sde.fitting.training as training
 
     traj, fused = well_fit
     heads = fused.heads
@@ -377,7 +377,7 @@ def test_optimizer_falls_back_when_fused_is_refused(monkeypatch):
             raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
         return real(params, **kw)
 
-    import hf_sde.training as training
+    import hf_sde.fitting.training as training
 
     monkeypatch.setattr(training.torch.optim, "AdamW", refuse_fused)
     opt = training.make_optimizer(heads, 1e-3, 1e-4)
@@ -398,7 +398,7 @@ def test_compiled_loss_fit_equals_eager(well_fit):
 
 
 def test_compiled_loss_runs_other_batch_shapes_eagerly():
-    from hf_sde.training import BatchLoss, HeadsOnInputs, batch_parts
+    from hf_sde.fitting.training import BatchLoss, HeadsOnInputs, batch_parts
 
     heads = fit_heads(simulate_double_well(num_paths=8), **{**WELL_FIT, "epochs": 0}).heads
     model = HeadsOnInputs(heads)
@@ -427,7 +427,7 @@ def test_fit_options_are_checked():
 def test_matmul_precision_applies_to_the_training_only(well_fit, monkeypatch):
     """matmul_precision="medium" (bfloat16 products where the hardware has them) is set for the training and
     restored after it, also when the fit raises; the result differs from the float32 fit by rounding only."""
-    import hf_sde.fitting as fitting
+    import hf_sde.fitting.fit as fitting
 
     traj, exact = well_fit
     assert torch.get_float32_matmul_precision() == "highest"
@@ -478,8 +478,8 @@ def test_bf16_trains_under_autocast_and_evaluates_in_float32(well_fit, monkeypat
     """bf16=True (mixed precision): the training batches' forward runs in bfloat16 (so its loss differs from
     float32 by bfloat16 rounding, not more), the weights, gradients and loss stay float32, the evaluations
     that early stopping and the report use run in float32, and the fit lands where the float32 fit does."""
-    import hf_sde.fitting as fitting
-    from hf_sde.training import HeadsOnInputs, batch_parts
+    import hf_sde.fitting.fit as fitting
+    from hf_sde.fitting.training import HeadsOnInputs, batch_parts
 
     traj, exact = well_fit
     model = HeadsOnInputs(exact.heads)
@@ -521,15 +521,15 @@ def test_bf16_trains_under_autocast_and_evaluates_in_float32(well_fit, monkeypat
 
 
 def test_bf16_warns_on_a_cpu_without_native_bfloat16(well_fit, monkeypatch, caplog):
-    import hf_sde.fitting as fitting
+    import hf_sde.fitting.fit as fitting
 
     traj, _ = well_fit
     monkeypatch.setattr(fitting, "native_bf16", lambda: False)
-    with caplog.at_level("WARNING", logger="hf_sde.fitting"):
+    with caplog.at_level("WARNING", logger="hf_sde.fitting.fit"):
         fit_heads(traj, bf16=True, **{**WELL_FIT, "epochs": 1})
     assert "without native bfloat16" in caplog.text and "Fit without bf16 / --bf16" in caplog.text
     caplog.clear()
-    with caplog.at_level("WARNING", logger="hf_sde.fitting"):
+    with caplog.at_level("WARNING", logger="hf_sde.fitting.fit"):
         fit_heads(traj, **{**WELL_FIT, "epochs": 1})  # float32: nothing to warn about
     assert "bfloat16" not in caplog.text
 
@@ -537,7 +537,7 @@ def test_bf16_warns_on_a_cpu_without_native_bfloat16(well_fit, monkeypatch, capl
 def test_compiled_loss_keeps_bf16_autocast(well_fit):
     """The compiled loss runs the heads under the same bfloat16 autocast as the eager one (dynamo keeps the
     autocast region in the graph): close to the eager bf16 loss, not equal to the float32 one."""
-    from hf_sde.training import BatchLoss, HeadsOnInputs, batch_parts
+    from hf_sde.fitting.training import BatchLoss, HeadsOnInputs, batch_parts
 
     _, exact = well_fit
     model = HeadsOnInputs(exact.heads)
@@ -553,7 +553,7 @@ def test_compiled_loss_keeps_bf16_autocast(well_fit):
 def test_dynamic_compiled_loss_equals_eager_on_varying_batches():
     """rows=None (per-process batch sizes that vary: the multi-process exact fit): one dynamic-shape graph,
     the same loss and gradients as eager at every size."""
-    from hf_sde.training import BatchLoss, HeadsOnInputs, batch_parts
+    from hf_sde.fitting.training import BatchLoss, HeadsOnInputs, batch_parts
 
     heads = fit_heads(simulate_double_well(num_paths=8), **{**WELL_FIT, "epochs": 0}).heads
     model = HeadsOnInputs(heads)

@@ -11,7 +11,7 @@ import torch
 from control_fixtures import random_heads
 from safetensors.torch import load_file, save_file
 
-from hf_sde.heads import SDEHeads
+from hf_sde.fitting.heads import SDEHeads
 
 
 def _heads(seed: int = 0, **overrides) -> SDEHeads:

@@ -12,13 +12,13 @@ from conftest import STORIES_GGUF, STORIES_REPO, STORIES_REVISION, TINYSTORIES, 
 from huggingface_hub import hf_hub_download
 from transformers import GPT2Config, LlamaConfig
 
-from hf_sde.loading import load_gguf_tokenizer, prepare_tokenizer, repair_config_token_ids
+from hf_sde.data.loading import load_gguf_tokenizer, prepare_tokenizer, repair_config_token_ids
 
 
 def test_stories_gguf_loads_and_logs_the_repaired_fields(caplog):
-    with caplog.at_level(logging.WARNING, logger="hf_sde.loading"):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.data.loading"):
         model, tok = load_stories()
-    records = [r for r in caplog.records if r.name == "hf_sde.loading" and r.levelno == logging.WARNING]
+    records = [r for r in caplog.records if r.name == "hf_sde.data.loading" and r.levelno == logging.WARNING]
     assert len(records) == 1, [r.getMessage() for r in caplog.records]
     message = records[0].getMessage()
     # The GGUF stores both ids as uint32 -1; the warning names each repaired field and its bad value.
@@ -140,9 +140,9 @@ def test_prepare_tokenizer_needs_some_special_token():
     assert prepare_tokenizer(tok).pad_token == "[X]"
 
 
-# ----- the dequantized-weights cache (hf_sde.gguf_cache) ------------------------------------------------
+# ----- the dequantized-weights cache (hf_sde.data.gguf_cache) ------------------------------------------------
 def _stories(**kwargs):
-    from hf_sde.loading import load_model
+    from hf_sde.data.loading import load_model
 
     return load_model(STORIES_REPO, gguf_file=STORIES_GGUF, revision=STORIES_REVISION, **kwargs)
 
@@ -160,7 +160,7 @@ def gguf_cache_dir(tmp_path, monkeypatch):
 
 
 def _entry(cache):
-    from hf_sde.gguf_cache import MANIFEST
+    from hf_sde.data.gguf_cache import MANIFEST
 
     entries = [p.parent for p in cache.rglob(MANIFEST)]
     assert len(entries) == 1, entries
@@ -177,8 +177,8 @@ def test_gguf_cache_second_load_reads_the_cache_and_equals_a_direct_load(gguf_ca
     def no_dequantizing(*args, **kwargs):
         raise AssertionError("the second load dequantized the GGUF again")
 
-    monkeypatch.setattr("hf_sde.loading._load_direct", no_dequantizing)
-    with caplog.at_level(logging.WARNING, logger="hf_sde.loading"):
+    monkeypatch.setattr("hf_sde.data.loading._load_direct", no_dequantizing)
+    with caplog.at_level(logging.WARNING, logger="hf_sde.data.loading"):
         again, again_tok = _stories()
     assert "padding_token_id=4294967295" in caplog.text  # the repair is still reported
     assert torch.equal(_logits(again, again_tok), _logits(direct_model, direct_tok))
@@ -191,7 +191,7 @@ def test_gguf_cache_second_load_reads_the_cache_and_equals_a_direct_load(gguf_ca
 
 @pytest.mark.parametrize("damage", ["truncate", "flip", "manifest"])
 def test_a_corrupt_gguf_cache_entry_is_rebuilt_not_trusted(gguf_cache_dir, caplog, damage):
-    from hf_sde.gguf_cache import MANIFEST
+    from hf_sde.data.gguf_cache import MANIFEST
 
     reference = _logits(*_stories())
     entry = _entry(gguf_cache_dir)
@@ -204,24 +204,24 @@ def test_a_corrupt_gguf_cache_entry_is_rebuilt_not_trusted(gguf_cache_dir, caplo
         weights.write_bytes(data)
     else:
         (entry / MANIFEST).write_text("{not json")
-    with caplog.at_level(logging.WARNING, logger="hf_sde.gguf_cache"):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.data.gguf_cache"):
         model, tok = _stories()
     assert "is not valid" in caplog.text and "rebuilding it" in caplog.text
     assert torch.equal(_logits(model, tok), reference)
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="hf_sde.gguf_cache"):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.data.gguf_cache"):
         _stories()
     assert "rebuilding" not in caplog.text  # the rebuilt entry verifies
 
 
 def test_an_unwritable_gguf_cache_loads_without_it_and_says_so_once(tmp_path, monkeypatch, caplog):
-    import hf_sde.gguf_cache as gc
+    import hf_sde.data.gguf_cache as gc
 
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     monkeypatch.setenv("HF_SDE_CACHE", str(blocker))  # mkdir under a file fails, also as root
     monkeypatch.setattr(gc, "_warned_unwritable", False)
-    with caplog.at_level(logging.WARNING, logger="hf_sde.gguf_cache"):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.data.gguf_cache"):
         model, tok = _stories()
         _stories()
     assert caplog.text.count("is not writable") == 1

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from hf_sde.commands import main
-from hf_sde.fitting import fit_heads
+from hf_sde.fitting.fit import fit_heads
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -16,9 +16,17 @@ def test_exported_custom_generate_runs_sde_control(stories_model, stories_trajec
     fit_heads(stories_trajectories, proj_dim=8, epochs=2, progress=False).heads.save_pretrained(heads_dir)
     assert main(["export-generate", str(tmp_path / "repo")]) == 0
     files = sorted(p.name for p in (tmp_path / "repo" / "custom_generate").iterdir())
+    # every module generate.py reaches, flattened; not the control modules it never imports (the baseline
+    # processors, the GGUF control-vector reader), so the folder needs nothing beyond its requirements.txt
+    unreached = {"processors.py", "vectors.py"}
     control_files = ["control.py"] + sorted(f"control_{p.name}" for p in (REPO / "hf_sde" / "control").glob("*.py")
-                                            if p.name != "__init__.py")
-    assert files == sorted(control_files + ["generate.py", "heads.py", "layers.py", "requirements.txt", "version.py"])
+                                            if p.name != "__init__.py" and p.name not in unreached)
+    assert files == sorted(control_files + ["generate.py", "fitting_heads.py", "data_layers.py", "requirements.txt",
+                                            "version.py"])
+    for name in files:
+        if name.endswith(".py"):
+            source = (tmp_path / "repo" / "custom_generate" / name).read_text()
+            assert "from .." not in source and "import gguf" not in source, name
 
     enc = tok(["Once upon a time"], return_tensors="pt")
     torch.manual_seed(0)

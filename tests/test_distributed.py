@@ -13,9 +13,9 @@ import torch
 from conftest import HELPSTEER, HUB_CACHE, REPO, TINYSTORIES, load_stories
 
 import hf_sde
-from hf_sde.corpus import iter_documents, load_texts
-from hf_sde.fitting import fit_heads_distributed
-from hf_sde.shards import ShardedCorpus, extract_to_shards, load_shards
+from hf_sde.data.corpus import iter_documents, load_texts
+from hf_sde.fitting.fit import fit_heads_distributed
+from hf_sde.trajectories.shards import ShardedCorpus, extract_to_shards, load_shards
 
 CORPUS = dict(template="helpsteer-response", limit=24)
 MAX_LENGTH = 48
@@ -146,7 +146,7 @@ def test_two_process_fit_equals_single_process(model, tmp_path):
 
 _CLOSE_SCRIPT = """
 import json, sys, torch, torch.distributed as td
-from hf_sde.process_group import DistEnv
+from hf_sde.fitting.process_group import DistEnv
 with DistEnv.init(cpu=True) as env:
     total = env.all_reduce_(torch.tensor([float(env.rank + 1)]))
     inside = td.is_initialized()

@@ -15,12 +15,13 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import REPO, STORIES_REPO, TINYSTORIES
 from control_fixtures import random_heads
 
 from hf_sde.commands import COMMANDS, build_parser, main
-from hf_sde.corpus import CHAT_TEMPLATES, TEMPLATES, load_texts
-from hf_sde.heads import SDEHeads
+from hf_sde.data.corpus import CHAT_TEMPLATES, TEMPLATES, load_texts
+from hf_sde.fitting.heads import SDEHeads
 
 SHIPPED_CONFIG = REPO / "hf_sde" / "pretrained" / "smollm2-135m-instruct-helpsteer" / "config.json"
 
@@ -49,12 +50,12 @@ def no_model_load(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the arguments were checked")
 
-    monkeypatch.setattr("hf_sde.loading.load_model", refuse)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", refuse)
 
 
 @pytest.fixture
 def stories_loader(monkeypatch, stories_model):
-    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", lambda *args, **kwargs: stories_model)
 
 
 # ----- 1. help ----------------------------------------------------------------------------------------------
@@ -223,10 +224,36 @@ def test_a_fit_that_ties_ou_is_not_said_to_beat_it(tmp_path, capsys, stories_loa
     cmp = summary["heldout_comparison"]
     assert cmp["sequences"] == 2 and cmp["neural_beats_baselines"] is False and cmp["ou"]["neural_better"] is False
     assert abs(cmp["ou"]["difference"]) < 1e-4
+    assert summary["neural_beats_baselines"] is False  # the summary's headline follows the interval, not the sign
+
+
+def test_the_report_verdict_needs_the_same_margin():
+    """Before: the report and `hf-sde analyze` said "beats" whenever the neural point estimate was lowest."""
+    from hf_sde.analysis.report import verdicts
+    from hf_sde.fitting.compare import compare_on_paths
+
+    torch.manual_seed(0)
+    paths = [torch.randn(20, 3).cumsum(0) * 0.1 for _ in range(6)]
+
+    def model(shift, std):
+        return lambda z, t: (torch.full_like(z, shift), torch.full_like(z, std))
+
+    # neural a hair better than OU on every sequence (OU's spread 1e-6 too wide), far from a real gain: a tie
+    cmp = compare_on_paths({"neural": model(0.0, 1.0), "ou": model(0.0, 1.0 + 1e-6), "brownian": model(2.0, 1.0)},
+                           paths, 20.0)
+    assert cmp["ou"]["difference"] < 0 and not cmp["ou"]["neural_better"] and not cmp["neural_beats_baselines"]
+    assert cmp["brownian"]["neural_better"]
+    sim = {"sliced_wasserstein": {"neural": 0.2, "ou": 0.3, "brownian": 0.5}, "neural_ou_gap_within_noise": None,
+           "neural_closer_than_ou": True}
+    nll = {"neural": 1.0, "ou": 1.0 + 1e-9, "brownian": 2.0}
+    said = verdicts({"heldout_nll": nll, "neural_beats_baselines": cmp["neural_beats_baselines"],
+                     "heldout_comparison": cmp, "simulation": sim})["nll"]
+    assert "does NOT beat" in said and "95% interval" in said and "neural and OU differ by less than" in said, said
 
 
 def test_the_verdict_says_beats_only_when_every_interval_excludes_zero():
-    from hf_sde.commands.fit import MIN_NLL_GAIN, paired_bootstrap, verdict_lines
+    from hf_sde.commands.fit import verdict_lines
+    from hf_sde.fitting.compare import MIN_NLL_GAIN, paired_bootstrap
 
     # every held-out sequence 0.1 nats/dim better: the interval is a point at -0.1
     assert paired_bootstrap([-10.0, -20.0, -5.0], [100, 200, 50]) == pytest.approx((-0.1, -0.1))
@@ -284,9 +311,9 @@ def test_a_row_missing_a_field_is_named_by_its_line(tmp_path):
 # ----- 7. Ctrl-C --------------------------------------------------------------------------------------------------------
 def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch, stories_model):
     """Before: a 30-frame KeyboardInterrupt traceback."""
-    from hf_sde.heads import SDEHeads as Heads
+    from hf_sde.fitting.heads import SDEHeads as Heads
 
-    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", lambda *args, **kwargs: stories_model)
     real_save = Heads._save_pretrained
 
     def save_then_interrupt(self, save_directory):
@@ -305,7 +332,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch, sto
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("hf_sde.loading.load_model", interrupt)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", interrupt)
     assert main(SCORE) == 130
     assert capsys.readouterr().err.strip() == "hf-sde score: interrupted (Ctrl-C); nothing was written."
 
@@ -314,7 +341,7 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path, capsys, monkeypatch, sto
 @pytest.mark.filterwarnings("ignore:.*diffusion is \\(nearly\\) constant")  # a 1-epoch fit may keep the OU start
 def test_score_says_why_the_ou_columns_are_empty(tmp_path, capsys, stories_loader, stories_trajectories):
     """Before: '-' in the OU columns, no word why."""
-    from hf_sde.fitting import fit_heads
+    from hf_sde.fitting.fit import fit_heads
 
     folder = tmp_path / "heads"
     fit_heads(stories_trajectories, proj_dim=4, epochs=1, width=8, progress=False).heads.save_pretrained(folder)
@@ -338,8 +365,8 @@ def test_the_space_handler_takes_the_request_and_its_api_is_named(tmp_path):
 
     import gradio as gr
 
+    from hf_sde.data.loading import STORIES260K
     from hf_sde.demo import DemoBackend, build_demo
-    from hf_sde.loading import STORIES260K
 
     for choice in (False, True):
         with warnings.catch_warnings(record=True) as caught:
@@ -364,7 +391,7 @@ def test_the_space_handler_takes_the_request_and_its_api_is_named(tmp_path):
 
 # ----- 10. the report -----------------------------------------------------------------------------------------------
 def test_every_theory_check_says_how_to_read_it_and_the_tokens_have_a_legend():
-    from hf_sde import report
+    from hf_sde.analysis import report
 
     rows = report._theory_rows(_fake_metrics())
     cells = re.findall(r"<tr><td>(.*?)</td><td>(.*?)</td><td>(.*?)</td></tr>", rows)
@@ -411,3 +438,23 @@ def test_sde_control_names_the_argument_that_is_not_finite(name):
     value = float("inf") if name == "temperature" else float("nan")
     with pytest.raises(ValueError, match=rf"^{name} must be a finite number, got"):
         SDEControl(tiny_bundle(layer=1).heads, **{name: value})
+
+
+# ----- threads ------------------------------------------------------------------------------------------------
+def test_every_command_takes_threads(tmp_path, capsys):
+    """Before: no thread option; on shared cores torch's default (one thread per core) ran several times slower."""
+    import hf_sde.commands as commands
+
+    parser = commands.build_parser()
+    for name in commands.COMMANDS:
+        assert "--threads" in parser._subparsers._group_actions[0].choices[name].format_help(), name
+    before = torch.get_num_threads()
+    try:
+        with pytest.raises(SystemExit, match="needs --data"):  # the thread count is set before the command runs
+            main(["fit", "--threads", "1", "--out", str(tmp_path / "h")])
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit):
+        main(["fit", "--threads", "0", "--out", str(tmp_path / "h")])
+    assert "argument --threads: must be a positive integer (1 or more), got '0'" in capsys.readouterr().err

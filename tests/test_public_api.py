@@ -101,8 +101,40 @@ def test_hand_built_objects_work():
     z = torch.zeros(2, D)
     mean, std = heads(z, heads.times(torch.tensor([0, 1])))
     assert mean.shape == std.shape == (2, D)
-    paths = hf_sde.simulate(FACTORIES["BaselineSDE"](), torch.zeros(D), steps=3, seed=0)
+    paths = hf_sde.analysis.simulate(FACTORIES["BaselineSDE"](), torch.zeros(D), steps=3, seed=0)
     assert paths.shape == (1, 4, D)
     scores = torch.ones(1, 5)
     assert torch.equal(FACTORIES["SDETemperatureLogitsProcessor"]()(torch.zeros(1, 2, dtype=torch.long), scores),
                        scores / 2)
+
+
+# ----- the layout: a handful of subpackages, each saying what it is and what it exports ---------------------
+SUBPACKAGES = ("data", "trajectories", "fitting", "control", "analysis", "serving", "vllm", "demo", "commands",
+               "pretrained")
+
+
+def test_the_package_top_holds_subpackages_not_modules():
+    from pathlib import Path
+
+    top = Path(hf_sde.__file__).parent
+    entries = sorted(p.name for p in top.iterdir() if p.name != "__pycache__" and not p.name.endswith(".pyc"))
+    assert entries == sorted(["__init__.py", "version.py", *SUBPACKAGES]), entries
+    assert len(entries) <= 12
+
+
+@pytest.mark.parametrize("name", [s for s in SUBPACKAGES if s not in ("vllm", "commands", "demo", "pretrained")])
+def test_each_subpackage_exports_what_it_defines(name):
+    import importlib
+
+    module = importlib.import_module(f"hf_sde.{name}")
+    assert module.__doc__ and module.__doc__.strip(), f"hf_sde.{name} has no docstring"
+    assert module.__all__, f"hf_sde.{name} exports nothing"
+    for public in module.__all__:
+        assert getattr(module, public) is getattr(hf_sde, public, getattr(module, public))
+    # every top-level name comes from one of the subpackages, the same object either way
+    owners = {n: f"hf_sde.{s}" for s in SUBPACKAGES[:6] for n in importlib.import_module(f"hf_sde.{s}").__all__}
+    # GGUF control vectors stay out of hf_sde.control's imports: that package travels in custom_generate
+    # folders, which must not need the gguf package
+    owners.update(dict.fromkeys(importlib.import_module("hf_sde.control.vectors").__all__, "hf_sde.control.vectors"))
+    missing = [n for n in hf_sde.__all__ if n not in owners and n not in ("DEFAULT_HEADS", "__version__")]
+    assert not missing, f"names in hf_sde.__all__ that no subpackage exports: {missing}"

@@ -1,4 +1,4 @@
-"""hf_sde.report: the split logic, the HTML / JSON / PNG outputs, and `hf-sde analyze` end to end on stories260K."""
+"""hf_sde.analysis.report: the split logic, the HTML / JSON / PNG outputs, and `hf-sde analyze` end to end on stories260K."""
 
 from __future__ import annotations
 
@@ -14,11 +14,11 @@ import pytest
 import torch
 from conftest import STORIES_REPO, TINYSTORIES
 
-from hf_sde import analysis as an
+from hf_sde.analysis import diagnostics as an
+from hf_sde.analysis.report import _jsonable, build_report, choose_split, verdicts
+from hf_sde.analysis.tokens import token_pieces
 from hf_sde.commands import main
-from hf_sde.display import token_pieces
-from hf_sde.fitting import split_sequences
-from hf_sde.report import _jsonable, build_report, choose_split, verdicts
+from hf_sde.fitting.fit import split_sequences
 
 FIGURES = ["loss_curves.png", "drift_vs_t.png", "drift_quiver.png", "diffusion_vs_t.png", "diffusion_plane.png",
            "sim_moments.png", "process.png", "phase_2d.png", "phase_3d.png", "theory.png"]
@@ -117,7 +117,7 @@ def test_analyze_metrics_keys_and_consistency(analyzed):
 def test_report_numbers_match_the_analysis_functions(analyzed, stories_model):
     """Recompute a few report numbers from the saved heads with the analysis functions directly."""
     from hf_sde import SDEHeads, extract_trajectories
-    from hf_sde.fitting import make_transitions
+    from hf_sde.fitting.fit import make_transitions
 
     heads_dir, _, m = analyzed
     heads = SDEHeads.from_pretrained(str(heads_dir))

@@ -11,9 +11,9 @@ import torch
 from conftest import STORIES_REPO, TINYSTORIES, make_tiny_model
 
 import hf_sde
+from hf_sde.analysis.scoring import path_statistics, rescore, score_texts, tube_threshold
 from hf_sde.commands import main
-from hf_sde.layers import register_block_hook
-from hf_sde.scoring import path_statistics, rescore, score_texts, tube_threshold
+from hf_sde.data.layers import register_block_hook
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:\n{% endif %}")
@@ -58,7 +58,7 @@ def test_fields_agree_with_extraction_and_a_plain_forward(stories_model, fit, te
         assert 0 <= s.tube_exit_rate <= 1 and s.entropy > 0 and s.token_nll > 0
         assert all(math.isfinite(v) for v in s.as_dict().values() if isinstance(v, float))
     # the model's statistics equal those of an ordinary forward with all logits
-    ids = hf_sde.trajectories.tokenize_texts(tok, texts[:1], 256)[0]
+    ids = hf_sde.trajectories.extract.tokenize_texts(tok, texts[:1], 256)[0]
     with torch.no_grad():
         logp = torch.log_softmax(model(torch.tensor([ids])).logits[0, :-1].float(), -1)
     token_nll = -logp.gather(-1, torch.tensor(ids[1:])[:, None]).mean()
@@ -144,7 +144,7 @@ def test_chat_prompts_and_the_chat_row_template_read_the_same_path(stories_model
     by_prompt = score_texts(model, chat, heads, answers, prompts=prompts)
     rows = [{"prompt": p, "response": a} for p, a in zip(prompts, answers, strict=True)]
     by_rows = score_texts(model, chat, heads, rows, template="helpsteer-chat")
-    ids, starts = hf_sde.trajectories.tokenize_chats(chat, hf_sde.load_texts(rows, template="helpsteer-chat"))
+    ids, starts = hf_sde.trajectories.extract.tokenize_chats(chat, hf_sde.load_texts(rows, template="helpsteer-chat"))
     for a, b, text, seq, start in zip(by_prompt, by_rows, answers, ids, starts, strict=True):
         _assert_same(a, b, tol=1e-6)
         # the scored tokens are the response's, predicted from the last prompt position on

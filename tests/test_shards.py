@@ -1,4 +1,4 @@
-"""Sharded extraction (hf_sde.shards): manifests, the one trajectory file format, chat paths, bad folders."""
+"""Sharded extraction (hf_sde.trajectories.shards): manifests, the one trajectory file format, chat paths, bad folders."""
 
 from __future__ import annotations
 
@@ -10,7 +10,13 @@ import torch
 from conftest import HELPSTEER
 
 import hf_sde
-from hf_sde.shards import ShardedCorpus, clear_shards, extract_to_shards, load_shards, read_shard_info
+from hf_sde.trajectories.shards import (
+    ShardedCorpus,
+    clear_shards,
+    extract_to_shards,
+    load_shards,
+    read_shard_info,
+)
 
 CHAT_TEMPLATE = ("{% for m in messages %}<s>{{ m['role'] }}:\n{{ m['content'] }}</s>\n{% endfor %}"
                  "{% if add_generation_prompt %}<s>assistant:\n{% endif %}")

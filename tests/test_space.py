@@ -30,6 +30,7 @@ import time  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from hf_sde.data.loading import STORIES260K  # noqa: E402
 from hf_sde.demo import (  # noqa: E402
     MAX_NEW_TOKENS,
     DemoBackend,
@@ -43,7 +44,6 @@ from hf_sde.demo import (  # noqa: E402
     validate_params,
 )
 from hf_sde.demo.backend import check_allowlist  # noqa: E402
-from hf_sde.loading import STORIES260K  # noqa: E402
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -18,7 +18,7 @@ from conftest import STORIES_REPO, TINYSTORIES
 from safetensors.torch import load_file
 
 import hf_sde
-import hf_sde.trajectories as trajectories_module
+import hf_sde.trajectories.extract as trajectories_module
 from hf_sde.commands import main
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*diffusion is \\(nearly\\) constant")
@@ -36,7 +36,7 @@ def cache(tmp_path, monkeypatch):
 
 @pytest.fixture
 def stories_loader(monkeypatch, stories_model):
-    monkeypatch.setattr("hf_sde.loading.load_model", lambda *args, **kwargs: stories_model)
+    monkeypatch.setattr("hf_sde.data.loading.load_model", lambda *args, **kwargs: stories_model)
 
 
 @pytest.fixture
@@ -122,10 +122,10 @@ def test_a_corrupt_entry_is_rebuilt_with_a_warning(tmp_path, cache, stories_load
         (entry / "manifest.json").write_text('{"format": "hf-sde-traj')
     else:
         states.unlink()
-    with caplog.at_level(logging.WARNING, logger="hf_sde.trajectory_cache"):
+    with caplog.at_level(logging.WARNING, logger="hf_sde.trajectories.cache"):
         second = fit(tmp_path / "b", data=corpus)
     assert len(extractions) == 2 and second["heldout_nll"] == first["heldout_nll"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_sde.trajectory_cache"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "hf_sde.trajectories.cache"]
     assert len(warnings) == 1 and "unusable" in warnings[0] and "extracting them again" in warnings[0]
     assert entries(cache) == [entry]
     fit(tmp_path / "c", data=corpus)  # the rebuilt entry is read

@@ -14,7 +14,7 @@ import importlib
 import logging
 import sys
 
-from ._args import HelpFormatter
+from ._args import HelpFormatter, positive_int
 from ._smoke import SMOKE_ENV, apply_smoke
 
 #: sub-command name -> module under hf_sde.commands (each has HELP, add_arguments(p), run(args), maybe SMOKE)
@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
         mod = _module(name)
         p = sub.add_parser(name, help=mod.HELP, description=mod.HELP, epilog=EPILOG, formatter_class=HelpFormatter)
         mod.add_arguments(p)
+        p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                       help="CPU threads for torch's operators (default: torch's, one per physical core). On cores "
+                            "shared with other jobs, 1 is often several times faster: spinning threads wait on "
+                            "each other")
         p.set_defaults(func=mod.run, smoke=getattr(mod, "SMOKE", {}), _parser=p)
     return parser
 
@@ -79,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
     _check(args)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     apply_smoke(args, args.smoke)
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError) as e:

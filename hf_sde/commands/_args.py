@@ -86,7 +86,7 @@ def probability(text: str) -> float:
 
 def template_help(what: str = "row template", note: str = "") -> str:
     """The ``--template`` help, listing :data:`hf_sde.corpus.TEMPLATES` (chat templates marked)."""
-    from ..corpus import CHAT_TEMPLATES, TEMPLATES
+    from ..data.corpus import CHAT_TEMPLATES, TEMPLATES
 
     names = ", ".join(f"{name} (chat)" if name in CHAT_TEMPLATES else name for name in TEMPLATES)
     return (f"{what}: one of {names}; a chat template reads each response in the context of its prompt through "
@@ -94,6 +94,6 @@ def template_help(what: str = "row template", note: str = "") -> str:
 
 
 def template_choices() -> list[str]:
-    from ..corpus import TEMPLATES
+    from ..data.corpus import TEMPLATES
 
     return list(TEMPLATES)

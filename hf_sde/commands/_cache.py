@@ -30,7 +30,7 @@ def explicit(args, dest: str) -> bool:
 def adopt_corpus_options(args, manifest: dict, folder: str,
                          dests=("template", "text_column", "limit", "max_length")) -> None:
     """With ``--trajectories``: a data option not given takes the folder's value; one given must equal it."""
-    from ..trajectory_cache import TrajectoryFolderError
+    from ..trajectories.cache import TrajectoryFolderError
 
     recorded = {**(manifest.get("corpus") or {}), "max_length": (manifest.get("key") or {}).get("max_length")}
     for dest in dests:

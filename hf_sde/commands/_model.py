@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ..loading import DEFAULT_MODEL, ModelSpec, resolve_model_spec
+from ..data.loading import DEFAULT_MODEL, ModelSpec, resolve_model_spec
 
 
 def add_model_args(p: argparse.ArgumentParser, *, from_heads: bool = False) -> None:

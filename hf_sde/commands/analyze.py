@@ -81,7 +81,7 @@ def check_args(args) -> None:
 
 def _from_folder(args, model, tokenizer, heads):
     """The paths of ``--trajectories`` at the heads' layer; the data options default to the folder's."""
-    from .. import trajectory_cache as tc
+    from ..trajectories import cache as tc
 
     traj, manifest = tc.load_for_model(args.trajectories, model, tokenizer, heads.config.layer,
                                        "the heads' layer")
@@ -91,7 +91,7 @@ def _from_folder(args, model, tokenizer, heads):
     if not args.data or args.data == "<list>":
         raise ValueError(f"--trajectories {args.trajectories} records no corpus file; pass --data (the corpus it "
                          "was extracted from: analyze reads its tokens).")
-    from ..corpus import load_texts
+    from ..data.corpus import load_texts
 
     docs, groups = load_texts(args.data, template=args.template, text_column=args.text_column, limit=args.limit,
                               return_groups=True)
@@ -101,8 +101,8 @@ def _from_folder(args, model, tokenizer, heads):
 
 
 def run(args) -> int:
-    from ..heads import SDEHeads
-    from ..report import build_report, verdicts
+    from ..analysis.report import build_report, verdicts
+    from ..fitting.heads import SDEHeads
 
     check_args(args)
     _check_out(args)

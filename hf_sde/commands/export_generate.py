@@ -13,7 +13,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..export import export_custom_generate
+    from ..serving.export import export_custom_generate
 
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         export_custom_generate(str(tmp))

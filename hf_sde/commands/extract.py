@@ -14,7 +14,7 @@ SMOKE = {"limit": 8, "max_length": 64}  # as fit's, so that a smoke fit can read
 
 
 def add_arguments(p) -> None:
-    from ..trajectories import DEFAULT_MAX_LENGTH
+    from ..trajectories.extract import DEFAULT_MAX_LENGTH
 
     _model.add_model_args(p)
     p.add_argument("--data", required=True,
@@ -46,9 +46,9 @@ def interrupted(args) -> str:
 
 
 def run(args) -> int:
-    from .. import trajectory_cache as tc
-    from ..corpus import load_texts
-    from ..trajectories import corpus_description, extract_documents
+    from ..data.corpus import load_texts
+    from ..trajectories import cache as tc
+    from ..trajectories.extract import corpus_description, extract_documents
 
     check_args(args)
     check_output_dir(args.out, args.overwrite)  # before the slow part

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 from pathlib import Path
 
-from ..fitting import DEFAULT_BATCH_SIZE, MATMUL_PRECISIONS
-from ..loading import resolve_model_spec
-from ..trajectories import DEFAULT_MAX_LENGTH
+from ..data.loading import resolve_model_spec
+from ..fitting.compare import BASELINES, NAMES, interval_text, reasons_not_better
+from ..fitting.fit import DEFAULT_BATCH_SIZE, MATMUL_PRECISIONS
+from ..trajectories.extract import DEFAULT_MAX_LENGTH
 from . import _cache, _model
 from ._args import (
     any_int,
@@ -27,11 +27,6 @@ SMOKE = {"limit": 8, "epochs": 2, "max_length": 64, "self_generate": 4, "max_new
 
 #: The shipped heads (``hf_sde/pretrained/*/config.json``), found by path: no import of ``hf_sde.pretrained``.
 PRETRAINED = Path(__file__).resolve().parents[1] / "pretrained"
-#: Resamples of the paired bootstrap behind the fit's verdict, and its level.
-BOOTSTRAP_RESAMPLES, BOOTSTRAP_LEVEL = 2000, 0.95
-#: A held-out NLL gain below this (nats/dim) is a tie whatever the interval says: float rounding of a fit that
-#: kept its OU starting point is ~1e-7, and early stopping counts less than 1e-4 as no improvement.
-MIN_NLL_GAIN = 1e-4
 
 
 def shipped_layers() -> dict[str, int]:
@@ -133,13 +128,13 @@ def interrupted(args) -> str:
 
 def _from_folder(args, model, tokenizer):
     """The trajectories of ``--trajectories`` (checked against the model, ``--layer`` and, if given, ``--data``)."""
-    from .. import trajectory_cache as tc
+    from ..trajectories import cache as tc
 
     traj, manifest = tc.load_for_model(args.trajectories, model, tokenizer, args.layer)
     _cache.adopt_corpus_options(args, manifest, args.trajectories)
     corpus = manifest.get("corpus") or {}
     if args.data:
-        from ..corpus import load_texts
+        from ..data.corpus import load_texts
 
         docs, groups = load_texts(args.data, template=args.template, text_column=args.text_column, limit=args.limit,
                                   return_groups=True)
@@ -152,8 +147,8 @@ def _from_folder(args, model, tokenizer):
 
 def _trajectories(args, model, tokenizer):
     """The corpus's trajectories and the description the heads record."""
-    from ..corpus import load_texts
-    from ..trajectories import extract_from_ids, extract_trajectories, self_generate
+    from ..data.corpus import load_texts
+    from ..trajectories.extract import extract_from_ids, extract_trajectories, self_generate
 
     progress = not args.quiet
     if args.self_generate:
@@ -183,72 +178,12 @@ def _trajectories(args, model, tokenizer):
     return traj, desc
 
 
-def paired_bootstrap(diff_sums, counts, *, resamples: int = BOOTSTRAP_RESAMPLES, level: float = BOOTSTRAP_LEVEL,
-                     seed: int = 0) -> tuple[float, float] | None:
-    """Percentile interval of the transition-weighted mean difference ``sum(diff) / sum(count)``, resampling
-    whole sequences (paired: both models' NLLs of a sequence move together); ``None`` below 2 sequences."""
-    import numpy as np
-
-    diff, n_tr = np.asarray(diff_sums, dtype=float), np.asarray(counts, dtype=float)
-    if len(diff) < 2:
-        return None
-    rng = np.random.default_rng(seed)
-    boots = []
-    for start in range(0, resamples, 256):  # bounded memory: 256 resamples of all sequences at a time
-        idx = rng.integers(0, len(diff), size=(min(256, resamples - start), len(diff)))
-        boots.append(diff[idx].sum(1) / n_tr[idx].sum(1))
-    boots = np.concatenate(boots)
-    tail = (1 - level) / 2
-    return float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))
-
-
-def heldout_comparison(result, trajectories) -> dict:
-    """neural - OU and neural - Brownian held-out NLL (nats/dim) with paired bootstrap intervals over the
-    held-out sequences, and whether the neural SDE beats both (every interval below 0, every gain at least
-    ``MIN_NLL_GAIN``)."""
-    import torch
-
-    from ..fitting import make_transitions
-
-    heads = result.heads
-    predict = {"neural": heads, "ou": result.baselines["ou"].predict, "brownian": result.baselines["brownian"].predict}
-    sums = {k: [] for k in predict}
-    counts = []
-    with torch.no_grad():
-        for i in result.heldout_indices:
-            states = trajectories.states[i]
-            if states.shape[0] < 2:
-                continue
-            tr = make_transitions([heads.project(states.float())], heads.config.horizon)
-            for k, f in predict.items():
-                mean, std = f(tr.z, tr.t)
-                sums[k].append(float(heads.transition_nll(tr.dz, mean, std).mean(-1).double().sum()))
-            counts.append(len(tr))
-    total = sum(counts)
-    out = {"sequences": len(counts), "resamples": BOOTSTRAP_RESAMPLES, "level": BOOTSTRAP_LEVEL,
-           "min_gain": MIN_NLL_GAIN}
-    beats = True
-    for b in ("ou", "brownian"):
-        diff = [a - c for a, c in zip(sums["neural"], sums[b], strict=True)]
-        mean = sum(diff) / total if total else math.nan
-        interval = paired_bootstrap(diff, counts)
-        wins = interval is not None and interval[1] < 0 and mean <= -MIN_NLL_GAIN
-        beats = beats and wins
-        out[b] = {"difference": mean, "interval": list(interval) if interval else None, "neural_better": wins}
-    out["neural_beats_baselines"] = beats
-    return out
-
-
-def _interval(iv) -> str:
-    return "no interval" if iv is None else f"{BOOTSTRAP_LEVEL:.0%} interval [{iv[0]:+.4f}, {iv[1]:+.4f}]"
-
-
 def verdict_lines(cmp: dict) -> list[str]:
-    """The fit's verdict: "beats" only when every paired interval lies below 0 (by at least ``MIN_NLL_GAIN``)."""
-    names = {"ou": "OU", "brownian": "Brownian"}
+    """The fit's verdict (:mod:`hf_sde.fitting.compare`): "beats" only when every paired interval lies below 0,
+    by at least ``MIN_NLL_GAIN``."""
     n = cmp["sequences"]
-    lines = [f"  neural - {names[b]:<8s} {cmp[b]['difference']:+.4f}  {_interval(cmp[b]['interval'])}"
-             for b in ("ou", "brownian")]
+    lines = [f"  neural - {NAMES[b]:<8s} {cmp[b]['difference']:+.4f}  {interval_text(cmp[b]['interval'])}"
+             for b in BASELINES]
     lines.append(f"  (paired bootstrap over the {n} held-out sequence{'s' if n != 1 else ''}, "
                  f"{cmp['resamples']} resamples)")
     if n < 2:
@@ -257,21 +192,8 @@ def verdict_lines(cmp: dict) -> list[str]:
     elif cmp["neural_beats_baselines"]:
         lines.append("The neural SDE beats both baselines (both intervals lie below 0).")
     else:
-        lost = [names[b] for b in ("ou", "brownian") if not cmp[b]["neural_better"]]
-        why = []
-        for b in ("ou", "brownian"):
-            if cmp[b]["neural_better"]:
-                continue
-            iv, d = cmp[b]["interval"], cmp[b]["difference"]
-            if iv[0] <= 0 <= iv[1]:
-                why.append(f"the interval of neural - {names[b]} includes 0")
-            elif abs(d) < MIN_NLL_GAIN:
-                why.append(f"neural and {names[b]} differ by less than {MIN_NLL_GAIN:g} nats/dim (a tie)")
-            elif iv[0] > 0:
-                why.append(f"it is worse than {names[b]} (the interval lies above 0)")
-            else:
-                why.append(f"its gain over {names[b]} is not clear")
-        lines.append(f"The neural SDE is no better than {' or '.join(lost)}: {'; '.join(why)}.")
+        lost = [NAMES[b] for b in BASELINES if not cmp[b]["neural_better"]]
+        lines.append(f"The neural SDE is no better than {' or '.join(lost)}: {'; '.join(reasons_not_better(cmp))}.")
     return lines
 
 
@@ -289,7 +211,7 @@ def print_summary(summary: dict, first_line: str, comparison: dict | None = None
 def run(args) -> int:
     import torch
 
-    from ..fitting import fit_heads
+    from ..fitting.fit import fit_heads
 
     if not args.self_generate and not args.data and not args.trajectories:
         raise SystemExit("hf-sde fit needs --data PATH_OR_DATASET, --trajectories FOLDER or --self-generate N "
@@ -311,8 +233,7 @@ def run(args) -> int:
         compile=args.compile, matmul_precision=args.matmul_precision, bf16=args.bf16,
     )
     summary = result.summary()
-    comparison = heldout_comparison(result, traj)
-    summary["heldout_comparison"] = comparison
+    comparison = summary["heldout_comparison"]
     with atomic_output_dir(args.out, args.overwrite) as tmp:
         result.heads.save_pretrained(tmp)
         with open(tmp / "fit_history.json", "w") as f:

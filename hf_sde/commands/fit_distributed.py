@@ -20,9 +20,9 @@ DTYPES = ("auto", "bfloat16", "float16", "float32")
 
 def _library():
     """The distributed pieces: the process group, the shards and the one fitting core."""
-    from ..fitting import fit_heads_distributed
-    from ..process_group import DistEnv
-    from ..shards import clear_shards, extract_to_shards
+    from ..fitting.fit import fit_heads_distributed
+    from ..fitting.process_group import DistEnv
+    from ..trajectories.shards import clear_shards, extract_to_shards
 
     return DistEnv, clear_shards, extract_to_shards, fit_heads_distributed
 

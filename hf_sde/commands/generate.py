@@ -73,9 +73,9 @@ def use_chat(requested: bool | None, tokenizer, heads_config) -> bool:
 
 
 def run(args) -> int:
+    from ..analysis.generate_table import format_table, run_generation
     from ..control import SDEControl
-    from ..generate_cli import format_table, run_generation
-    from ..heads import SDEHeads
+    from ..fitting.heads import SDEHeads
 
     heads = SDEHeads.from_pretrained(args.heads or default_heads())
     model, tokenizer = _model.load_model_from_args(args, heads.config)

@@ -24,7 +24,7 @@ def interrupted(args) -> str:
 def run(args) -> int:
     from huggingface_hub import HfApi, get_token
 
-    from ..heads import SDEHeads
+    from ..fitting.heads import SDEHeads
 
     heads = SDEHeads.from_pretrained(args.folder)  # validate before uploading
     if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on"):

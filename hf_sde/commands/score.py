@@ -18,7 +18,7 @@ COLUMNS = (("num_tokens", "tokens", "{:>6d}"), ("mean_surprise", "surprise", "{:
 
 
 def add_arguments(p) -> None:
-    from ..scoring import DEFAULT_TUBE
+    from ..analysis.scoring import DEFAULT_TUBE
 
     p.add_argument("--heads", default=None,
                    help="heads folder or hub repo id (default: the heads shipped with hf-sde)")
@@ -59,7 +59,7 @@ def add_arguments(p) -> None:
 
 
 def _documents(args):
-    from ..corpus import load_texts
+    from ..data.corpus import load_texts
 
     if args.data is not None:
         if args.prompt:
@@ -99,12 +99,12 @@ OU_NOTE = ("Note: the OU NLL and SDE-OU columns are '-' because the heads store 
 def _ou_baseline(args, model, tokenizer, heads):
     """The OU baseline of the OU columns: fitted on ``--trajectories`` or on ``--ou-data`` (through the trajectory
     cache where its paths are read as a fit reads them), else ``None``."""
-    from ..corpus import CHAT_TEMPLATES
-    from ..scoring import _caps, fit_ou_baseline, ou_baseline_from_trajectories
+    from ..analysis.scoring import _caps, fit_ou_baseline, ou_baseline_from_trajectories
+    from ..data.corpus import CHAT_TEMPLATES
 
     progress = not args.quiet and not args.json
     if args.trajectories is not None:
-        from .. import trajectory_cache as tc
+        from ..trajectories import cache as tc
 
         traj, _ = tc.load_for_model(args.trajectories, model, tokenizer, heads.config.layer, "the heads' layer")
         return ou_baseline_from_trajectories(heads, traj)
@@ -113,12 +113,12 @@ def _ou_baseline(args, model, tokenizer, heads):
     template = args.ou_template or args.template
     if heads.config.time_origin == "prompt_end" and template not in CHAT_TEMPLATES:
         # plain texts under response heads start at position 1 (scoring module doc): not a fit's extraction
-        from ..corpus import load_texts
+        from ..data.corpus import load_texts
 
         reference = load_texts(args.ou_data, template=template, text_column=args.text_column, limit=args.ou_limit)
         return fit_ou_baseline(model, tokenizer, heads, reference, max_length=args.max_length,
                                batch_size=args.batch_size, progress=progress)
-    from ..trajectories import extract_trajectories
+    from ..trajectories.extract import extract_trajectories
 
     heads.check_compatible(model)
     max_length, max_context = _caps(model, heads, args.max_length, None)
@@ -130,8 +130,8 @@ def _ou_baseline(args, model, tokenizer, heads):
 
 
 def run(args) -> int:
-    from ..heads import SDEHeads
-    from ..scoring import score_texts
+    from ..analysis.scoring import score_texts
+    from ..fitting.heads import SDEHeads
 
     if args.trajectories is not None and args.ou_data is not None:
         raise ValueError("--trajectories replaces --ou-data (the OU baseline's reference paths); give one of them.")

@@ -27,7 +27,7 @@ from collections import OrderedDict
 
 import torch
 
-from ..layers import block_output, decoder_layers, replace_block_output
+from ..data.layers import block_output, decoder_layers, replace_block_output
 from .step import _Runtime, _StepBuffers
 
 # (compile config, model class, shapes, control structure) -> a compiled copy of _sde_forward, most recent last

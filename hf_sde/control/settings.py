@@ -11,7 +11,7 @@ from dataclasses import dataclass, fields
 import torch
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-from ..heads import SDEHeads
+from ..fitting.heads import SDEHeads
 from .laws import gate_value, steer_delta, steering_unit, temperature_law
 
 MODES = ("observe", "temperature", "steer", "temperature+steer")

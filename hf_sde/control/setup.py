@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers.generation import configuration_utils as _generation_config
 
-from ..layers import text_config
+from ..data.layers import text_config
 from .settings import SDEControl
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import torch
 from transformers import LogitsProcessor
 
-from ..layers import register_block_hook, resolve_layer
+from ..data.layers import register_block_hook, resolve_layer
 from .fused import NETS, _FusedHeads, fused_heads
 from .settings import _STATS, SDEControl, SDEStep, SDETrace
 from .setup import _CallSetup, _model_device

@@ -16,7 +16,7 @@ import os
 import time
 
 from ..control import MODES
-from ..loading import DEFAULT_MODEL, KNOWN_MODELS, resolve_model_spec
+from ..data.loading import DEFAULT_MODEL, KNOWN_MODELS, resolve_model_spec
 from .backend import DemoBackend
 from .comparison import stream_comparison
 from .demo_heads import DEMO_FIT

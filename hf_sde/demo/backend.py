@@ -24,8 +24,8 @@ from pathlib import Path
 
 import torch
 
-from ..heads import SDEHeads
-from ..loading import DEFAULT_MODEL, KNOWN_MODELS, ModelSpec, resolve_model_spec
+from ..data.loading import DEFAULT_MODEL, KNOWN_MODELS, ModelSpec, resolve_model_spec
+from ..fitting.heads import SDEHeads
 from .demo_heads import demo_heads
 from .settings import InputError
 

@@ -23,7 +23,7 @@ import torch
 from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 
 from ..control import SDEControl, SDEStep, SDETrace, sde_generate
-from ..heads import SDEHeads
+from ..fitting.heads import SDEHeads
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +222,7 @@ class BatchScheduler:
 
     def _finish(self, rows, state: _Batch, out, width: int, eos: set[int]) -> None:
         """Per-row token ids, traces (temperature: the one this module applied) and SDE paths."""
-        from ..trajectories import extract_from_ids
+        from ..trajectories.extract import extract_from_ids
 
         news = []
         for i, row in enumerate(rows):

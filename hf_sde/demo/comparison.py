@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..analysis.tokens import token_pieces
 from ..control import SDEControl, SDETrace
-from ..display import token_pieces
 from .backend import LoadedModel
 from .batching import RowOutput, RowRequest
 from .settings import CLOUD_PATHS, MAX_PROMPT_TOKENS, InputError, validate_params
@@ -69,7 +69,7 @@ class Comparison:
 
 
 def _simulate_cloud(heads, z0: torch.Tensor, steps: int, n_paths: int, t0: float, seed: int) -> torch.Tensor:
-    from ..simulate import simulate
+    from ..analysis.simulate import simulate
 
     return simulate(heads, z0, steps=steps, n_paths=n_paths, t0=t0, generator=torch.Generator().manual_seed(seed))
 

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 
 from .. import __version__
-from ..heads import CONFIG_NAME, WEIGHTS_NAME, SDEHeads
+from ..fitting.heads import CONFIG_NAME, WEIGHTS_NAME, SDEHeads
 
 logger = logging.getLogger(__name__)
 
@@ -79,7 +79,7 @@ def demo_corpus() -> list[str]:
     texts = list(DEMO_STORIES)
     sample = _shared_sample()
     if sample is not None:
-        from ..corpus import load_texts
+        from ..data.corpus import load_texts
 
         texts += load_texts(str(sample))
     return texts
@@ -93,7 +93,7 @@ def default_cache_dir() -> Path:
 
 def _cache_key(model, texts: list[str], fit: dict) -> str:
     source = getattr(model, "hf_sde_source", None) or {}
-    from ..layers import hidden_size, num_decoder_layers
+    from ..data.layers import hidden_size, num_decoder_layers
 
     payload = {"source": source, "hidden": hidden_size(model), "layers": num_decoder_layers(model), "fit": fit,
                "corpus": hashlib.sha256("\x00".join(texts).encode()).hexdigest(), "version": __version__}
@@ -108,8 +108,8 @@ def demo_heads(model, tokenizer, *, cache_dir: str | os.PathLike | None = None, 
     or another one, load the cached folder. The cache key covers the model source, the corpus and the fit
     settings, so changing any of them fits anew.
     """
-    from ..fitting import fit_heads
-    from ..trajectories import extract_trajectories
+    from ..fitting.fit import fit_heads
+    from ..trajectories.extract import extract_trajectories
 
     fit = dict(DEMO_FIT)
     if epochs is not None:
@@ -127,7 +127,7 @@ def demo_heads(model, tokenizer, *, cache_dir: str | os.PathLike | None = None, 
         except (ValueError, FileNotFoundError, OSError) as e:
             logger.warning("Cached demo heads in %s are unusable (%s); fitting again.", folder, e)
     traj = extract_trajectories(model, tokenizer, texts, fit["layer"], max_length=fit["max_length"], progress=progress)
-    from ..layers import hidden_size
+    from ..data.layers import hidden_size
 
     result = fit_heads(
         traj, proj_dim=min(fit["proj_dim"], hidden_size(model)), width=fit["width"], depth=fit["depth"],

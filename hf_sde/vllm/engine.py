@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from ..control import SDEControl
-from ..layers import block_output, decoder_layers
+from ..data.layers import block_output, decoder_layers
 from . import traces
 from .args import SDERequest
 from .heads_registry import ENV, allowlist, resolve_heads

@@ -54,7 +54,7 @@ def enabled() -> bool:
 
 def resolve_heads(name: str | None):
     """``(name, SDEHeads)`` for a request's ``sde_heads`` (``None``: the only served heads, or ``default``)."""
-    from ..heads import SDEHeads
+    from ..fitting.heads import SDEHeads
 
     served = allowlist()
     if not served:

@@ -16,8 +16,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .. import gguf_cache
-from ..loading import SMOLLM2, ModelSpec, _resolve_file
+from ..data import gguf_cache
+from ..data.loading import SMOLLM2, ModelSpec, _resolve_file
 
 
 def export_root() -> Path:
@@ -47,7 +47,7 @@ def model_folder(spec: ModelSpec = SMOLLM2, out_dir: str | os.PathLike | None = 
     manifest, _ = gguf_cache.verify(folder, sha)
     if manifest is not None:
         return folder
-    from ..loading import load_model
+    from ..data.loading import load_model
 
     # gguf_cache=False: hf-sde's GGUF cache is keyed by the transformers version, and this environment's
     # transformers (vLLM's pin) is not the main environment's, so sharing it would rebuild it from each in turn.

@@ -35,8 +35,8 @@ from pathlib import Path
 
 import torch
 
-from .gguf_cache import _crc32  # the same file check as the weights cache
-from .trajectories import Trajectories
+from ..data.gguf_cache import _crc32  # the same file check as the weights cache
+from .extract import Trajectories
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,8 @@ def _digest(obj) -> str:
 
 
 def _code_digest() -> str:
-    from . import layers, trajectories
+    from ..data import layers
+    from . import extract as trajectories
 
     h = hashlib.sha256()
     for module in (trajectories, layers):
@@ -135,8 +136,8 @@ def tokenizer_digest(tokenizer) -> str:
 
 def model_identity(model, tokenizer) -> dict:
     """Where the model came from and digests of its weights and tokenizer (part of the key)."""
-    from .layers import hidden_size, num_decoder_layers
-    from .trajectories import model_name
+    from ..data.layers import hidden_size, num_decoder_layers
+    from .extract import model_name
 
     source = getattr(model, "hf_sde_source", None) or {}
     name = model_name(model)
@@ -324,7 +325,7 @@ def check_model(manifest: dict, model, tokenizer, folder: str) -> None:
 def load_for_model(folder: str, model, tokenizer, layer: int, layer_source: str = "--layer") -> tuple[Trajectories, dict]:
     """The trajectories of ``layer`` in an ``hf-sde extract`` folder, refused (naming both) when the folder was
     made for another model or holds another layer."""
-    from .layers import resolve_layer
+    from ..data.layers import resolve_layer
 
     manifest = read_manifest(folder)
     check_model(manifest, model, tokenizer, folder)

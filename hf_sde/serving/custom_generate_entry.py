@@ -15,7 +15,7 @@ from dataclasses import fields, is_dataclass
 
 from transformers import GenerationMixin
 
-from .control import SDEControl, sde_generate
+from ..control import SDEControl, sde_generate
 
 
 def _as_control(obj):

@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from .layers import hidden_size, num_decoder_layers, register_block_hook, resolve_layer
+from ..data.layers import hidden_size, num_decoder_layers, register_block_hook, resolve_layer
 
 logger = logging.getLogger(__name__)
 
@@ -375,7 +375,7 @@ def extract_documents(
     ``progress``), and stores the others. ``meta["cache"]`` says where each came from (``{"status": "read"}``,
     ``"written"`` or ``"off"``, with the entry's ``"path"``).
     """
-    from . import trajectory_cache as tc
+    from . import cache as tc
 
     if max_context is None:
         max_context = getattr(model.config, "max_position_embeddings", None)
@@ -454,7 +454,7 @@ def extract_trajectories(
         >>> traj = extract_trajectories(model, tok, "../shared/data/tinystories_sample.txt", layer=-1)
         >>> traj.states[0].shape   # (tokens, hidden_size)
     """
-    from .corpus import CHAT_TEMPLATES, load_texts
+    from ..data.corpus import CHAT_TEMPLATES, load_texts
 
     if template in CHAT_TEMPLATES:
         check_chat_template(tokenizer, template, model)

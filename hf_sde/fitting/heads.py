@@ -23,7 +23,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .version import __version__
+from ..version import __version__
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
@@ -237,7 +237,7 @@ class SDEHeads(
     # ----- compatibility ------------------------------------------------------------------------------
     def check_compatible(self, model: nn.Module, layer: int | None = None) -> None:
         """Raise a clear error if these heads were not fitted for ``model`` (hidden size, depth, layer)."""
-        from .layers import hidden_size, num_decoder_layers, resolve_layer
+        from ..data.layers import hidden_size, num_decoder_layers, resolve_layer
 
         cfg = self.config
         name = cfg.base_model or "another model"

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 import torch
 from tqdm.auto import tqdm
 
-from .corpus import CHAT_TEMPLATES, iter_documents
-from .trajectories import (
+from ..data.corpus import CHAT_TEMPLATES, iter_documents
+from .extract import (
     DEFAULT_MAX_LENGTH,
     Trajectories,
     check_chat_template,

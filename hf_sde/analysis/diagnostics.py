@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .fitting import Transitions
+from ..fitting.fit import Transitions
 
 
 # ----- evaluating an SDE -----------------------------------------------------------------------------

@@ -6,8 +6,8 @@ import math
 
 import torch
 
-from .control import SDEControl, SDETrace, sde_generate
-from .display import token_pieces
+from ..control import SDEControl, SDETrace, sde_generate
+from .tokens import token_pieces
 
 
 def token_table(tokenizer, new_tokens: list[int], trace: SDETrace, row: int = 0) -> list[dict]:

@@ -36,10 +36,11 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import analysis as an
-from .display import token_pieces
-from .fitting import BrownianBaseline, OUBaseline, _evaluate, make_transitions, split_sequences
+from ..fitting.compare import BASELINES, NAMES, compare_on_paths, interval_text, reasons_not_better
+from ..fitting.fit import BrownianBaseline, OUBaseline, _evaluate, make_transitions, split_sequences
+from . import diagnostics as an
 from .simulate import BaselineSDE, simulate
+from .tokens import token_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -144,6 +145,7 @@ class Analysis:
     held_tr: object = None
     models: dict = field(default_factory=dict)
     nll: dict = field(default_factory=dict)
+    comparison: dict = field(default_factory=dict)
     # results of the later steps (dicts of analysis outputs)
     profiles: dict = field(default_factory=dict)
     plane: dict = field(default_factory=dict)
@@ -164,8 +166,8 @@ def extract_paths(a: Analysis, model, tokenizer, data, *, template, text_column,
     ``cache`` as :func:`~hf_sde.trajectories.extract_trajectories`; ``trajectories``: paths already extracted
     from this corpus with these options (an ``hf-sde extract`` folder's), checked against its tokens.
     """
-    from .corpus import load_texts
-    from .trajectories import corpus_description, extract_documents, tokenize_documents
+    from ..data.corpus import load_texts
+    from ..trajectories.extract import corpus_description, extract_documents, tokenize_documents
 
     heads = a.heads
     heads.check_compatible(model)
@@ -211,6 +213,7 @@ def split_and_baselines(a: Analysis, summary: dict | None, heldout_fraction: flo
     a.models = {"neural": heads, "ou": BaselineSDE(OUBaseline.fit(train_tr), T),
                 "brownian": BaselineSDE(BrownianBaseline.fit(train_tr), T)}
     a.nll = {k: _evaluate(m, a.held_tr) for k, m in a.models.items()}
+    a.comparison = compare_on_paths(a.models, a.held_paths, T)
 
 
 def split_description(a: Analysis) -> str:
@@ -332,7 +335,8 @@ def collect_metrics(a: Analysis, *, data, template, max_length, summary) -> dict
         "fit": summary,
         "heldout_nll": {k: v["total"] for k, v in nll.items()},
         "heldout_nll_parts": nll,
-        "neural_beats_baselines": bool(nll["neural"]["total"] < min(nll["ou"]["total"], nll["brownian"]["total"])),
+        "neural_beats_baselines": bool(a.comparison["neural_beats_baselines"]),
+        "heldout_comparison": a.comparison,
         "drift_diffusion": a.profiles,
         "process": {"gaussianity": pr["gaussianity"], "gaussianity_ou": pr["gaussianity_ou"],
                     "acf_residuals": pr["acf_residuals"], "acf_increments": pr["acf_increments"],
@@ -370,10 +374,20 @@ def verdicts(m: dict, bold=lambda s: s) -> dict[str, str]:
     floor = f"; two halves of the real paths differ by {sw['real_vs_real']:.4g}" if "real_vs_real" in sw else ""
     tail = {True: ", so the neural-OU difference is within sampling noise.",
             False: ", so the difference is larger than sampling noise."}.get(noise, ".")
+    cmp = m.get("heldout_comparison")
+    margin = ""
+    if cmp is not None:
+        intervals = "; ".join(f"neural - {NAMES[b]} {cmp[b]['difference']:+.4f}, {interval_text(cmp[b]['interval'])}"
+                              for b in BASELINES)
+        margin = f" ({intervals}; paired bootstrap over {cmp['sequences']} held-out sequences)"
+        if not beats:
+            why = reasons_not_better(cmp) if cmp["sequences"] >= 2 else [
+                f"{cmp['sequences']} held-out sequence gives no interval"]
+            margin += f": {'; '.join(why)}"
     return {
         "nll": (f"On held-out transitions the neural SDE {bold('beats' if beats else 'does NOT beat')} both "
                 f"baselines: NLL {nll['neural']:.4f} (neural) vs {nll['ou']:.4f} (OU) and {nll['brownian']:.4f} "
-                "(Brownian) nats/dim."),
+                f"(Brownian) nats/dim{margin}."),
         "simulation": (f"Simulated neural-SDE paths are {bold(relation)} the held-out paths "
                        f"{'as' if noise else 'than'} simulated OU paths: sliced Wasserstein {sw['neural']:.4g} "
                        f"(neural) vs {sw['ou']:.4g} (OU), {sw['brownian']:.4g} (Brownian){floor}{tail}"),

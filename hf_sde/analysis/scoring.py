@@ -137,7 +137,7 @@ def rescore(heads, score: TextScore, *, ou=None, tube: float = DEFAULT_TUBE) -> 
 
 # ----- documents to token ids -------------------------------------------------------------------------------
 def _documents(texts, prompts, template) -> list:
-    from .corpus import CHAT_TEMPLATES, TEMPLATES, _chat_messages, _is_blank, _row_to_document
+    from ..data.corpus import CHAT_TEMPLATES, TEMPLATES, _chat_messages, _is_blank, _row_to_document
 
     if isinstance(texts, (str, bytes, dict)):
         raise TypeError("score_texts takes a list of texts (or of rows with template=...), not a single "
@@ -179,7 +179,7 @@ def _documents(texts, prompts, template) -> list:
 def _caps(model, heads, max_length: int | None, max_context: int | None) -> tuple[int, int | None]:
     """``(max_length, max_context)``: the path cap (default as the heads were fitted) and the input cap (default
     the model's ``max_position_embeddings``), as the fit's extraction read its corpus."""
-    from .trajectories import DEFAULT_MAX_LENGTH
+    from ..trajectories.extract import DEFAULT_MAX_LENGTH
 
     if max_length is None:
         max_length = int((heads.config.data or {}).get("max_length") or DEFAULT_MAX_LENGTH)
@@ -192,7 +192,7 @@ def _caps(model, heads, max_length: int | None, max_context: int | None) -> tupl
 
 
 def _token_ids(model, tokenizer, heads, docs, max_length, max_context, template):
-    from .trajectories import tokenize_chats, tokenize_texts
+    from ..trajectories.extract import tokenize_chats, tokenize_texts
 
     if all(isinstance(d, list) for d in docs):
         ids, starts = tokenize_chats(tokenizer, docs, max_length, max_context, template=template)
@@ -264,8 +264,8 @@ def score_texts(
     """
     from tqdm.auto import tqdm
 
-    from .layers import register_block_hook
-    from .trajectories import _batch, check_finite
+    from ..data.layers import register_block_hook
+    from ..trajectories.extract import _batch, check_finite
 
     heads.check_compatible(model)
     tube_threshold(heads.config.proj_dim, tube)  # validate before the forward
@@ -329,7 +329,7 @@ def fit_ou_baseline(model, tokenizer, heads, texts: Sequence, *, prompts: Sequen
 
     One forward per batch that stops after the heads' layer (:func:`~hf_sde.trajectories.extract_from_ids`).
     """
-    from .trajectories import extract_from_ids
+    from ..trajectories.extract import extract_from_ids
 
     heads.check_compatible(model)
     docs = _documents(texts, prompts, template)
@@ -342,9 +342,9 @@ def fit_ou_baseline(model, tokenizer, heads, texts: Sequence, *, prompts: Sequen
 def ou_baseline_from_trajectories(heads, trajectories):
     """An :class:`~hf_sde.baselines.OUBaseline` fitted on the projected paths of already extracted
     ``trajectories`` at the heads' layer (what :func:`fit_ou_baseline` does after its forward)."""
-    from .baselines import OUBaseline
-    from .fitting import TRANSITIONS_PER_COEFFICIENT
-    from .transitions import make_transitions
+    from ..fitting.baselines import OUBaseline
+    from ..fitting.fit import TRANSITIONS_PER_COEFFICIENT
+    from ..fitting.transitions import make_transitions
 
     if trajectories.layer != heads.config.layer:
         raise ValueError(f"The trajectories are of layer {trajectories.layer}; the heads read layer "

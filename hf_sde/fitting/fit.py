@@ -20,11 +20,12 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ..trajectories.extract import Trajectories, check_finite
 from .baselines import BrownianBaseline, OUBaseline, TransitionStats
+from .compare import heldout_comparison
 from .heads import SDEHeads, SDEHeadsConfig
 from .process_group import DistEnv, SingleProcess
 from .training import HeadsOnInputs, train_heads
-from .trajectories import Trajectories, check_finite
 from .transitions import (
     MIN_GROUPS_FOR_SEQUENCE_STOPPING,
     Chunk,
@@ -257,14 +258,22 @@ class FitResult:
     best_epoch: int = 0
     seed: int = 0
     heldout_fraction: float = 0.2
+    #: neural - OU / Brownian held-out NLL with paired bootstrap intervals (:mod:`hf_sde.fitting.compare`);
+    #: ``None`` for a distributed fit, whose held-out sequences are spread over the processes.
+    comparison: dict | None = None
+
+    @property
+    def neural_beats_baselines(self) -> bool | None:
+        """Both paired intervals below 0 by at least ``MIN_NLL_GAIN`` (``None``: no comparison was made)."""
+        return None if self.comparison is None else bool(self.comparison["neural_beats_baselines"])
 
     def summary(self) -> dict:
         cfg = self.heads.config
         return {
             "heldout_nll": self.heldout_nll,
             "heldout_parts": self.heldout_parts,
-            "neural_beats_baselines": self.heldout_nll["neural"] < min(self.heldout_nll["ou"],
-                                                                      self.heldout_nll["brownian"]),
+            "neural_beats_baselines": self.neural_beats_baselines,
+            "heldout_comparison": self.comparison,
             "best_epoch": self.best_epoch,
             "epochs_run": len(self.history["train_total"]),
             "seed": self.seed,
@@ -486,7 +495,9 @@ def fit_heads(
     opts = _Options(proj_dim, standardize, horizon, width, depth, time_frequencies, epochs, batch_size, lr,
                     weight_decay, patience, heldout_fraction, early_stopping_fraction, early_stopping, seed,
                     progress, cfg, compile, matmul_precision, bf16)
-    return _fit(MemorySource(trajectories), SingleProcess(), "exact", opts)
+    result = _fit(MemorySource(trajectories), SingleProcess(), "exact", opts)
+    result.comparison = heldout_comparison(result, trajectories)
+    return result
 
 
 def fit_heads_distributed(
@@ -527,6 +538,6 @@ def fit_heads_distributed(
 
 
 def _sharded_corpus(shards: str | Sequence[str]):
-    from .shards import ShardedCorpus
+    from ..trajectories.shards import ShardedCorpus
 
     return shards if isinstance(shards, ShardedCorpus) else ShardedCorpus(shards)
