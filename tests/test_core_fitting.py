@@ -220,7 +220,9 @@ def test_neural_sde_beats_both_baselines_on_stories(stories_trajectories, seed):
     nll = result.heldout_nll
     assert nll["neural"] < nll["ou"] - 0.005, nll
     assert nll["ou"] < nll["brownian"], nll
-    assert result.summary()["neural_beats_baselines"]
+    # one held-out story gives no bootstrap interval, so the verdict does not claim the win the NLLs suggest
+    assert result.comparison["sequences"] == 1 and result.comparison["ou"]["interval"] is None
+    assert result.summary()["neural_beats_baselines"] is False
     assert result.heads.config.base_model == "ggml-org/models-moved"
     assert (result.heads.config.layer, result.heads.config.num_layers, result.heads.config.hidden_size) == (4, 5, 64)
 
