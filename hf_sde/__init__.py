@@ -43,7 +43,7 @@ from .control import (
     sde_generate,
     sde_hooks,
 )
-from .control.vectors import load_control_vector, save_control_vector
+from .control.vectors import load_control_vector, mean_difference_vectors, save_control_vector
 from .data import (
     CHAT_TEMPLATES,
     DEFAULT_MODEL,
@@ -92,7 +92,7 @@ __all__ = [
     "SDEControl", "SDEGenerateOutput", "SDEGenerationMixin", "SDEStep", "SDETemperatureLogitsProcessor", "SDETrace",
     "disable_sde_control", "enable_sde_control", "sde_generate", "sde_hooks",
     # steering vectors in llama.cpp / repeng's GGUF format
-    "load_control_vector", "save_control_vector",
+    "load_control_vector", "mean_difference_vectors", "save_control_vector",
     # detection: sequence-level statistics of any text
     "TextScore", "fit_ou_baseline", "score_texts",
     # analysis and display

@@ -85,6 +85,15 @@ def test_controls_apply_under_fullgraph_compilation(family):
             assert not torch.allclose(compiled.sde_trace.temperature, plain.sde_trace.temperature), name
         if "steer" in name:
             assert (compiled.sde_trace.steer_norm > 0).all(), name
+    # a per-layer direction (a GGUF control vector's shape): one vector per steered layer, the gate of layer 1
+    g = torch.Generator().manual_seed(0)
+    hidden = bundle.heads.config.hidden_size
+    ctl = dict(mode="steer", alpha=0.5, gate="sigmoid", direction={1: torch.randn(hidden, generator=g),
+                                                                     2: torch.randn(hidden, generator=g)})
+    eager = _sde(bundle.model, bundle.heads, ctl)
+    compiled = _sde(bundle.model, bundle.heads, ctl, compiled=compile_config())
+    _assert_same(compiled, eager, f"{family}/per-layer")
+    assert not torch.equal(eager.sequences, plain.sequences) or (eager.sde_trace.steer_norm > 0).all()
 
 
 def test_gemma2_compiles_with_automatic_dynamic_shapes():

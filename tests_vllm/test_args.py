@@ -138,3 +138,24 @@ def test_only_one_of_two_processor_instances_divides_the_logits():
     logits = torch.ones(1, 4)
     out = second.apply(first.apply(logits.clone()))
     assert torch.allclose(out, logits / 2)  # divided once, not by tau squared
+
+
+@pytest.mark.parametrize(("direction", "match"), [
+    ({}, "empty object"),
+    ({"x": [1.0]}, "keys are decoder layer indices"),
+    ({"99": [1.0] * 576}, "out of range"),
+    ({"3": [1.0] * 576}, r"precedes the heads' layer 22.*layers >= 22"),
+    ({"22": [1.0] * 576, "-8": [1.0] * 576}, "names decoder layer 22 twice"),
+    ({"22": [1.0, 2.0]}, r"layer 22 must be a tensor of shape \(576,\)"),
+    ({"22": ["a"]}, "non-empty list of finite numbers"),
+])
+def test_a_bad_per_layer_direction_is_refused_at_admission(direction, match):
+    with pytest.raises(ValueError, match=match):
+        parse_request({"sde_mode": "steer", "sde_direction": direction})
+
+
+def test_a_per_layer_direction_is_admitted_as_tensors():
+    request = parse_request({"sde_mode": "steer", "sde_alpha": 0.2, "sde_direction": {"22": [1.0] * 576,
+                                                                                    "-1": [0.5] * 576}})
+    assert sorted(request.control.direction) == [22, 29]
+    assert request.control.direction[29].shape == (576,)

@@ -129,3 +129,26 @@ def test_sampled_temperature_scales_only_its_row(llm, hf, heads, prompt_ids):
     law = SDEControl(heads, mode="temperature", beta=1.0).temperature_law(trace.zscore)
     assert torch.allclose(trace.temperature, law, atol=1e-6)
     assert math.isnan(trace.surprise[0, -1])
+
+
+def test_a_per_layer_direction_matches_generate(llm, hf, heads, prompt_ids):
+    """A GGUF control vector's layout (one vector per layer) sent as sde_direction: generate's tokens and trace."""
+    model, _ = hf
+    n, read = heads.config.num_layers, heads.config.layer
+    g = torch.Generator().manual_seed(0)
+    vectors = {layer: torch.randn(heads.config.hidden_size, generator=g) for layer in sorted({read, min(read + 2, n - 1)})}
+    assert len(vectors) == 2
+    control = dict(mode="steer", alpha=0.3, direction=vectors)
+    tokens, trace = _reference(model, heads, prompt_ids[1], control, NEW_TOKENS)
+    single, _ = _reference(model, heads, prompt_ids[1], dict(mode="steer", alpha=0.3, direction=vectors[read]),
+                           NEW_TOKENS)
+    assert tokens != single  # the second layer's vector acts: the test can fail
+    args = sde_args(mode="steer", alpha=0.3, direction=vectors)
+    assert sorted(args["sde_direction"]) == sorted(str(k) for k in vectors)
+    out = llm.generate([sde_prompt(prompt_ids[1], args)], [SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
+                                                                            ignore_eos=True, extra_args=args)],
+                       use_tqdm=False)
+    assert list(out[0].outputs[0].token_ids) == tokens
+    got = get_traces(llm, [args["sde_trace_id"]])[0]
+    assert_traces_close(trace, got, steers=True)
+    assert torch.allclose(got.steer_norm, trace.steer_norm, rtol=1e-3, atol=1e-4)  # the layers' norms, summed

@@ -28,6 +28,7 @@ COMMANDS = {
     "demo": "demo",
     "export-generate": "export_generate",
     "fit-distributed": "fit_distributed",
+    "control-vector": "control_vector",
 }
 
 EPILOG = (f"Environment: {SMOKE_ENV}=1 caps every command's work (documents, epochs, lengths, new tokens, "

@@ -145,15 +145,19 @@ class _CompiledRuntime(_Runtime):
         buf.positions.index_copy_(0, row, buf.cur_positions.unsqueeze(0))
         return hidden if steered is None else steered
 
-    def on_steer_block(self, hidden: torch.Tensor, _position_ids) -> torch.Tensor:
-        steered = self._steer(hidden)
+    def on_steer_block(self, hidden: torch.Tensor, _position_ids, layer: int) -> torch.Tensor:
+        steered = self._steer(hidden, layer)
         row = torch.where(self.active.bool(), self.k, self.spare).reshape(1)
         self.buf.records.index_copy_(0, row, self.buf.cur.row().unsqueeze(0))  # with its steer norm
         return steered
 
     def _direction(self, cur) -> None:
         super()._direction(cur)
-        self.unit = self.unit * self.active  # forwards before the prompt's end are not steered
+        # forwards before the prompt's end are not steered
+        if self.units:
+            self.units = {layer: unit * self.active for layer, unit in self.units.items()}
+        else:
+            self.unit = self.unit * self.active
 
     def on_logits(self, scores: torch.Tensor) -> torch.Tensor:
         return self._divide(scores)  # the step index lives in a tensor: nothing to check on the host
@@ -164,15 +168,19 @@ class _CompiledRuntime(_Runtime):
         values are tensors)."""
         c = self.control
         return (type(self.model), self.setup.batch, self.setup.capacity, c.mode, self.now, self.stats_now,
-                self.read_layer, self.steer_layer, self.origin,
-                "tensor" if isinstance(c.direction, torch.Tensor) else c.direction, c.gate, c.gate_threshold,
+                self.read_layer, self.steer_layers, self.origin,
+                "tensor" if isinstance(c.direction, torch.Tensor) else "per-layer" if c.per_layer else c.direction,
+                c.gate, c.gate_threshold,
                 c.gate_sharpness, self.setup.scale_head_input)
 
     def install(self, head: torch.nn.Module | None = None) -> None:
         layers = decoder_layers(self.model)
         self._swap(layers, self.read_layer, _StepBlock(layers[self.read_layer], self, self.on_block))
-        if self.control.steers and self.steer_layer != self.read_layer:
-            self._swap(layers, self.steer_layer, _StepBlock(layers[self.steer_layer], self, self.on_steer_block))
+        if self.control.steers:
+            for layer in self.steer_layers:
+                if layer != self.read_layer:
+                    step = functools.partial(self.on_steer_block, layer=layer)
+                    self._swap(layers, layer, _StepBlock(layers[layer], self, step))
         if head is not None and self.control.controls_temperature:
             self.model.set_output_embeddings(_TemperatureHead(head, self))
             self.swapped.append((None, -1, head))

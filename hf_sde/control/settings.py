@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 
 import torch
@@ -77,12 +77,17 @@ class SDEControl:
             ``beta > 0`` cools sampling where the path is locally noisy, ``beta = 0`` is plain sampling.
             Under greedy decoding (``do_sample=False``) temperatures change nothing: a warning says so once.
         alpha: steering strength; ``h <- h + alpha * gate(z) * ||h|| * unit(v)`` at the newest position.
-        direction: ``"drift"`` (``v = P mu``), ``"attractor"`` (``v = P (z* - z)``) or a hidden-size tensor.
+        direction: ``"drift"`` (``v = P mu``), ``"attractor"`` (``v = P (z* - z)``), a hidden-size tensor, or
+            a dict of layer -> hidden-size tensor that steers each of those layers along its own vector (what
+            :func:`hf_sde.load_control_vector` reads from a llama.cpp / repeng GGUF control vector; every layer
+            at or after the heads' layer, whose state gives the gate). Each vector is normalized; at each layer
+            the step is ``alpha * gate(z) * ||h|| * unit(v_layer)``, and the trace's ``steer_norm`` sums them.
         attractor: ``z*`` in SDE coordinates for ``direction="attractor"`` (default: the origin, i.e. the
             mean training state).
         gate: ``"always"``, ``"threshold"`` (steer where ``z > gate_threshold``) or ``"sigmoid"``
             (``sigmoid(gate_sharpness * (z - gate_threshold))``).
-        steer_layer: decoder layer to steer (default: the heads' layer; must not precede it).
+        steer_layer: decoder layer to steer (default: the heads' layer; must not precede it). Not with a
+            per-layer ``direction``, which names its layers.
         callback: called with an :class:`SDEStep` at every step (live stats while streaming), from the forward
             hook as soon as the step's statistics exist: every logits processor of that step (the caller's
             ``logits_processor=`` included) runs after it, so a custom processor can read the current step.
@@ -104,7 +109,7 @@ class SDEControl:
     min_temperature: float = 0.3
     max_temperature: float = 1.5
     alpha: float = 0.0
-    direction: str | torch.Tensor = "drift"
+    direction: str | torch.Tensor | Mapping[int, torch.Tensor] = "drift"
     attractor: torch.Tensor | None = None
     gate: str = "always"
     gate_threshold: float = 1.0
@@ -133,7 +138,10 @@ class SDEControl:
             if not math.isfinite(getattr(self, name)):
                 raise ValueError(f"{name} must be a finite number, got {getattr(self, name)}")
         if isinstance(self.direction, str) and self.direction not in ("drift", "attractor"):
-            raise ValueError(f"direction must be 'drift', 'attractor' or a tensor, got {self.direction!r}")
+            raise ValueError(f"direction must be 'drift', 'attractor', a tensor or a dict of layer -> tensor, got "
+                             f"{self.direction!r}")
+        if isinstance(self.direction, Mapping):
+            self.direction = self._per_layer(self.direction)
         if isinstance(self.direction, torch.Tensor) and self.direction.shape != (self.heads.config.hidden_size,):
             raise ValueError(
                 f"a steering vector must have shape ({self.heads.config.hidden_size},), got {tuple(self.direction.shape)}"
@@ -141,6 +149,33 @@ class SDEControl:
         origin = getattr(self.heads.config, "time_origin", "sequence")
         if origin not in TIME_ORIGINS:
             raise ValueError(f"heads.config.time_origin={origin!r} is not one of {TIME_ORIGINS}")
+
+    def _per_layer(self, direction: Mapping) -> dict[int, torch.Tensor]:
+        """A per-layer direction checked: int layers, each a finite non-zero hidden-size vector."""
+        hidden = self.heads.config.hidden_size
+        if not direction:
+            raise ValueError("direction is an empty dict: give at least one layer -> vector (a control vector file "
+                             "read with hf_sde.load_control_vector holds one per layer)")
+        if self.steer_layer is not None:
+            raise ValueError(f"steer_layer={self.steer_layer} with a per-layer direction: the dict's keys are the "
+                             "layers it steers; drop steer_layer (or keep only the layers you want in the dict)")
+        out = {}
+        for layer, v in direction.items():
+            if not isinstance(layer, int) or isinstance(layer, bool):
+                raise TypeError(f"a per-layer direction's keys are decoder layer indices (int), got {layer!r}")
+            if not isinstance(v, torch.Tensor) or v.shape != (hidden,):
+                shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
+                raise ValueError(f"the steering vector for layer {layer} must be a tensor of shape ({hidden},) (the "
+                                 f"heads' hidden size), got {shape}: was the control vector made for another model?")
+            if not torch.isfinite(v).all() or not v.abs().max() > 0:
+                raise ValueError(f"the steering vector for layer {layer} is zero or not finite: it has no direction")
+            out[layer] = v
+        return out
+
+    @property
+    def per_layer(self) -> bool:
+        """Whether ``direction`` is a dict of layer -> vector."""
+        return isinstance(self.direction, dict)
 
     @property
     def controls_temperature(self) -> bool:

@@ -262,4 +262,124 @@ def save_control_vector(directions: Mapping[int, torch.Tensor], path: str | os.P
     return path
 
 
-__all__ = ["load_control_vector", "model_hint_for", "save_control_vector"]
+# ----- the mean-difference ("CAA" / repeng-style) vector of two corpora -----------------------------------------
+#: Documents handed to one extraction call: bounds the states held in memory (the sums are kept, not the states).
+_CHUNK_BATCHES = 32
+#: Two means closer than this (relative to their norm) are the same mean: their difference is rounding noise.
+_SAME_MEAN_RTOL = 1e-6
+
+
+def _corpus_sums(model, tokenizer, data, side: str, layers: list[int], *, template, text_column, limit, max_length,
+                 batch_size, progress) -> tuple[dict[int, torch.Tensor], int, int]:
+    """``({layer: float64 sum of the states}, texts, tokens)`` of one corpus, every path position counted."""
+    from tqdm.auto import tqdm
+
+    from ..data.corpus import load_texts
+    from ..data.layers import hidden_size
+    from ..trajectories.extract import extract_from_ids, tokenize_documents
+
+    try:
+        docs = load_texts(data, template=template, text_column=text_column, limit=limit)
+    except ValueError as e:
+        raise ValueError(f"The {side} corpus: {e}") from None
+    max_context = getattr(model.config, "max_position_embeddings", None)
+    ids, starts = tokenize_documents(tokenizer, docs, max_length, max_context, template=template)
+    width = hidden_size(model)
+    sums = {layer: torch.zeros(width, dtype=torch.float64) for layer in layers}
+    texts = tokens = 0
+    chunk = _CHUNK_BATCHES * batch_size
+    with tqdm(total=len(ids), desc=f"Mean hidden state of the {side} texts", disable=not progress,
+              unit="text") as bar:
+        for a in range(0, len(ids), chunk):
+            part = ids[a:a + chunk]
+            part_starts = starts[a:a + chunk] if starts is not None else None
+            # min_length=1: every text with a state counts (a one-token text has no transition, but a mean state).
+            trajs = extract_from_ids(model, part, layers, batch_size=batch_size, min_length=1, progress=False,
+                                     starts=part_starts)
+            for traj in trajs:
+                sums[traj.layer] += torch.cat(traj.states).sum(0, dtype=torch.float64)
+            first = trajs[0]
+            texts += len(first)
+            tokens += sum(first.lengths)
+            bar.update(len(part))
+    if tokens == 0:
+        raise ValueError(f"The {side} corpus has no token to average (every text is empty after tokenization).")
+    return sums, texts, tokens
+
+
+def _mean_difference(model, tokenizer, positive, negative, layers, *, template=None, text_column=None, limit=None,
+                     max_length=256, batch_size=8, progress=True) -> tuple[dict[int, torch.Tensor], dict]:
+    """:func:`mean_difference_vectors` and what was counted: ``{"positive": {"texts", "tokens"}, "negative": ...}``."""
+    from ..data.layers import num_decoder_layers, resolve_layer
+
+    if isinstance(layers, int) and not isinstance(layers, bool):
+        layers = [layers]
+    layers = list(layers)
+    if not layers:
+        raise ValueError("layers is empty: name at least one decoder layer (1 and up) to compute a vector for.")
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+    if max_length is not None and (not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"max_length must be a positive integer or None, got {max_length!r}.")
+    resolved = sorted({resolve_layer(model, layer) for layer in layers})
+    if resolved[0] == 0:
+        n = num_decoder_layers(model)
+        given = [x for x in layers if resolve_layer(model, x) == 0]
+        raise ValueError(
+            f"Layer {given[0]} is layer 0 (the output of the first decoder block), which a control-vector GGUF "
+            "cannot hold: llama.cpp reserves index 0 ('direction.0' is rejected, its control-vector buffer starts "
+            f"at layer 1). Pick layers 1 to {n - 1} (e.g. a middle layer such as {n // 2})."
+        )
+    kw = dict(template=template, text_column=text_column, limit=limit, max_length=max_length,
+              batch_size=batch_size, progress=progress)
+    pos_sums, pos_texts, pos_tokens = _corpus_sums(model, tokenizer, positive, "positive", resolved, **kw)
+    neg_sums, neg_texts, neg_tokens = _corpus_sums(model, tokenizer, negative, "negative", resolved, **kw)
+    vectors, zero = {}, []
+    for layer in resolved:
+        pos_mean, neg_mean = pos_sums[layer] / pos_tokens, neg_sums[layer] / neg_tokens
+        diff = pos_mean - neg_mean
+        # Equal up to float rounding (the same texts batched differently): a direction of rounding noise.
+        if float(diff.norm()) <= _SAME_MEAN_RTOL * max(float(pos_mean.norm()), float(neg_mean.norm()), 1e-30):
+            zero.append(layer)
+        vectors[layer] = diff.to(torch.float32)
+    if zero:
+        raise ValueError(
+            f"The positive and negative corpora have identical mean hidden states at layer"
+            f"{'s' if len(zero) > 1 else ''} {', '.join(map(str, zero))}, so the difference is the zero vector "
+            "and steers nothing: pass two corpora that differ in what you want to steer (are they the same texts?)."
+        )
+    counts = {"positive": {"texts": pos_texts, "tokens": pos_tokens},
+              "negative": {"texts": neg_texts, "tokens": neg_tokens}}
+    return vectors, counts
+
+
+def mean_difference_vectors(model, tokenizer, positive, negative, layers, *, template: str | None = None,
+                            text_column: str | None = None, limit: int | None = None, max_length: int | None = 256,
+                            batch_size: int = 8, progress: bool = True) -> dict[int, torch.Tensor]:
+    """The mean-difference ("CAA" / repeng-style) steering vector of two corpora at each of ``layers``.
+
+    For each decoder layer ``L`` (hf-sde's numbering: the output of decoder block ``L``, 0-based; negative indices
+    count from the end), the vector is ``mean(h_L over the positive tokens) - mean(h_L over the negative tokens)``:
+    each mean is over all token positions of all texts of that side pooled (a text weighs as many tokens as it
+    has), as hf-sde extracts them (``hf-sde extract``: the special tokens the tokenizer adds included, truncated to
+    ``max_length`` tokens; with a chat template the response and the position before it, read in the context of
+    the prompt). It is a raw difference of mean states, float32, shape ``(hidden_size,)``, not normalized: its
+    norm is how far apart the two means are. ``SDEControl(heads, mode="steer", direction=vectors, alpha=a)`` (or
+    ``direction=vectors[L], steer_layer=L`` for one layer) uses only each vector's direction: it normalizes it and
+    adds ``alpha * ||h||`` times it to each new state, whereas llama.cpp (``--control-vector FILE``, or
+    ``--control-vector-scaled FILE S``) adds the vector as it is, times its scale.
+
+    ``positive`` / ``negative``: anything :func:`hf_sde.data.corpus.load_texts` reads (a file, folder or hub
+    dataset id, or a list of strings), each read with ``template`` / ``text_column`` and its first ``limit``
+    documents. All requested layers are read in one forward pass per batch of ``batch_size`` texts; only running
+    sums are kept. Layer 0 is refused: a control-vector GGUF cannot hold it (see the module docstring).
+
+    Returns ``{layer: vector}`` sorted by layer (resolved to ``0..n-1``), ready for :func:`save_control_vector`.
+    Raises ``ValueError`` for an empty corpus or when the two means are equal (a zero vector).
+    """
+    return _mean_difference(model, tokenizer, positive, negative, layers, template=template,
+                            text_column=text_column, limit=limit, max_length=max_length, batch_size=batch_size,
+                            progress=progress)[0]
+
+
+__all__ = ["load_control_vector", "mean_difference_vectors", "model_hint_for", "save_control_vector"]

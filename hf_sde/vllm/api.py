@@ -33,7 +33,8 @@ def entry_point_installed() -> bool:
 
 
 def sde_args(heads: str | None = None, mode: str = "temperature", trace_id: str | None = None, **control) -> dict:
-    """``SamplingParams.extra_args`` for one SDE request (``control``: SDEControl fields, e.g. ``beta=1.0``).
+    """``SamplingParams.extra_args`` for one SDE request (``control``: SDEControl fields, e.g. ``beta=1.0``;
+    tensors, and a per-layer ``direction`` dict such as :func:`hf_sde.load_control_vector` returns, become JSON).
 
     A fresh ``sde_trace_id`` is set unless given. The arguments are checked here as vLLM will check them.
     """
@@ -44,7 +45,11 @@ def sde_args(heads: str | None = None, mode: str = "temperature", trace_id: str 
         key = f"sde_{name}"
         if key not in KEYS:
             raise TypeError(f"unknown SDE argument {name!r}; valid: {sorted(k[4:] for k in KEYS)}")
-        args[key] = value.tolist() if isinstance(value, torch.Tensor) else value
+        if isinstance(value, torch.Tensor):
+            value = value.tolist()
+        elif isinstance(value, dict):  # a per-layer direction (e.g. hf_sde.load_control_vector): JSON keys are str
+            value = {str(k): v.tolist() if isinstance(v, torch.Tensor) else v for k, v in value.items()}
+        args[key] = value
     parse_request(args)
     return args
 

@@ -26,7 +26,9 @@ KEYS: dict[str, tuple[str | None, tuple[type, ...], str]] = {
     "sde_min_temperature": ("min_temperature", FLOAT, "lower clip of the temperature"),
     "sde_max_temperature": ("max_temperature", FLOAT, "upper clip of the temperature"),
     "sde_alpha": ("alpha", FLOAT, "steering strength"),
-    "sde_direction": ("direction", (str, list), "'drift', 'attractor' or a hidden-size list of floats"),
+    "sde_direction": ("direction", (str, list, dict), "'drift', 'attractor', a hidden-size list of floats, or "
+                      "{layer: hidden-size list} to steer each layer along its own vector (a GGUF control vector "
+                      "read with hf_sde.load_control_vector, as {str(k): v.tolist()})"),
     "sde_attractor": ("attractor", (list,), "z* for direction='attractor' (proj_dim floats)"),
     "sde_gate": ("gate", (str,), f"one of {GATES}"),
     "sde_gate_threshold": ("gate_threshold", FLOAT, "gate threshold on the z-score"),
@@ -64,6 +66,32 @@ def _check_value(key: str, value: Any, types: tuple[type, ...]) -> Any:
     return value
 
 
+def _per_layer_direction(value: dict, heads) -> dict:
+    """``{layer: [floats]}`` (JSON keys are strings) -> ``{layer: tensor}``, every layer in range and at or after
+    the heads' layer (where the gate is read), each list checked like a single direction."""
+    import torch
+
+    if not value:
+        raise ValueError("sde_direction is an empty object: give {layer: [hidden-size floats], ...}")
+    n, read = heads.config.num_layers, heads.config.layer
+    out: dict[int, torch.Tensor] = {}
+    for key, vector in value.items():
+        try:
+            layer = int(key)
+        except (TypeError, ValueError):
+            raise ValueError(f"sde_direction's keys are decoder layer indices, got {key!r}") from None
+        if not -n <= layer < n:
+            raise ValueError(f"sde_direction layer {layer} is out of range for a model with {n} decoder layers")
+        layer %= n
+        if layer < read:
+            raise ValueError(f"sde_direction layer {layer} precedes the heads' layer {read}: every steered layer must "
+                             f"be at or after it (the gate is read there); send only layers >= {read}")
+        if layer in out:
+            raise ValueError(f"sde_direction names decoder layer {layer} twice")
+        out[layer] = torch.tensor(_check_value(f"sde_direction[{key!r}]", vector, (list,)), dtype=torch.float32)
+    return out
+
+
 def has_sde_args(extra_args: dict | None) -> bool:
     return bool(extra_args) and any(str(k).startswith("sde_") for k in extra_args)
 
@@ -86,6 +114,8 @@ def parse_request(extra_args: dict | None) -> SDERequest | None:
             continue
         if key == "sde_direction" and isinstance(value, list):
             value = torch.tensor(value, dtype=torch.float32)
+        elif key == "sde_direction" and isinstance(value, dict):
+            value = _per_layer_direction(value, heads)
         elif key == "sde_attractor":
             if len(value) != heads.config.proj_dim:
                 raise ValueError(f"sde_attractor must have proj_dim={heads.config.proj_dim} numbers, got {len(value)}")

@@ -180,6 +180,7 @@ class Slot:
     stop_ids: frozenset[int] = frozenset()
     min_tokens: int = 0
     max_tokens: int | None = None
+    units: dict[int, torch.Tensor] | None = None
 
     @property
     def control(self) -> SDEControl:
@@ -189,6 +190,23 @@ class Slot:
     def steer_layer(self) -> int:
         ctl = self.control
         return ctl.steer_layer if ctl.steer_layer is not None else ctl.heads.config.layer
+
+    @property
+    def steer_layers(self) -> tuple[int, ...]:
+        """The layers this request steers, in forward order (several for a per-layer direction)."""
+        ctl = self.control
+        if not ctl.per_layer:
+            return (self.steer_layer,)
+        n = ctl.heads.config.num_layers
+        return tuple(sorted(layer % n for layer in ctl.direction))
+
+    def layer_units(self, device: torch.device) -> dict[int, torch.Tensor]:
+        """A per-layer direction's unit vectors on ``device``, made once per request."""
+        if self.units is None:
+            n = self.control.heads.config.num_layers
+            self.units = {layer % n: (v / v.norm().clamp_min(1e-12)).to(device)
+                          for layer, v in self.control.direction.items()}
+        return self.units
 
     def ended_before(self, k: int, token: int | None) -> bool:
         """Whether step ``k`` (reading position ``prompt_len - 1 + k``, whose input is ``token``) is past the end."""
@@ -309,7 +327,8 @@ class SDEBatch:
         hooks = self.model_hooks()
         hooks.ensure(request.control.heads.config.layer)
         if request.control.steers:
-            hooks.ensure(slot.steer_layer)
+            for layer in slot.steer_layers:
+                hooks.ensure(layer)
             if self.prefix_caching and not self._warned_salt:
                 self._warned_salt = True
                 logger.warning("hf-sde: steering with prefix caching on. Steered positions' KV must not be "
@@ -398,8 +417,8 @@ class SDEBatch:
             idx, h = state(rows)
             delta = SDEControl.steer_delta(unit, h)
             output = stream.add(output, idx, delta)
-            if record:
-                slot.trace.set_steer_norm(torch.linalg.vector_norm(delta[-1]))
+            if record:  # a per-layer direction's trace sums its layers' norms, as generate's does
+                slot.trace.set_steer_norm(torch.linalg.vector_norm(delta[-1]), add=layer != slot.steer_layers[0])
         return output
 
     def _read(self, slot: Slot, rows: list[int], ks: list[int], record: bool, index: int, state: torch.Tensor,
@@ -422,6 +441,11 @@ class SDEBatch:
                                   position=slot.prompt_len - 1 + ks[-1])
                 if tau is not None:
                     work.tau[index] = tau
-            if ctl.steers:
+            if ctl.steers and ctl.per_layer:
+                one = torch.ones(1, device=state.device)
+                gain = ctl.steering_vector(mean, z, zscore, None, fixed=one)  # alpha * gate, (N, 1)
+                for layer, unit in slot.layer_units(state.device).items():
+                    work.steer.setdefault(layer, []).append((slot, rows, gain * unit, record))
+            elif ctl.steers:
                 step = ctl.steering_vector(mean, z, zscore, heads.lift)
                 work.steer.setdefault(slot.steer_layer, []).append((slot, rows, step, record))

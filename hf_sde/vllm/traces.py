@@ -51,8 +51,11 @@ class RequestTrace:
         self.out.append(torch.cat([mean, std]).detach().cpu())
         self.positions.append(position)
 
-    def set_steer_norm(self, value: torch.Tensor) -> None:
-        self.stats[-1][_STATS.index("steer_norm")] = value.detach().cpu()
+    def set_steer_norm(self, value: torch.Tensor, add: bool = False) -> None:
+        """The last step's steering norm (``add``: a later layer of a per-layer direction, summed)."""
+        value = value.detach().cpu()
+        i = _STATS.index("steer_norm")
+        self.stats[-1][i] = self.stats[-1][i] + value if add else value
 
     def to_trace(self) -> SDETrace:
         """An ``SDETrace`` of shape ``(1, n)``: the steps of the tokens vLLM generated for this request."""
