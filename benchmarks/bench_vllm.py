@@ -233,7 +233,7 @@ def main() -> None:
                 torch=torch.__version__, transformers=transformers.__version__, vllm=vllm.__version__,
                 loadavg_start=load_start, loadavg_end=load_end, dtype="float32", enforce_eager=True,
                 omp_num_threads=os.environ.get("OMP_NUM_THREADS"),
-                command="nice -n 10 .venv-vllm/bin/python benchmarks/bench_vllm.py " + " ".join(sys.argv[1:]))
+                command=".venv-vllm/bin/python benchmarks/bench_vllm.py " + " ".join(sys.argv[1:]))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=1))

@@ -181,6 +181,7 @@ class Slot:
     min_tokens: int = 0
     max_tokens: int | None = None
     units: dict[int, torch.Tensor] | None = None
+    layers: tuple[int, ...] | None = None
 
     @property
     def control(self) -> SDEControl:
@@ -194,11 +195,11 @@ class Slot:
     @property
     def steer_layers(self) -> tuple[int, ...]:
         """The layers this request steers, in forward order (several for a per-layer direction)."""
-        ctl = self.control
-        if not ctl.per_layer:
-            return (self.steer_layer,)
-        n = ctl.heads.config.num_layers
-        return tuple(sorted(layer % n for layer in ctl.direction))
+        if self.layers is None:
+            ctl = self.control
+            n = ctl.heads.config.num_layers
+            self.layers = tuple(sorted(layer % n for layer in ctl.direction)) if ctl.per_layer else (self.steer_layer,)
+        return self.layers
 
     def layer_units(self, device: torch.device) -> dict[int, torch.Tensor]:
         """A per-layer direction's unit vectors on ``device``, made once per request."""
@@ -399,53 +400,99 @@ class SDEBatch:
         return work
 
     def on_block(self, layer: int, work: Work, output):
-        """Read, then steer, the stream at block ``layer``'s output (through this architecture's :class:`BlockStream`)."""
-        stream = self.stream
-        device = block_output(output).device
+        """Read, then steer, the stream at block ``layer``'s output (through this architecture's :class:`BlockStream`).
 
-        def state(rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-            """The rows' index and their stream (transformers' block output), in float32."""
-            idx = torch.tensor(rows, device=device)
-            return idx, stream.read(output, idx).float()
-
-        for slot, rows, ks, record, index in work.read.get(layer, ()):
-            self._read(slot, rows, ks, record, index, state(rows)[1], work)
+        Batched over the requests: one heads call per heads object for every request read at this layer, one
+        steering add for every request steered here, and one copy to the host for what the traces record (the
+        per-request work is Python bookkeeping only, so the cost of SDE control does not grow with the batch).
+        """
+        reads = work.read.get(layer)
+        if reads:
+            groups: dict[int, list] = {}
+            for entry in reads:
+                groups.setdefault(id(entry[0].control.heads), []).append(entry)
+            for group in groups.values():
+                self._read(group, output, work)
         steer = work.steer.get(layer)
         if not steer:
             return None
-        for slot, rows, unit, record in steer:
-            idx, h = state(rows)
-            delta = SDEControl.steer_delta(unit, h)
-            output = stream.add(output, idx, delta)
-            if record:  # a per-layer direction's trace sums its layers' norms, as generate's does
-                slot.trace.set_steer_norm(torch.linalg.vector_norm(delta[-1]), add=layer != slot.steer_layers[0])
+        device = block_output(output).device
+        idx = torch.tensor([r for _, rows, _, _ in steer for r in rows], device=device)
+        h = self.stream.read(output, idx).float()
+        units = torch.cat([unit for _, _, unit, _ in steer]) if len(steer) > 1 else steer[0][2]
+        delta = SDEControl.steer_delta(units, h)
+        output = self.stream.add(output, idx, delta)
+        ends, end = [], 0
+        for _, rows, _, _ in steer:
+            end += len(rows)
+            ends.append(end - 1)
+        recorded = [i for i, (_, _, _, record) in enumerate(steer) if record]
+        if recorded:  # a per-layer direction's trace sums its layers' norms, as generate's does
+            norms = torch.linalg.vector_norm(delta[[ends[i] for i in recorded]], dim=-1).cpu()
+            for j, i in enumerate(recorded):
+                slot = steer[i][0]
+                slot.trace.set_steer_norm(norms[j], add=layer != slot.steer_layers[0])
         return output
 
-    def _read(self, slot: Slot, rows: list[int], ks: list[int], record: bool, index: int, state: torch.Tensor,
-              work: Work) -> None:
-        """Heads on ``state`` (the block output of ``rows``): record the step, set its temperature and direction."""
-        ctl = slot.control
-        heads = ctl.heads
+    def _read(self, group: list, output, work: Work) -> None:
+        """Heads on the block output of every request in ``group`` (requests with the same heads), in one call:
+        record each request's step, set its temperature and its steering vectors."""
+        heads = group[0][0].control.heads
+        device = block_output(output).device
+        origin = getattr(heads.config, "time_origin", "sequence")
+        rows, times, ends = [], [], []
+        for slot, slot_rows, ks, _record, _index in group:
+            rows += slot_rows
+            offset = 0 if origin == "prompt_end" else slot.prompt_len - 1
+            times += [k + offset for k in ks]
+            ends.append(len(rows))
         with torch.no_grad():
+            state = self.stream.read(output, torch.tensor(rows, device=device)).float()
             z = heads.project(state)
-            origin = getattr(heads.config, "time_origin", "sequence")
-            k = torch.tensor(ks, device=state.device)
-            t = heads.times(k if origin == "prompt_end" else k + (slot.prompt_len - 1))
-            mean, std = heads(z, t)
+            mean, std = heads(z, heads.times(torch.tensor(times, device=device)))
             diffusion = heads.diffusion_magnitude(std)
             zscore = heads.zscore(diffusion)
-            if record:
-                tau = ctl.temperature_law(zscore[-1]) if ctl.controls_temperature else None
-                slot.trace.record(z[-1], mean[-1], std[-1], diffusion[-1], zscore[-1],
-                                  torch.linalg.vector_norm(mean[-1]) / heads.dt, tau,
-                                  position=slot.prompt_len - 1 + ks[-1])
-                if tau is not None:
-                    work.tau[index] = tau
-            if ctl.steers and ctl.per_layer:
-                one = torch.ones(1, device=state.device)
-                gain = ctl.steering_vector(mean, z, zscore, None, fixed=one)  # alpha * gate, (N, 1)
-                for layer, unit in slot.layer_units(state.device).items():
-                    work.steer.setdefault(layer, []).append((slot, rows, gain * unit, record))
-            elif ctl.steers:
-                step = ctl.steering_vector(mean, z, zscore, heads.lift)
-                work.steer.setdefault(slot.steer_layer, []).append((slot, rows, step, record))
+            recorded = [i for i, entry in enumerate(group) if entry[3]]
+            if recorded:
+                self._record([group[i] for i in recorded], [ends[i] - 1 for i in recorded], z, mean, std, diffusion,
+                             zscore, heads, work)
+            start = 0
+            for (slot, slot_rows, _ks, record, _index), end in zip(group, ends, strict=True):
+                ctl = slot.control
+                if ctl.steers:
+                    part = slice(start, end)
+                    if ctl.per_layer:
+                        one = torch.ones(1, device=device)
+                        gain = ctl.steering_vector(mean[part], z[part], zscore[part], None, fixed=one)  # (N, 1)
+                        for layer, unit in slot.layer_units(device).items():
+                            work.steer.setdefault(layer, []).append((slot, slot_rows, gain * unit, record))
+                    else:
+                        step = ctl.steering_vector(mean[part], z[part], zscore[part], heads.lift)
+                        work.steer.setdefault(slot.steer_layer, []).append((slot, slot_rows, step, record))
+                start = end
+
+    @staticmethod
+    def _record(entries: list, last: list[int], z, mean, std, diffusion, zscore, heads, work: Work) -> None:
+        """Each recorded request's step (its newest row): statistics and temperature computed for all of them at
+        once and moved to the host in one copy each."""
+        device = z.device
+        idx = torch.tensor(last, device=device)
+        d_rec, z_rec, mean_rec = diffusion[idx], zscore[idx], mean[idx]
+        temperature = torch.tensor([slot.base_temperature for slot, *_ in entries], device=device,
+                                   dtype=d_rec.dtype)
+        hot = [j for j, (slot, *_) in enumerate(entries) if slot.control.controls_temperature]
+        if hot:
+            law = [entries[j][0].control for j in hot]
+            params = torch.tensor([[c.temperature, c.beta, c.min_temperature, c.max_temperature] for c in law],
+                                  device=device, dtype=d_rec.dtype)
+            zh = z_rec[hot] if len(hot) < len(entries) else z_rec
+            tau = (params[:, 0] * torch.exp(-params[:, 1] * zh)).clamp(params[:, 2], params[:, 3])
+            temperature[hot] = tau
+            for j, i in enumerate(hot):
+                work.tau[entries[i][4]] = tau[j]
+        stats = torch.stack([d_rec, z_rec, torch.linalg.vector_norm(mean_rec, dim=-1) / heads.dt, temperature,
+                             torch.zeros_like(d_rec)], 1).cpu()
+        states = z[idx].cpu()
+        out = torch.cat([mean_rec, std[idx]], 1).cpu()
+        for j, (slot, _rows, ks, _record, _index) in enumerate(entries):
+            slot.trace.record(stats[j], states[j], out[j], position=slot.prompt_len - 1 + ks[-1])

@@ -19,6 +19,7 @@ import torch
 from ..control.settings import _STATS, SDETrace
 
 MAX_ENV = "HF_SDE_VLLM_MAX_TRACES"
+_STEER = _STATS.index("steer_norm")
 
 _lock = threading.Lock()
 _by_request: OrderedDict[str, RequestTrace] = OrderedDict()
@@ -43,18 +44,18 @@ class RequestTrace:
     def __len__(self) -> int:
         return len(self.stats)
 
-    def record(self, z, mean, std, diffusion, zscore, drift_norm, tau, position: int) -> None:
-        temperature = tau if tau is not None else torch.tensor(self.base_temperature)
-        self.stats.append(torch.stack([diffusion, zscore, drift_norm, temperature.to(diffusion),
-                                       torch.zeros_like(diffusion)]).detach().cpu())
-        self.z.append(z.detach().cpu())
-        self.out.append(torch.cat([mean, std]).detach().cpu())
+    def record(self, stats: torch.Tensor, z: torch.Tensor, out: torch.Tensor, position: int) -> None:
+        """One step, on the host: ``stats`` (5,) in ``_STATS`` order (steering norm 0 until set), the state ``z``
+        (d,) and ``out`` (2d,) ``[mu dt | sigma sqrt(dt)]``."""
+        self.stats.append(stats)
+        self.z.append(z)
+        self.out.append(out)
         self.positions.append(position)
 
     def set_steer_norm(self, value: torch.Tensor, add: bool = False) -> None:
         """The last step's steering norm (``add``: a later layer of a per-layer direction, summed)."""
         value = value.detach().cpu()
-        i = _STATS.index("steer_norm")
+        i = _STEER
         self.stats[-1][i] = self.stats[-1][i] + value if add else value
 
     def to_trace(self) -> SDETrace:
