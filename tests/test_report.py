@@ -221,3 +221,24 @@ def test_analyze_refuses_to_write_into_a_non_empty_folder(analyzed, tmp_path, ca
         assert "--overwrite" in err or "is the --heads folder" in err
     assert sorted(p.name for p in heads_dir.iterdir()) == before
     assert (tmp_path / "keep.txt").exists() and not (tmp_path / "index.html").exists()
+
+
+def test_a_template_other_than_the_fits_is_warned_about():
+    """Before: analysing helpsteer-chat heads on helpsteer-response texts gave neural NLL 2e7 without a word."""
+    import warnings
+
+    from hf_sde import SDEHeads, SDEHeadsConfig
+    from hf_sde.analysis.report import _check_template
+
+    heads = SDEHeads(SDEHeadsConfig(hidden_size=8, proj_dim=4, layer=1, num_layers=2, horizon=16.0,
+                                   data={"template": "helpsteer-chat"}))
+    with pytest.warns(UserWarning, match=r"fitted on texts made with template 'helpsteer-chat', these with "
+                                         r"'helpsteer-response'.*--template helpsteer-chat"):
+        _check_template(heads, "helpsteer-response", None)
+    with pytest.warns(UserWarning, match="these with None"):
+        _check_template(heads, None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _check_template(heads, "helpsteer-chat", None)  # the fit's own template: silent
+        unrecorded = SDEHeads(SDEHeadsConfig(hidden_size=8, proj_dim=4, layer=1, num_layers=2, horizon=16.0))
+        _check_template(unrecorded, "helpsteer-response", None)

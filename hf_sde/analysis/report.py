@@ -29,6 +29,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -395,6 +396,18 @@ def verdicts(m: dict, bold=lambda s: s) -> dict[str, str]:
 
 
 # ----- the report -------------------------------------------------------------------------------------
+def _check_template(heads, template: str | None, trajectories) -> None:
+    """Warn when the texts are made with another template than the heads' training texts: their paths (and, for
+    ``prompt_end`` heads, their time) are not the ones the heads model, so every comparison says little."""
+    fitted = (heads.config.data or {}).get("template")
+    if trajectories is not None or fitted is None or template == fitted:
+        return
+    warnings.warn(f"the heads were fitted on texts made with template {fitted!r}, these with "
+                  f"{template!r}: their hidden-state paths differ from the ones the heads model (the prompt, the "
+                  f"time origin), so the report compares the heads on paths they were not fitted for. Pass "
+                  f"template={fitted!r} (hf-sde analyze --template {fitted}).", UserWarning, stacklevel=3)
+
+
 def build_report(
     model,
     tokenizer,
@@ -449,6 +462,7 @@ def build_report(
         The metrics dict also written to ``metrics.json``.
     """
     t_start = time.time()
+    _check_template(heads, template, trajectories)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     heads.eval()
