@@ -29,6 +29,7 @@ import statistics
 import subprocess
 import sys
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -105,7 +106,10 @@ def bench_vllm(folder: str, prompts: list[list[int]], tokens: int, rounds: int) 
     for batch in (1, 8, 32):
         def run(batch=batch, control=None):
             args = [sde_args(**control) if control else None for _ in range(batch)]
-            ps = [sde_prompt({"prompt_token_ids": prompts[i % len(prompts)]}, a) for i, a in enumerate(args)]
+            # every request of every setting gets its own cache salt (steered ones must; the others too, so that
+            # no setting is served from the prefix cache while another prefills)
+            ps = [sde_prompt({"prompt_token_ids": prompts[i % len(prompts)], "cache_salt": uuid.uuid4().hex}, a)
+                  for i, a in enumerate(args)]
             params = [SamplingParams(max_tokens=tokens, temperature=0, ignore_eos=True, extra_args=a) for a in args]
             outs = llm.generate(ps, params, use_tqdm=False)
             assert all(len(o.outputs[0].token_ids) == tokens for o in outs)
@@ -141,7 +145,7 @@ def bench_server(folder: str, tokens: int, rounds: int, streams: int = 8) -> lis
             except httpx.HTTPError:
                 time.sleep(1)
         async def one(client, question, xargs):
-            extra = {"ignore_eos": True}
+            extra = {"ignore_eos": True, "cache_salt": uuid.uuid4().hex}  # no setting served from the prefix cache
             if xargs:
                 extra["vllm_xargs"] = dict(xargs)
             stream = await client.chat.completions.create(
@@ -196,10 +200,12 @@ def bench_generate(folder: str, prompts: list[list[int]], tokens: int, rounds: i
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per group (default: 5)")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per group (default: 5, at least 2)")
     parser.add_argument("--server", action="store_true", help="also 8 concurrent streams through the server")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "bench_vllm"))
     args = parser.parse_args()
+    if args.rounds < 2:
+        parser.error(f"--rounds must be at least 2 (a ratio per round needs rounds to compare), got {args.rounds}")
 
     import torch
     import transformers

@@ -132,15 +132,19 @@ def test_bad_per_layer_directions_are_refused_at_construction(direction, kwargs,
         SDEControl(tb.heads, mode="steer", alpha=0.3, direction=direction, **kwargs)
 
 
-@pytest.mark.parametrize(("direction", "match"), [
-    ({0: 1, 2: 1}, r"steers layer\(s\) \[0\], before the heads' layer 1.*>= 1"),
-    ({2: 1, -1: 1}, "names decoder layer 2 twice"),
-    ({5: 1}, "out of range"),
+@pytest.mark.parametrize(("layers", "match"), [
+    ((0, 2), r"steers layer\(s\) \[0\], before the heads' layer 1.*>= 1"),
+    ((2, -1), "names decoder layer 2 twice"),
+    ((5,), "layer 5 is out of range.*3 decoder layers"),
+    ((-4,), "out of range"),
 ])
-def test_layers_the_model_cannot_steer_are_refused_before_generation(direction, match):
+def test_layers_the_model_cannot_steer_are_refused_at_construction(layers, match):
     tb = tiny_bundle(layer=1)
-    model = enable_sde_control(tb.model)
-    direction = {layer: torch.ones(32) for layer in direction}
     with pytest.raises(ValueError, match=match):
-        _generate(model, SDEControl(tb.heads, mode="steer", alpha=0.3, direction=direction))
-    assert all_hooks(model) == {}
+        SDEControl(tb.heads, mode="steer", alpha=0.3, direction={layer: torch.ones(32) for layer in layers})
+
+
+def test_the_keys_are_resolved_and_sorted_once():
+    tb = tiny_bundle(layer=1)
+    ctl = SDEControl(tb.heads, mode="steer", alpha=0.3, direction={-1: torch.ones(32), 1: torch.ones(32)})
+    assert list(ctl.direction) == [1, 2]

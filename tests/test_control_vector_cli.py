@@ -34,8 +34,8 @@ def _hand_mean(model, tok, texts, layer) -> torch.Tensor:
         finally:
             handle.remove()
         states = captured["h"][0] if isinstance(captured["h"], tuple) else captured["h"]
-        total += states[0].double().sum(0)
-        count += ids.shape[1]
+        total += states[0, 1:].double().sum(0)  # every position but the first
+        count += ids.shape[1] - 1
     return total / count
 
 
@@ -127,7 +127,8 @@ def test_the_command_writes_a_gguf_control_vector_equal_to_the_library_result(tm
     assert line.startswith("Wrote a control vector of 3 layers (layers 1, 3-4), hidden size 64, from 3 positive and "
                            "3 negative texts (")
     assert f"to {out}." in line and f"--control-vector {out}" in line
-    assert f'SDEControl(heads, mode="steer", direction=hf_sde.load_control_vector({str(out)!r}), alpha=0.05)' in line
+    assert f"vectors = hf_sde.load_control_vector({str(out)!r})" in line
+    assert 'direction={k: v for k, v in vectors.items() if k >= heads.config.layer}' in line
 
     loaded = load_control_vector(out)
     model, tok = stories_model

@@ -141,10 +141,11 @@ def test_only_one_of_two_processor_instances_divides_the_logits():
 
 
 @pytest.mark.parametrize(("direction", "match"), [
-    ({}, "empty object"),
+    ({}, "empty dict"),
     ({"x": [1.0]}, "keys are decoder layer indices"),
+    ({"22.7": [1.0]}, "keys are decoder layer indices"),
     ({"99": [1.0] * 576}, "out of range"),
-    ({"3": [1.0] * 576}, r"precedes the heads' layer 22.*layers >= 22"),
+    ({"3": [1.0] * 576}, r"before the heads' layer 22.*layers >= 22"),
     ({"22": [1.0] * 576, "-8": [1.0] * 576}, "names decoder layer 22 twice"),
     ({"22": [1.0, 2.0]}, r"layer 22 must be a tensor of shape \(576,\)"),
     ({"22": ["a"]}, "non-empty list of finite numbers"),

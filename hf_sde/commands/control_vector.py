@@ -127,9 +127,10 @@ def run(args) -> int:
     shown = _layer_text(layer_list)
     print(f"Wrote a control vector of {len(layer_list)} layer{'s' if len(layer_list) > 1 else ''} ({shown}), "
           f"hidden size {width}, from {pos['texts']} positive and {neg['texts']} negative texts "
-          f"({pos['tokens']} and {neg['tokens']} tokens) to {args.out}. Steer with it: SDEControl(heads, "
-          f"mode=\"steer\", direction=hf_sde.load_control_vector({args.out!r}), alpha=0.05), or in llama.cpp: "
-          f"--control-vector {args.out}")
+          f"({pos['tokens']} and {neg['tokens']} tokens) to {args.out}. Steer with it: vectors = "
+          f"hf_sde.load_control_vector({args.out!r}), then SDEControl(heads, mode=\"steer\", alpha=0.05, "
+          f"direction={{k: v for k, v in vectors.items() if k >= heads.config.layer}}) (the layers from the heads' "
+          f"layer on; alpha applies at each), or in llama.cpp: --control-vector {args.out}")
     return 0
 
 

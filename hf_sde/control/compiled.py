@@ -153,11 +153,7 @@ class _CompiledRuntime(_Runtime):
 
     def _direction(self, cur) -> None:
         super()._direction(cur)
-        # forwards before the prompt's end are not steered
-        if self.units:
-            self.units = {layer: unit * self.active for layer, unit in self.units.items()}
-        else:
-            self.unit = self.unit * self.active
+        self.unit = self.unit * self.active  # forwards before the prompt's end are not steered
 
     def on_logits(self, scores: torch.Tensor) -> torch.Tensor:
         return self._divide(scores)  # the step index lives in a tensor: nothing to check on the host

@@ -6,7 +6,7 @@ vLLM processor, so both apply the same maths.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 
 import torch
 
@@ -26,12 +26,12 @@ def gate_value(zscore: torch.Tensor, gate: str, threshold: float, sharpness: flo
     return torch.sigmoid(sharpness * (zscore - threshold))
 
 
-def steering_unit(direction: str | torch.Tensor | Mapping[int, torch.Tensor], mean: torch.Tensor, z: torch.Tensor, lift: Callable,
+def steering_unit(direction: str | torch.Tensor, mean: torch.Tensor, z: torch.Tensor, lift: Callable,
                   fixed: torch.Tensor | None = None, attractor: torch.Tensor | None = None) -> torch.Tensor:
     """The unit steering direction per row (``(N, hidden)``).
 
-    ``direction``: ``"drift"`` (``v = P mu``), ``"attractor"`` (``v = P (z* - z)``), a hidden-size vector or a
-    dict of them per layer;
+    ``direction``: ``"drift"`` (``v = P mu``), ``"attractor"`` (``v = P (z* - z)``) or a hidden-size vector
+    (a per-layer direction uses :meth:`SDEControl.gain` and its layers' unit vectors instead);
     ``mean`` / ``z``: the rows' drift increment and state; ``lift`` maps SDE coordinates to hidden space;
     ``fixed``: the unit vector of a tensor ``direction`` (normalized here otherwise); ``attractor``: ``z*``
     (the origin, i.e. the mean training state, when ``None``).
@@ -40,9 +40,6 @@ def steering_unit(direction: str | torch.Tensor | Mapping[int, torch.Tensor], me
         return fixed.expand(z.shape[0], -1)
     if isinstance(direction, torch.Tensor):
         return (direction.to(z) / direction.norm().clamp_min(1e-12)).expand(z.shape[0], -1)
-    if not isinstance(direction, str):
-        raise TypeError("a per-layer direction (a dict of layer -> vector) needs fixed=: the unit vector of the "
-                        "layer being steered")
     if direction == "drift":
         v = lift(mean)
     else:

@@ -151,26 +151,53 @@ class SDEControl:
             raise ValueError(f"heads.config.time_origin={origin!r} is not one of {TIME_ORIGINS}")
 
     def _per_layer(self, direction: Mapping) -> dict[int, torch.Tensor]:
-        """A per-layer direction checked: int layers, each a finite non-zero hidden-size vector."""
-        hidden = self.heads.config.hidden_size
+        """A per-layer direction checked once, for every user of it (generate, compiled generate, vLLM): int layers
+        resolved against the heads' model (negative counts from the end), each once, none before the heads'
+        layer (whose state gives the gate), each a finite non-zero hidden-size vector; sorted by layer."""
+        cfg = self.heads.config
+        hidden, n, read = cfg.hidden_size, cfg.num_layers, cfg.layer
         if not direction:
             raise ValueError("direction is an empty dict: give at least one layer -> vector (a control vector file "
                              "read with hf_sde.load_control_vector holds one per layer)")
         if self.steer_layer is not None:
             raise ValueError(f"steer_layer={self.steer_layer} with a per-layer direction: the dict's keys are the "
                              "layers it steers; drop steer_layer (or keep only the layers you want in the dict)")
-        out = {}
-        for layer, v in direction.items():
-            if not isinstance(layer, int) or isinstance(layer, bool):
-                raise TypeError(f"a per-layer direction's keys are decoder layer indices (int), got {layer!r}")
+        out: dict[int, torch.Tensor] = {}
+        for given, v in direction.items():
+            if not isinstance(given, int) or isinstance(given, bool):
+                raise TypeError(f"a per-layer direction's keys are decoder layer indices (int), got {given!r}")
+            if not -n <= given < n:
+                raise ValueError(f"the per-layer direction's layer {given} is out of range for the heads' model with "
+                                 f"{n} decoder layers (valid: {-n}..{n - 1})")
+            layer = given % n
+            if layer in out:
+                raise ValueError(f"the per-layer direction names decoder layer {layer} twice: give each layer once")
             if not isinstance(v, torch.Tensor) or v.shape != (hidden,):
                 shape = tuple(v.shape) if isinstance(v, torch.Tensor) else type(v).__name__
-                raise ValueError(f"the steering vector for layer {layer} must be a tensor of shape ({hidden},) (the "
+                raise ValueError(f"the steering vector for layer {given} must be a tensor of shape ({hidden},) (the "
                                  f"heads' hidden size), got {shape}: was the control vector made for another model?")
             if not torch.isfinite(v).all() or not v.abs().max() > 0:
-                raise ValueError(f"the steering vector for layer {layer} is zero or not finite: it has no direction")
+                raise ValueError(f"the steering vector for layer {given} is zero or not finite: it has no direction")
             out[layer] = v
-        return out
+        early = sorted(layer for layer in out if layer < read)
+        if early:
+            raise ValueError(
+                f"the per-layer direction steers layer(s) {early}, before the heads' layer {read}: the gate and the "
+                f"trace come from the state at the heads' layer, so every steered layer must be at or after it. Keep "
+                f"the layers >= {read} (a file from hf_sde.load_control_vector has non-negative keys: "
+                f"{{k: v for k, v in vectors.items() if k >= {read}}}), or use heads fitted on an earlier layer.")
+        return dict(sorted(out.items()))
+
+    def unit_directions(self, device: torch.device | str | None = None) -> dict[int, torch.Tensor]:
+        """A per-layer direction's unit vectors (float32, on ``device``), by layer."""
+        return {layer: (v.to(device, torch.float32) / v.norm().clamp_min(1e-12).to(device))
+                for layer, v in self.direction.items()}
+
+    def gain(self, zscore: torch.Tensor, alpha: torch.Tensor | float | None = None) -> torch.Tensor:
+        """``alpha * gate(z)`` per row, ``(N, 1)``: a per-layer direction's steering step before each layer's unit
+        vector and the ``||h||`` scale."""
+        alpha = self.alpha if alpha is None else alpha
+        return alpha * self.gate_value(zscore).unsqueeze(-1)
 
     @property
     def per_layer(self) -> bool:

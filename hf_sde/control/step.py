@@ -247,9 +247,10 @@ class _Runtime:
             )
         # The layers steered, in forward order: one, or a per-layer direction's (each with its own unit vector).
         self.steer_layers: tuple[int, ...] = (self.steer_layer,)
-        if control.steers and control.per_layer:
-            self.steer_layers = self._per_layer_layers(model)
+        if control.steers and control.per_layer:  # resolved and checked by SDEControl
+            self.steer_layers = tuple(control.direction)
             self.steer_layer = self.steer_layers[0]
+        self.single = not (control.steers and control.per_layer)  # one steering vector (not one per layer)
         device = setup.device if setup.device is not None else _model_device(model)
         self.origin = getattr(self.heads.config, "time_origin", "sequence")
         # One table row per position the call can reach (prompt_end needs fewer; positions are recorded anyway).
@@ -257,8 +258,6 @@ class _Runtime:
         self.law = _LawScalars(control, device)
         self.attractor: torch.Tensor | None = None
         self.direction = self._fixed_direction(device)
-        self._one = _constant((1.0,), device, torch.float32)  # a per-layer direction's gain: alpha * gate as (N, 1)
-        self.units: dict[int, torch.Tensor] = {}
         self.buf: _StepBuffers | None = None
         self.step = 0            # index of the next step to record
         self.current = -1        # index of the step being computed (read -> steer -> logits)
@@ -276,33 +275,12 @@ class _Runtime:
         # vocabulary): set by install() where that gives the same scores (see _temperature_head).
         self.head_scaled = 0     # steps whose LM-head input was divided by their temperature
 
-    def _per_layer_layers(self, model) -> tuple[int, ...]:
-        layers = {}
-        for given in self.control.direction:
-            layer = resolve_layer(model, given)
-            if layer in layers:
-                raise ValueError(f"the per-layer direction names decoder layer {layer} twice ({layers[layer]} and "
-                                 f"{given}): give each layer once")
-            layers[layer] = given
-        early = sorted(layer for layer in layers if layer < self.read_layer)
-        if early:
-            raise ValueError(
-                f"the per-layer direction steers layer(s) {early}, before the heads' layer {self.read_layer}: the "
-                "gate and the trace come from the state at the heads' layer, so every steered layer must be at or "
-                f"after it. Keep the layers >= {self.read_layer} ({{k: v for k, v in vectors.items() if k >= "
-                f"{self.read_layer}}}), or use heads fitted on an earlier layer.")
-        return tuple(sorted(layers))
-
     def _fixed_direction(self, device) -> torch.Tensor | dict[int, torch.Tensor] | None:
         """The unit vector of a fixed direction (per steered layer for a per-layer one); ``None`` for the
         state-dependent directions."""
         ctl = self.control
         if ctl.steers and ctl.per_layer:
-            units = {}
-            for given, v in ctl.direction.items():
-                v = v.to(device, torch.float32)
-                units[resolve_layer(self.model, given)] = v / v.norm().clamp_min(1e-12)
-            return units
+            return ctl.unit_directions(device)
         if isinstance(ctl.direction, torch.Tensor):
             v = ctl.direction.to(device, torch.float32)
             return v / v.norm().clamp_min(1e-12)
@@ -425,13 +403,12 @@ class _Runtime:
     def _direction(self, cur: _Rows) -> None:
         """The step's steering vectors before the ``||h||`` scale: ``self.unit``, or ``self.units`` per layer."""
         ctl = self.control
-        if len(self.steer_layers) == 1 and not ctl.per_layer:
+        if self.single:
             self.unit = ctl.steering_vector(cur.mean, cur.z, cur.zscore, lambda v: v @ self.fused.lift,
                                             fixed=self.direction, attractor=self.attractor, alpha=self.law.alpha)
             return
         # per layer: the gate is the step's (one z-score), each layer's unit its own
-        gain = ctl.steering_vector(cur.mean, cur.z, cur.zscore, None, fixed=self._one, alpha=self.law.alpha)
-        self.units = {layer: gain * unit for layer, unit in self.direction.items()}
+        self.unit = ctl.gain(cur.zscore, self.law.alpha)  # (N, 1)
 
     def on_steer(self, hidden: torch.Tensor, layer: int):
         if self.partial_prefill:
@@ -440,7 +417,7 @@ class _Runtime:
 
     def _steer(self, hidden: torch.Tensor, layer: int) -> torch.Tensor:
         last = hidden[:, -1].float()
-        unit = self.unit if len(self.steer_layers) == 1 and not self.control.per_layer else self.units[layer]
+        unit = self.unit if self.single else self.unit * self.direction[layer]
         delta = SDEControl.steer_delta(unit, last)
         if layer == self.steer_layers[0]:
             torch.linalg.vector_norm(delta, dim=-1, out=self.buf.cur.steer_norm)

@@ -25,8 +25,7 @@ control-vector buffer starts at layer 1 and its loader rejects ``direction.0``. 
 vector it reads from the output of block ``N - 1`` ``direction.N``, so in its numbering 0 is the embedding
 output; llama.cpp still adds ``direction.N`` to the output of block ``N``, and this module shifts nothing.)
 
-``gguf`` is imported inside the functions: this package is copied into custom_generate exports, which must import
-without it.
+``gguf`` and the extraction code are imported inside the functions, so that importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -263,15 +262,17 @@ def save_control_vector(directions: Mapping[int, torch.Tensor], path: str | os.P
 
 
 # ----- the mean-difference ("CAA" / repeng-style) vector of two corpora -----------------------------------------
-#: Documents handed to one extraction call: bounds the states held in memory (the sums are kept, not the states).
-_CHUNK_BATCHES = 32
+#: Batches handed to one extraction call: the states of one batch at every requested layer are held at a time
+#: (the sums are kept, not the states).
+_CHUNK_BATCHES = 1
 #: Two means closer than this (relative to their norm) are the same mean: their difference is rounding noise.
 _SAME_MEAN_RTOL = 1e-6
 
 
 def _corpus_sums(model, tokenizer, data, side: str, layers: list[int], *, template, text_column, limit, max_length,
                  batch_size, progress) -> tuple[dict[int, torch.Tensor], int, int]:
-    """``({layer: float64 sum of the states}, texts, tokens)`` of one corpus, every path position counted."""
+    """``({layer: float64 sum of the states}, texts, tokens)`` of one corpus: every path position but the first
+    (the first token, often a sink with a huge norm, would weigh on the mean by the corpus's mean length)."""
     from tqdm.auto import tqdm
 
     from ..data.corpus import load_texts
@@ -284,6 +285,13 @@ def _corpus_sums(model, tokenizer, data, side: str, layers: list[int], *, templa
         raise ValueError(f"The {side} corpus: {e}") from None
     max_context = getattr(model.config, "max_position_embeddings", None)
     ids, starts = tokenize_documents(tokenizer, docs, max_length, max_context, template=template)
+    # a path of one position has nothing after its first: such texts do not count (here, not per batch)
+    keep = [i for i, row in enumerate(ids) if len(row) - (starts[i] if starts is not None else 0) >= 2]
+    if not keep:
+        raise ValueError(f"The {side} corpus has no token to average: every text has fewer than 2 tokens after "
+                         "tokenization (the first position is left out of the mean).")
+    ids = [ids[i] for i in keep]
+    starts = [starts[i] for i in keep] if starts is not None else None
     width = hidden_size(model)
     sums = {layer: torch.zeros(width, dtype=torch.float64) for layer in layers}
     texts = tokens = 0
@@ -293,17 +301,13 @@ def _corpus_sums(model, tokenizer, data, side: str, layers: list[int], *, templa
         for a in range(0, len(ids), chunk):
             part = ids[a:a + chunk]
             part_starts = starts[a:a + chunk] if starts is not None else None
-            # min_length=1: every text with a state counts (a one-token text has no transition, but a mean state).
-            trajs = extract_from_ids(model, part, layers, batch_size=batch_size, min_length=1, progress=False,
-                                     starts=part_starts)
+            trajs = extract_from_ids(model, part, layers, batch_size=batch_size, progress=False, starts=part_starts)
             for traj in trajs:
-                sums[traj.layer] += torch.cat(traj.states).sum(0, dtype=torch.float64)
+                sums[traj.layer] += torch.cat([s[1:] for s in traj.states]).sum(0, dtype=torch.float64)
             first = trajs[0]
             texts += len(first)
-            tokens += sum(first.lengths)
+            tokens += sum(length - 1 for length in first.lengths)
             bar.update(len(part))
-    if tokens == 0:
-        raise ValueError(f"The {side} corpus has no token to average (every text is empty after tokenization).")
     return sums, texts, tokens
 
 
@@ -360,10 +364,12 @@ def mean_difference_vectors(model, tokenizer, positive, negative, layers, *, tem
 
     For each decoder layer ``L`` (hf-sde's numbering: the output of decoder block ``L``, 0-based; negative indices
     count from the end), the vector is ``mean(h_L over the positive tokens) - mean(h_L over the negative tokens)``:
-    each mean is over all token positions of all texts of that side pooled (a text weighs as many tokens as it
-    has), as hf-sde extracts them (``hf-sde extract``: the special tokens the tokenizer adds included, truncated to
-    ``max_length`` tokens; with a chat template the response and the position before it, read in the context of
-    the prompt). It is a raw difference of mean states, float32, shape ``(hidden_size,)``, not normalized: its
+    each mean is over the token positions of all texts of that side pooled (a text weighs as many tokens as it
+    has), as hf-sde extracts them (``hf-sde extract``: truncated to ``max_length`` tokens; with a chat template the
+    response and the position before it, read in the context of the prompt), leaving out each path's first
+    position (the first token's state, often a sink with a very large norm, would otherwise enter the difference
+    in proportion to the corpora's mean lengths). CAA and repeng read paired prompts at their answer or last
+    token; this is the unpaired version for two corpora. It is a raw difference of mean states, float32, shape ``(hidden_size,)``, not normalized: its
     norm is how far apart the two means are. ``SDEControl(heads, mode="steer", direction=vectors, alpha=a)`` (or
     ``direction=vectors[L], steer_layer=L`` for one layer) uses only each vector's direction: it normalizes it and
     adds ``alpha * ||h||`` times it to each new state, whereas llama.cpp (``--control-vector FILE``, or

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from .heads import gaussian_nll
 from .transitions import make_transitions
 
 #: Resamples of the paired bootstrap behind every verdict, and its level.
@@ -42,10 +43,6 @@ def paired_bootstrap(diff_sums, counts, *, resamples: int = BOOTSTRAP_RESAMPLES,
     return float(np.quantile(boots, tail)), float(np.quantile(boots, 1 - tail))
 
 
-def _gaussian_nll(dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    return 0.5 * math.log(2 * math.pi) + std.log() + 0.5 * ((dz - mean) / std).pow(2)
-
-
 @torch.no_grad()
 def compare_on_paths(predict: dict[str, Callable], paths: Sequence[torch.Tensor], horizon: float) -> dict:
     """neural - OU and neural - Brownian held-out NLL (nats/dim) with paired bootstrap intervals.
@@ -62,7 +59,7 @@ def compare_on_paths(predict: dict[str, Callable], paths: Sequence[torch.Tensor]
         tr = make_transitions([z.float()], horizon)
         for k, f in predict.items():
             mean, std = f(tr.z, tr.t)
-            sums[k].append(float(_gaussian_nll(tr.dz, mean, std).mean(-1).double().sum()))
+            sums[k].append(float(gaussian_nll(tr.dz, mean, std).mean(-1).double().sum()))
         counts.append(len(tr))
     total = sum(counts)
     out = {"sequences": len(counts), "transitions": total, "resamples": BOOTSTRAP_RESAMPLES,

@@ -133,6 +133,11 @@ hf-sde version {{ library_version }}.
 """
 
 
+def gaussian_nll(dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """Per-dimension Gaussian NLL (nats) of increments ``dz`` under ``N(mean, std^2)`` (any model's transitions)."""
+    return 0.5 * math.log(2 * math.pi) + std.log() + 0.5 * ((dz - mean) / std).pow(2)
+
+
 class SDEHeads(
     nn.Module,
     ModelHubMixin,
@@ -228,7 +233,7 @@ class SDEHeads(
 
     def transition_nll(self, dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Per-dimension Gaussian NLL (nats) of increments ``dz`` under ``N(mean, std^2)``."""
-        return 0.5 * math.log(2 * math.pi) + std.log() + 0.5 * ((dz - mean) / std).pow(2)
+        return gaussian_nll(dz, mean, std)
 
     def surprise(self, dz: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
         """Standardized NLL (per dimension) of a realized increment against the training transitions."""

@@ -10,6 +10,7 @@ names the offending key; vLLM turns it into HTTP 400 on the server.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -66,29 +67,17 @@ def _check_value(key: str, value: Any, types: tuple[type, ...]) -> Any:
     return value
 
 
-def _per_layer_direction(value: dict, heads) -> dict:
-    """``{layer: [floats]}`` (JSON keys are strings) -> ``{layer: tensor}``, every layer in range and at or after
-    the heads' layer (where the gate is read), each list checked like a single direction."""
+def _per_layer_direction(value: dict) -> dict:
+    """``{layer: [floats]}`` (JSON keys are strings) -> ``{layer: tensor}``; SDEControl checks the layers (range,
+    repeats, none before the heads' layer) and the vectors' size, as for a direction given in Python."""
     import torch
 
-    if not value:
-        raise ValueError("sde_direction is an empty object: give {layer: [hidden-size floats], ...}")
-    n, read = heads.config.num_layers, heads.config.layer
     out: dict[int, torch.Tensor] = {}
     for key, vector in value.items():
-        try:
-            layer = int(key)
-        except (TypeError, ValueError):
-            raise ValueError(f"sde_direction's keys are decoder layer indices, got {key!r}") from None
-        if not -n <= layer < n:
-            raise ValueError(f"sde_direction layer {layer} is out of range for a model with {n} decoder layers")
-        layer %= n
-        if layer < read:
-            raise ValueError(f"sde_direction layer {layer} precedes the heads' layer {read}: every steered layer must "
-                             f"be at or after it (the gate is read there); send only layers >= {read}")
-        if layer in out:
-            raise ValueError(f"sde_direction names decoder layer {layer} twice")
-        out[layer] = torch.tensor(_check_value(f"sde_direction[{key!r}]", vector, (list,)), dtype=torch.float32)
+        text = str(key) if isinstance(key, (str, int)) and not isinstance(key, bool) else ""
+        if not re.fullmatch(r"-?\d+", text):
+            raise ValueError(f"sde_direction's keys are decoder layer indices (integers), got {key!r}")
+        out[int(text)] = torch.tensor(_check_value(f"sde_direction[{key!r}]", vector, (list,)), dtype=torch.float32)
     return out
 
 
@@ -115,7 +104,7 @@ def parse_request(extra_args: dict | None) -> SDERequest | None:
         if key == "sde_direction" and isinstance(value, list):
             value = torch.tensor(value, dtype=torch.float32)
         elif key == "sde_direction" and isinstance(value, dict):
-            value = _per_layer_direction(value, heads)
+            value = _per_layer_direction(value)
         elif key == "sde_attractor":
             if len(value) != heads.config.proj_dim:
                 raise ValueError(f"sde_attractor must have proj_dim={heads.config.proj_dim} numbers, got {len(value)}")

@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from ..control import SDEControl
+from ..control.laws import temperature_law
 from ..data.layers import block_output, decoder_layers
 from . import traces
 from .args import SDERequest
@@ -195,18 +196,15 @@ class Slot:
     @property
     def steer_layers(self) -> tuple[int, ...]:
         """The layers this request steers, in forward order (several for a per-layer direction)."""
-        if self.layers is None:
+        if self.layers is None:  # a per-layer direction's keys are resolved and sorted by SDEControl
             ctl = self.control
-            n = ctl.heads.config.num_layers
-            self.layers = tuple(sorted(layer % n for layer in ctl.direction)) if ctl.per_layer else (self.steer_layer,)
+            self.layers = tuple(ctl.direction) if ctl.per_layer else (self.steer_layer,)
         return self.layers
 
     def layer_units(self, device: torch.device) -> dict[int, torch.Tensor]:
         """A per-layer direction's unit vectors on ``device``, made once per request."""
         if self.units is None:
-            n = self.control.heads.config.num_layers
-            self.units = {layer % n: (v / v.norm().clamp_min(1e-12)).to(device)
-                          for layer, v in self.control.direction.items()}
+            self.units = self.control.unit_directions(device)
         return self.units
 
     def ended_before(self, k: int, token: int | None) -> bool:
@@ -402,9 +400,10 @@ class SDEBatch:
     def on_block(self, layer: int, work: Work, output):
         """Read, then steer, the stream at block ``layer``'s output (through this architecture's :class:`BlockStream`).
 
-        Batched over the requests: one heads call per heads object for every request read at this layer, one
-        steering add for every request steered here, and one copy to the host for what the traces record (the
-        per-request work is Python bookkeeping only, so the cost of SDE control does not grow with the batch).
+        Batched over the requests: one heads call per heads object for the requests read at this layer, one
+        steering add for the requests steered here, and one copy to the host of what the traces record (steering
+        norms stay on the device until a trace is fetched). What remains per request is its steering vector
+        (each request has its own direction and gate) and Python bookkeeping.
         """
         reads = work.read.get(layer)
         if reads:
@@ -427,11 +426,11 @@ class SDEBatch:
             end += len(rows)
             ends.append(end - 1)
         recorded = [i for i, (_, _, _, record) in enumerate(steer) if record]
-        if recorded:  # a per-layer direction's trace sums its layers' norms, as generate's does
-            norms = torch.linalg.vector_norm(delta[[ends[i] for i in recorded]], dim=-1).cpu()
+        if recorded:  # kept on the device (no sync mid-forward); a per-layer direction's norms are summed
+            norms = torch.linalg.vector_norm(delta[[ends[i] for i in recorded]], dim=-1)
             for j, i in enumerate(recorded):
                 slot = steer[i][0]
-                slot.trace.set_steer_norm(norms[j], add=layer != slot.steer_layers[0])
+                slot.trace.add_steer_norm(norms[j], first=layer == slot.steer_layers[0])
         return output
 
     def _read(self, group: list, output, work: Work) -> None:
@@ -462,8 +461,7 @@ class SDEBatch:
                 if ctl.steers:
                     part = slice(start, end)
                     if ctl.per_layer:
-                        one = torch.ones(1, device=device)
-                        gain = ctl.steering_vector(mean[part], z[part], zscore[part], None, fixed=one)  # (N, 1)
+                        gain = ctl.gain(zscore[part])  # (N, 1)
                         for layer, unit in slot.layer_units(device).items():
                             work.steer.setdefault(layer, []).append((slot, slot_rows, gain * unit, record))
                     else:
@@ -486,13 +484,14 @@ class SDEBatch:
             params = torch.tensor([[c.temperature, c.beta, c.min_temperature, c.max_temperature] for c in law],
                                   device=device, dtype=d_rec.dtype)
             zh = z_rec[hot] if len(hot) < len(entries) else z_rec
-            tau = (params[:, 0] * torch.exp(-params[:, 1] * zh)).clamp(params[:, 2], params[:, 3])
+            tau = temperature_law(zh, *params.unbind(1))  # per request: tau0, beta, low, high
             temperature[hot] = tau
             for j, i in enumerate(hot):
                 work.tau[entries[i][4]] = tau[j]
         stats = torch.stack([d_rec, z_rec, torch.linalg.vector_norm(mean_rec, dim=-1) / heads.dt, temperature,
-                             torch.zeros_like(d_rec)], 1).cpu()
-        states = z[idx].cpu()
-        out = torch.cat([mean_rec, std[idx]], 1).cpu()
+                             torch.zeros_like(d_rec)], 1)
+        d = z.shape[1]
+        host = torch.cat([stats, z[idx], mean_rec, std[idx]], 1).cpu()  # one copy to the host
         for j, (slot, _rows, ks, _record, _index) in enumerate(entries):
-            slot.trace.record(stats[j], states[j], out[j], position=slot.prompt_len - 1 + ks[-1])
+            row = host[j].clone()  # its own storage: a kept trace must not hold the whole batch
+            slot.trace.record(row[:5], row[5:5 + d], row[5 + d:], position=slot.prompt_len - 1 + ks[-1])

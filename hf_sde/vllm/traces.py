@@ -40,6 +40,7 @@ class RequestTrace:
         self.z: list[torch.Tensor] = []
         self.out: list[torch.Tensor] = []     # (2d,) [mu dt | sigma sqrt(dt)]
         self.positions: list[int] = []
+        self.steer_norms: list[torch.Tensor | None] = []  # per step, on the model's device (None: not steered)
 
     def __len__(self) -> int:
         return len(self.stats)
@@ -52,11 +53,13 @@ class RequestTrace:
         self.out.append(out)
         self.positions.append(position)
 
-    def set_steer_norm(self, value: torch.Tensor, add: bool = False) -> None:
-        """The last step's steering norm (``add``: a later layer of a per-layer direction, summed)."""
-        value = value.detach().cpu()
-        i = _STEER
-        self.stats[-1][i] = self.stats[-1][i] + value if add else value
+    def add_steer_norm(self, value: torch.Tensor, first: bool = True) -> None:
+        """The last step's steering norm (``first=False``: a later layer of a per-layer direction, summed). Kept
+        where it was computed until the trace is fetched, so recording it never waits for the device."""
+        norms = self.steer_norms
+        while len(norms) < len(self.stats):
+            norms.append(None)
+        norms[-1] = value.detach() if first or norms[-1] is None else norms[-1] + value.detach()
 
     def to_trace(self) -> SDETrace:
         """An ``SDETrace`` of shape ``(1, n)``: the steps of the tokens vLLM generated for this request."""
@@ -65,6 +68,9 @@ class RequestTrace:
             empty = torch.zeros(1, 0)
             return SDETrace(**{name: empty.clone() for name in (*_STATS, "surprise")}, positions=empty.long())
         stats = torch.stack(self.stats[:n], dim=1)                  # (5, n)
+        steered = [(i, v) for i, v in enumerate(self.steer_norms[:n]) if v is not None]
+        if steered:  # one copy of the steering norms from the device, at fetch time
+            stats[_STEER, [i for i, _ in steered]] = torch.stack([v for _, v in steered]).float().cpu()
         surprise = torch.full((1, n), float("nan"))
         if n > 1:
             z = torch.stack(self.z[:n])
